@@ -1,0 +1,38 @@
+"""One Vim layer: residual add, RMSNorm (residual kept in fp32), bidirectional Mamba mixer."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, RmsNormFp32
+
+from .mixer import BidirectionalMamba
+
+__all__ = ['Block']
+
+
+class Block(nn.Module):
+    """Mamba-style pre-norm block, matching the official Vim numerics.
+
+    ``forward(hidden, residual)`` first adds the *previous* layer's output to the residual stream (with drop path),
+    then normalises and mixes: ``residual = residual + drop_path(hidden); hidden = mixer(norm(residual))``. The
+    first block is called with ``residual=None`` and takes the embeddings as the residual. The residual stream is
+    fp32 whatever the activation dtype.
+
+    Args:
+        dim: width. drop_path: rate applied to the incoming hidden state. norm_eps: RMSNorm epsilon.
+        mixer_kwargs: keyword arguments of :class:`BidirectionalMamba`.
+    """
+
+    def __init__(self, dim: int, *, drop_path: float = 0.0, norm_eps: float = 1e-5, **mixer_kwargs) -> None:
+        super().__init__()
+        self.norm = RmsNormFp32(dim, eps=norm_eps)
+        self.mixer = BidirectionalMamba(dim, **mixer_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden, residual: (batch, seqlen, dim) -> (mixer output, fp32 residual stream)."""
+        if residual is None:
+            residual = hidden.float()
+        else:
+            residual = residual + self.drop_path(hidden).float()
+        return self.mixer(self.norm(residual)), residual

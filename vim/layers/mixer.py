@@ -1,0 +1,102 @@
+"""The bidirectional Mamba mixer of Vim: one in_proj, a forward and a backward selective-scan branch, one out_proj."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vim.kernels import bidirectional_scan
+
+__all__ = ['BidirectionalMamba']
+
+
+class BidirectionalMamba(nn.Module):
+    """Vim's mixer ("bimamba v2" with the two branches averaged).
+
+    ``x, z = in_proj(h)``; each direction runs causal depthwise conv -> silu -> x_proj -> (dt, B, C) -> dt_proj
+    -> selective scan, the backward one from the last token to the first; both are gated by silu(z), averaged,
+    and projected by ``out_proj``. The per-direction parameters are stacked on a leading axis of size 2
+    (0: forward, 1: backward), so that both branches run as one batched computation.
+
+    Args:
+        dim: model width. d_state: SSM state size N. d_conv: conv kernel size. expand: d_inner = expand * dim.
+        dt_rank: rank of the dt projection, ``ceil(dim / 16)`` by default.
+        dt_min, dt_max, dt_init_floor: range of the initial step sizes (Mamba's initialisation).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            *,
+            d_state: int = 16,
+            d_conv: int = 4,
+            expand: int = 2,
+            dt_rank: int | None = None,
+            dt_min: float = 0.001,
+            dt_max: float = 0.1,
+            dt_init_floor: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.d_inner = d_inner = expand * dim
+        self.dt_rank = dt_rank = dt_rank or math.ceil(dim / 16)
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(2, d_inner, d_conv))
+        self.conv_bias = nn.Parameter(torch.empty(2, d_inner))
+        self.x_proj_weight = nn.Parameter(torch.empty(2, dt_rank + 2 * d_state, d_inner))
+        self.dt_proj_weight = nn.Parameter(torch.empty(2, d_inner, dt_rank))
+        self.dt_proj_bias = nn.Parameter(torch.empty(2, d_inner))
+        self.A_log = nn.Parameter(torch.empty(2, d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(2, d_inner))
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba's initialisation, per direction (as nn.Conv1d / nn.Linear defaults where Mamba uses those)."""
+        conv_bound = 1 / math.sqrt(self.d_conv)  # fan_in of a depthwise conv is its kernel size
+        nn.init.uniform_(self.conv_weight, -conv_bound, conv_bound)
+        nn.init.uniform_(self.conv_bias, -conv_bound, conv_bound)
+        x_bound = 1 / math.sqrt(self.d_inner)
+        nn.init.uniform_(self.x_proj_weight, -x_bound, x_bound)
+        dt_std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj_weight, -dt_std, dt_std)
+        # dt_proj bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max]
+        dt = torch.exp(
+            torch.rand(2, self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
+        ).clamp(min=self.dt_init_floor)
+        self.dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_log.copy_(torch.log(A).expand(2, self.d_inner, -1))
+        self.D.fill_(1.0)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise conv of both directions, in natural token order.
+
+        x: (batch, d_inner, seqlen) -> (batch, 2, d_inner, seqlen). The backward branch convolves the reversed
+        sequence causally, which equals an anti-causal conv with the kernel flipped: one grouped conv serves both.
+        """
+        k = self.d_conv
+        weight = torch.cat([self.conv_weight[0], self.conv_weight[1].flip(-1)], dim=0).unsqueeze(1)
+        y = F.conv1d(torch.cat([x, x], dim=1), weight.to(x.dtype), self.conv_bias.reshape(-1).to(x.dtype),
+                     padding=k - 1, groups=2 * self.d_inner)
+        L = x.shape[-1]
+        return torch.stack([y[:, :self.d_inner, :L], y[:, self.d_inner:, k - 1:k - 1 + L]], dim=1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (batch, seqlen, dim) -> (batch, seqlen, dim)."""
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, seqlen) each
+        u = F.silu(self._conv(x))  # (batch, 2, d_inner, seqlen)
+        x_dbl = torch.einsum('bgdl,gkd->bgkl', u, self.x_proj_weight.to(u.dtype))
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=2)
+        delta = torch.einsum('bgrl,gdr->bgdl', dt, self.dt_proj_weight.to(u.dtype))
+        y = bidirectional_scan(
+            u, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z, self.dt_proj_bias.float(),
+            delta_softplus=True)
+        return self.out_proj(y.transpose(1, 2))

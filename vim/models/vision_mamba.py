@@ -1,0 +1,368 @@
+"""Vision Mamba (Vim, Zhu et al., ICML 2024): a plain, ViT-like stack of bidirectional Mamba blocks.
+
+Numerically the official hustvl/Vim model (middle class token, absolute position embeddings, RMSNorm with an fp32
+residual stream, averaged bidirectional scans); parameter names are ours, and ``checkpoint_filter_fn`` converts
+the official layout. Registered in timm: ``timm.create_model('vim_tiny_patch16_224', pretrained=True)``.
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, RmsNormFp32, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import named_apply
+
+from vim.layers import Block, PatchEmbed
+
+from .checkpoint import (
+    is_official_layout,
+    load_checkpoint_file,
+    load_state_dict_strict,
+    official_to_vim,
+    resample_pos_embed,
+)
+
+__all__ = ['VisionMamba', 'checkpoint_filter_fn']
+
+
+class VisionMamba(nn.Module):
+    """Vision Mamba.
+
+    Tokens: patch embedding, a class token inserted at index ``M // 2`` of the ``M`` patch tokens, then absolute
+    position embeddings (whose row ``M // 2`` is the class token's). Then ``depth`` :class:`Block` s, a final
+    residual add and RMSNorm, and the head on the class token (``global_pool='token'``) or the mean of the
+    patch tokens (``'avg'``).
+
+    Args:
+        img_size: default input size. patch_size: patch (conv kernel) size. stride: patch stride, ``patch_size``
+            by default; 8 gives the "finer granularity" models.
+        in_chans: input channels. num_classes: classifier outputs (0 for none). global_pool: 'token', 'avg' or ''.
+        embed_dim: width. depth: number of blocks. d_state, d_conv, expand, dt_rank: mixer sizes.
+        drop_rate: dropout before the head. pos_drop_rate: dropout after position embedding.
+        drop_path_rate: stochastic depth, linear over the blocks.
+        norm_eps: RMSNorm epsilon. dynamic_img_size: accept any input size that tiles with the patch stride,
+            resampling the position embedding per input.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 16,
+            stride: Optional[int] = None,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: Literal['token', 'avg', ''] = 'token',
+            embed_dim: int = 192,
+            depth: int = 24,
+            d_state: int = 16,
+            d_conv: int = 4,
+            expand: int = 2,
+            dt_rank: Optional[int] = None,
+            drop_rate: float = 0.0,
+            pos_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            norm_eps: float = 1e-5,
+            dynamic_img_size: bool = False,
+    ) -> None:
+        super().__init__()
+        if global_pool not in ('token', 'avg', ''):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size, patch_size=patch_size, stride=stride, in_chans=in_chans, embed_dim=embed_dim,
+            strict_img_size=not dynamic_img_size)
+        reduction = self.patch_embed.stride[0]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        # Official stochastic depth: block i drops the output of block i - 1 with rate dpr[i - 1]; the final add
+        # drops the last block's output with the full rate.
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.layers = nn.ModuleList([
+            Block(embed_dim, drop_path=([0.0] + dpr)[i], norm_eps=norm_eps, d_state=d_state, d_conv=d_conv,
+                  expand=expand, dt_rank=dt_rank)
+            for i in range(depth)])
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm = RmsNormFp32(embed_dim, eps=norm_eps)
+        self.feature_info = [dict(module=f'layers.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ---- initialisation and timm plumbing -------------------------------------------------------------------
+    def init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        named_apply(partial(_init_weights, depth=len(self.layers)), self)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        # the mixer's D, conv and dt biases are 1-D per direction in the official model (stacked here)
+        return {'pos_embed', 'cls_token', 'layers.*.mixer.D', 'layers.*.mixer.conv_bias', 'layers.*.mixer.dt_proj_bias'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^cls_token|pos_embed|patch_embed', blocks=[(r'^layers\.(\d+)', None), (r'^norm', (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('token', 'avg', ''):
+                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None, **kwargs: Any) -> None:
+        """Change the default input size, resampling the position embedding around the middle class token."""
+        if kwargs.get('patch_size') is not None:
+            raise ValueError('Changing the patch size of a Vim model is not supported.')
+        if img_size is None:
+            return
+        old_grid = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size)
+        with torch.no_grad():
+            pos = resample_pos_embed(self.pos_embed.data, self.patch_embed.grid_size, old_grid)
+        self.pos_embed = nn.Parameter(pos)
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: Union[str, Path], prefix: str = '') -> None:
+        """Load an official or own checkpoint file (timm calls this for ``pretrained=True``).
+
+        The classifier is kept from the model when its class count differs from the checkpoint's.
+        """
+        state_dict = checkpoint_filter_fn(load_checkpoint_file(checkpoint_path), self)
+        head_w = state_dict.get('head.weight')
+        if head_w is not None and (self.num_classes == 0 or head_w.shape[0] != self.num_classes):
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
+            state_dict.update({f'head.{k}': v for k, v in self.head.state_dict().items()})
+        load_state_dict_strict(self, state_dict)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def _pos_embed(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """x: (batch, M, C) patch tokens -> (batch, M + 1, C) with the class token at index M // 2."""
+        pos_embed = self.pos_embed
+        if grid != self.patch_embed.grid_size:
+            pos_embed = resample_pos_embed(pos_embed, grid, self.patch_embed.grid_size)
+        mid = x.shape[1] // 2
+        x = torch.cat([x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x[:, mid:]], dim=1)
+        return self.pos_drop(x + pos_embed.to(x.dtype))
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        grid = self.patch_embed.feat_size((x.shape[-2], x.shape[-1])) if x.dim() == 4 else None
+        x = self.patch_embed(x)
+        return self._pos_embed(x, grid), grid
+
+    def _run_block(self, block: Block, hidden: torch.Tensor, residual: Optional[torch.Tensor]):
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            return checkpoint(block, hidden, residual)
+        return block(hidden, residual)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Outputs of chosen layers (the residual stream after each), class token dropped.
+
+        Args:
+            x: (batch, in_chans, H, W).
+            indices: last n layers if int, all if None, else the listed layer indices (negative from the end).
+            return_prefix_tokens: also return each layer's class token, as (feature map, (batch, 1, C)) pairs.
+            norm: apply the final norm to each intermediate.
+            stop_early: stop after the last requested layer.
+            output_fmt: 'NCHW' maps (batch, C, grid_h, grid_w) or 'NLC' tokens (batch, grid_h * grid_w, C).
+            intermediates_only: return only the list of intermediates.
+        Returns:
+            intermediates, or (final normalised tokens (batch, M + 1, C), intermediates).
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        batch = x.shape[0]
+        hidden, grid = self._embed(x)
+        layers = self.layers[:max_index + 1] if stop_early or intermediates_only else self.layers
+        residual = None
+        intermediates = []
+        for i, block in enumerate(layers):
+            hidden, residual = self._run_block(block, hidden, residual)
+            if i in take_indices:
+                out = residual + hidden  # the stream the next block would normalise
+                intermediates.append(self.norm(out) if norm else out)
+        mid = (hidden.shape[1] - 1) // 2
+        prefix = [y[:, mid:mid + 1] for y in intermediates]
+        intermediates = [torch.cat([y[:, :mid], y[:, mid + 1:]], dim=1) for y in intermediates]
+        if output_fmt == 'NCHW':
+            intermediates = [y.reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        if len(layers) < len(self.layers):
+            for block in self.layers[len(layers):]:
+                hidden, residual = self._run_block(block, hidden, residual)
+        return self._final_norm(hidden, residual), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the layers after the last of ``indices`` (and the final norm / head if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.norm(residual + self.drop_path(hidden).float()).to(hidden.dtype)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, in_chans, H, W) -> normalised tokens (batch, M + 1, C), class token at index M // 2."""
+        hidden, _ = self._embed(x)
+        residual = None
+        for block in self.layers:
+            hidden, residual = self._run_block(block, hidden, residual)
+        return self._final_norm(hidden, residual)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """tokens (batch, M + 1, C) -> logits (batch, num_classes), or pooled features if ``pre_logits``."""
+        mid = (x.shape[1] - 1) // 2
+        if self.global_pool == 'token':
+            x = x[:, mid]
+        elif self.global_pool == 'avg':
+            x = torch.cat([x[:, :mid], x[:, mid + 1:]], dim=1).mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(module: nn.Module, name: str = '', depth: int = 24) -> None:
+    """The official initialisation: trunc-normal linears and patch conv, out_proj rescaled by 1/sqrt(depth)."""
+    if isinstance(module, nn.Linear):
+        if name.endswith('out_proj'):
+            nn.init.kaiming_uniform_(module.weight, a=5 ** 0.5)
+            with torch.no_grad():
+                module.weight /= depth ** 0.5
+        elif name.endswith('in_proj'):
+            nn.init.kaiming_uniform_(module.weight, a=5 ** 0.5)
+        else:
+            trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba) -> Dict[str, torch.Tensor]:
+    """Convert an official hustvl/Vim state dict (or ours) for ``model``; resample pos_embed to its grid."""
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    if is_official_layout(state_dict):
+        state_dict = official_to_vim(state_dict)
+    pos = state_dict.get('pos_embed')
+    if pos is not None and pos.shape[1] != model.pos_embed.shape[1]:
+        state_dict['pos_embed'] = resample_pos_embed(pos, model.patch_embed.grid_size)
+    return state_dict
+
+
+def _create_vision_mamba(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        VisionMamba, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(hf_hub_id: str = '', hf_hub_filename: str = '', **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'hf_hub_id': hf_hub_id, 'hf_hub_filename': hf_hub_filename, 'custom_load': 'hf' if hf_hub_id else False,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head', 'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2401.09417', 'paper_name': 'Vision Mamba', 'origin_url': 'https://github.com/hustvl/Vim',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'vim_tiny_patch16_224.in1k': _cfg('hustvl/Vim-tiny-midclstok', 'vim_t_midclstok_76p1acc.pth'),
+    'vim_small_patch16_224.in1k': _cfg('hustvl/Vim-small-midclstok', 'vim_s_midclstok_80p5acc.pth'),
+    'vim_base_patch16_224.in1k': _cfg('hustvl/Vim-base-midclstok', 'vim_b_midclstok_81p9acc.pth'),
+    'vim_tiny_patch16_stride8_224.in1k': _cfg('hustvl/Vim-tiny-midclstok', 'vim_t_midclstok_ft_78p3acc.pth'),
+    'vim_small_patch16_stride8_224.in1k': _cfg('hustvl/Vim-small-midclstok', 'vim_s_midclstok_ft_81p6acc.pth'),
+    'test_vim.untrained': _cfg(input_size=(3, 64, 64), crop_pct=1.0),
+})
+
+
+@register_model
+def vim_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    model_args = dict(patch_size=16, embed_dim=192, depth=24)
+    return _create_vision_mamba('vim_tiny_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    model_args = dict(patch_size=16, embed_dim=384, depth=24)
+    return _create_vision_mamba('vim_small_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    model_args = dict(patch_size=16, embed_dim=768, depth=24)
+    return _create_vision_mamba('vim_base_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    model_args = dict(patch_size=16, stride=8, embed_dim=192, depth=24)
+    return _create_vision_mamba('vim_tiny_patch16_stride8_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    model_args = dict(patch_size=16, stride=8, embed_dim=384, depth=24)
+    return _create_vision_mamba('vim_small_patch16_stride8_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def test_vim(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """A tiny Vim for fast tests: 64x64 input, 8x8 patches, width 32, 4 blocks, state size 4."""
+    model_args = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, d_state=4)
+    return _create_vision_mamba('test_vim', pretrained=pretrained, **dict(model_args, **kwargs))
