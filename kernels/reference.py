@@ -17,8 +17,6 @@ states instead of storing them (the same plan the Triton kernels follow).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +44,7 @@ def _chunk_inputs(delta: torch.Tensor, du: torch.Tensor, A: torch.Tensor, Bt: to
     torch.mul(du.view(T, b, groups, dim // groups, 1), Bt.unsqueeze(3), out=dBu.view(T, b, groups, dim // groups, -1))
 
 
-def _recurrence_(H: torch.Tensor, dA: torch.Tensor, h0: Optional[torch.Tensor]) -> None:
+def _recurrence_(H: torch.Tensor, dA: torch.Tensor, h0: torch.Tensor | None) -> None:
     """In place: H[t] = dA[t] * H[t-1] + H[t] with H[-1] = h0.  H, dA: (T, b, dim, N)."""
     if h0 is not None:
         H[0].addcmul_(dA[0], h0)
@@ -71,7 +69,7 @@ class _SelectiveScanCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
         L, b, dim = u.shape
-        G, N = B.shape[2], B.shape[3]
+        N = B.shape[3]
         T = _chunk_len(b, dim, N, L)
         du = delta * u
         y = u.new_empty(L, b, dim)
@@ -156,9 +154,9 @@ def selective_scan_ref(
         A: torch.Tensor,
         B: torch.Tensor,
         C: torch.Tensor,
-        D: Optional[torch.Tensor] = None,
-        z: Optional[torch.Tensor] = None,
-        delta_bias: Optional[torch.Tensor] = None,
+        D: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
+        delta_bias: torch.Tensor | None = None,
         delta_softplus: bool = False,
 ) -> torch.Tensor:
     """Selective scan over the sequence, first token to last.

@@ -1,5 +1,4 @@
 """The sequential float64 selective scan: one token at a time, no chunking, no tricks. Tests only."""
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -7,8 +6,8 @@ import torch.nn.functional as F
 
 def selective_scan_oracle(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-        D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
-        delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+        D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+        delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
         reverse: bool = False,
 ) -> torch.Tensor:
     """Same arguments and shapes as ``selective_scan_ref``; ``reverse`` scans from the last token to the first."""

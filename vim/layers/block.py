@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, RmsNormFp32
+from timm.layers import DropPath, RmsNorm
 
 from .mixer import BidirectionalMamba
 
@@ -16,7 +16,7 @@ class Block(nn.Module):
     ``forward(hidden, residual)`` first adds the *previous* layer's output to the residual stream (with drop path),
     then normalises and mixes: ``residual = residual + drop_path(hidden); hidden = mixer(norm(residual))``. The
     first block is called with ``residual=None`` and takes the embeddings as the residual. The residual stream is
-    fp32 whatever the activation dtype.
+    fp32 (or wider) whatever the activation dtype.
 
     Args:
         dim: width. drop_path: rate applied to the incoming hidden state. norm_eps: RMSNorm epsilon.
@@ -25,14 +25,16 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, *, drop_path: float = 0.0, norm_eps: float = 1e-5, **mixer_kwargs) -> None:
         super().__init__()
-        self.norm = RmsNormFp32(dim, eps=norm_eps)
+        self.norm = RmsNorm(dim, eps=norm_eps)
         self.mixer = BidirectionalMamba(dim, **mixer_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, residual: (batch, seqlen, dim) -> (mixer output, fp32 residual stream)."""
+        stream_dtype = torch.promote_types(hidden.dtype, torch.float32)
         if residual is None:
-            residual = hidden.float()
+            residual = hidden.to(stream_dtype)
         else:
-            residual = residual + self.drop_path(hidden).float()
-        return self.mixer(self.norm(residual)), residual
+            residual = residual + self.drop_path(hidden).to(stream_dtype)
+        # the norm runs on the fp32 stream; the mixer in the activation dtype (as the official fused add+norm)
+        return self.mixer(self.norm(residual).to(hidden.dtype)), residual

@@ -96,7 +96,8 @@ class BidirectionalMamba(nn.Module):
         x_dbl = torch.einsum('bgdl,gkd->bgkl', u, self.x_proj_weight.to(u.dtype))
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=2)
         delta = torch.einsum('bgrl,gdr->bgdl', dt, self.dt_proj_weight.to(u.dtype))
+        ssm_dtype = torch.promote_types(u.dtype, torch.float32)  # A, D and dt bias stay fp32 (or wider)
         y = bidirectional_scan(
-            u, delta, -torch.exp(self.A_log.float()), B, C, self.D.float(), z, self.dt_proj_bias.float(),
-            delta_softplus=True)
+            u, delta, -torch.exp(self.A_log.to(ssm_dtype)), B, C, self.D.to(ssm_dtype), z,
+            self.dt_proj_bias.to(ssm_dtype), delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))

@@ -4,8 +4,6 @@ timm's PatchEmbed has no separate stride, so this is the one layer we keep of ou
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.nn as nn
 from timm.layers import to_2tuple
@@ -24,7 +22,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(
             self,
-            img_size: int | Tuple[int, int] = 224,
+            img_size: int | tuple[int, int] = 224,
             patch_size: int = 16,
             stride: int | None = None,
             in_chans: int = 3,
@@ -39,12 +37,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride)
         self.set_input_size(img_size)
 
-    def set_input_size(self, img_size: int | Tuple[int, int]) -> None:
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
         self.img_size = to_2tuple(img_size)
         self.grid_size = self.feat_size(self.img_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
-    def feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+    def feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
         """Token grid (rows, cols) of an input of ``img_size`` (height, width); raises if it does not tile."""
         grid = []
         for size, patch, stride, name in zip(img_size, self.patch_size, self.stride, ('height', 'width')):

@@ -6,8 +6,8 @@ import argparse
 import math
 import pickle
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ __all__ = [
     'resample_pos_embed', 'load_state_dict_strict', 'CheckpointError',
 ]
 
-StateDict = Dict[str, torch.Tensor]
+StateDict = dict[str, torch.Tensor]
 
 # (official per-direction names, our stacked name); index 0 of the stacked axis is the forward direction.
 _DIRECTIONAL = (
@@ -73,7 +73,7 @@ def is_official_layout(state_dict: StateDict) -> bool:
 def official_to_vim(state_dict: StateDict) -> StateDict:
     """Official hustvl/Vim names -> ours: per-direction mixer tensors stacked, ``norm_f`` -> ``norm``."""
     out: StateDict = {}
-    pending: Dict[str, list] = {}
+    pending: dict[str, list] = {}
     for k, v in state_dict.items():
         if k.startswith('module.'):
             k = k[len('module.'):]
@@ -125,7 +125,7 @@ def vim_to_official(state_dict: StateDict) -> StateDict:
     return out
 
 
-def _square_grid(num_patches: int) -> Tuple[int, int]:
+def _square_grid(num_patches: int) -> tuple[int, int]:
     side = math.isqrt(num_patches)
     if side * side != num_patches:
         raise CheckpointError(f'pos_embed has {num_patches} patch rows, not a square grid; pass its grid size.')
@@ -135,7 +135,7 @@ def _square_grid(num_patches: int) -> Tuple[int, int]:
 def resample_pos_embed(
         pos_embed: torch.Tensor,
         new_grid: Sequence[int],
-        old_grid: Optional[Sequence[int]] = None,
+        old_grid: Sequence[int] | None = None,
         interpolation: str = 'bicubic',
         antialias: bool = True,
 ) -> torch.Tensor:

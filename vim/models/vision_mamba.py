@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Set, Tuple, Union
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, RmsNormFp32, trunc_normal_
+from timm.layers import DropPath, RmsNorm, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import named_apply
@@ -52,9 +52,9 @@ class VisionMamba(nn.Module):
 
     def __init__(
             self,
-            img_size: Union[int, Tuple[int, int]] = 224,
+            img_size: int | tuple[int, int] = 224,
             patch_size: int = 16,
-            stride: Optional[int] = None,
+            stride: int | None = None,
             in_chans: int = 3,
             num_classes: int = 1000,
             global_pool: Literal['token', 'avg', ''] = 'token',
@@ -63,7 +63,7 @@ class VisionMamba(nn.Module):
             d_state: int = 16,
             d_conv: int = 4,
             expand: int = 2,
-            dt_rank: Optional[int] = None,
+            dt_rank: int | None = None,
             drop_rate: float = 0.0,
             pos_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
@@ -96,7 +96,7 @@ class VisionMamba(nn.Module):
                   expand=expand, dt_rank=dt_rank)
             for i in range(depth)])
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-        self.norm = RmsNormFp32(embed_dim, eps=norm_eps)
+        self.norm = RmsNorm(embed_dim, eps=norm_eps)
         self.feature_info = [dict(module=f'layers.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -109,12 +109,12 @@ class VisionMamba(nn.Module):
         named_apply(partial(_init_weights, depth=len(self.layers)), self)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
+    def no_weight_decay(self) -> set[str]:
         # the mixer's D, conv and dt biases are 1-D per direction in the official model (stacked here)
         return {'pos_embed', 'cls_token', 'layers.*.mixer.D', 'layers.*.mixer.conv_bias', 'layers.*.mixer.dt_proj_bias'}
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r'^cls_token|pos_embed|patch_embed', blocks=[(r'^layers\.(\d+)', None), (r'^norm', (99999,))])
 
     @torch.jit.ignore
@@ -125,7 +125,7 @@ class VisionMamba(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ('token', 'avg', ''):
@@ -133,7 +133,7 @@ class VisionMamba(nn.Module):
             self.global_pool = global_pool
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None, **kwargs: Any) -> None:
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, **kwargs: Any) -> None:
         """Change the default input size, resampling the position embedding around the middle class token."""
         if kwargs.get('patch_size') is not None:
             raise ValueError('Changing the patch size of a Vim model is not supported.')
@@ -146,7 +146,7 @@ class VisionMamba(nn.Module):
         self.pos_embed = nn.Parameter(pos)
 
     @torch.jit.ignore
-    def load_pretrained(self, checkpoint_path: Union[str, Path], prefix: str = '') -> None:
+    def load_pretrained(self, checkpoint_path: str | Path, prefix: str = '') -> None:
         """Load an official or own checkpoint file (timm calls this for ``pretrained=True``).
 
         The classifier is kept from the model when its class count differs from the checkpoint's.
@@ -159,7 +159,7 @@ class VisionMamba(nn.Module):
         load_state_dict_strict(self, state_dict)
 
     # ---- forward -------------------------------------------------------------------------------------------
-    def _pos_embed(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """x: (batch, M, C) patch tokens -> (batch, M + 1, C) with the class token at index M // 2."""
         pos_embed = self.pos_embed
         if grid != self.patch_embed.grid_size:
@@ -168,12 +168,12 @@ class VisionMamba(nn.Module):
         x = torch.cat([x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x[:, mid:]], dim=1)
         return self.pos_drop(x + pos_embed.to(x.dtype))
 
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         grid = self.patch_embed.feat_size((x.shape[-2], x.shape[-1])) if x.dim() == 4 else None
         x = self.patch_embed(x)
         return self._pos_embed(x, grid), grid
 
-    def _run_block(self, block: Block, hidden: torch.Tensor, residual: Optional[torch.Tensor]):
+    def _run_block(self, block: Block, hidden: torch.Tensor, residual: torch.Tensor | None):
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
             return checkpoint(block, hidden, residual)
         return block(hidden, residual)
@@ -181,13 +181,13 @@ class VisionMamba(nn.Module):
     def forward_intermediates(
             self,
             x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
+            indices: int | list[int] | None = None,
             return_prefix_tokens: bool = False,
             norm: bool = False,
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Outputs of chosen layers (the residual stream after each), class token dropped.
 
         Args:
@@ -231,10 +231,10 @@ class VisionMamba(nn.Module):
 
     def prune_intermediate_layers(
             self,
-            indices: Union[int, List[int]] = 1,
+            indices: int | list[int] = 1,
             prune_norm: bool = False,
             prune_head: bool = True,
-    ) -> List[int]:
+    ) -> list[int]:
         """Drop the layers after the last of ``indices`` (and the final norm / head if asked)."""
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         self.layers = self.layers[:max_index + 1]
@@ -245,7 +245,7 @@ class VisionMamba(nn.Module):
         return take_indices
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.norm(residual + self.drop_path(hidden).float()).to(hidden.dtype)
+        return self.norm(residual + self.drop_path(hidden).to(residual.dtype)).to(hidden.dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, in_chans, H, W) -> normalised tokens (batch, M + 1, C), class token at index M // 2."""
@@ -288,7 +288,7 @@ def _init_weights(module: nn.Module, name: str = '', depth: int = 24) -> None:
             nn.init.zeros_(module.bias)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionMamba) -> dict[str, torch.Tensor]:
     """Convert an official hustvl/Vim state dict (or ours) for ``model``; resample pos_embed to its grid."""
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
     if is_official_layout(state_dict):
@@ -301,6 +301,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba
 
 def _create_vision_mamba(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     out_indices = kwargs.pop('out_indices', 3)
+    overlay = kwargs.get('pretrained_cfg_overlay')
+    if overlay and (overlay.get('file') or overlay.get('url')):
+        # timm would read a user-given file with its generic loader, which prefers 'model_ema' and cannot read the
+        # official pickles; route it through VisionMamba.load_pretrained unless the caller chose otherwise.
+        kwargs['pretrained_cfg_overlay'] = {'custom_load': True, **overlay}
     return build_model_with_cfg(
         VisionMamba, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -309,9 +314,9 @@ def _create_vision_mamba(variant: str, pretrained: bool = False, **kwargs: Any) 
     )
 
 
-def _cfg(hf_hub_id: str = '', hf_hub_filename: str = '', **kwargs: Any) -> Dict[str, Any]:
+def _cfg(hf_hub_id: str = '', hf_hub_filename: str = '', **kwargs: Any) -> dict[str, Any]:
     return {
-        'hf_hub_id': hf_hub_id, 'hf_hub_filename': hf_hub_filename, 'custom_load': 'hf' if hf_hub_id else False,
+        'hf_hub_id': hf_hub_id, 'hf_hub_filename': hf_hub_filename, 'custom_load': 'hf' if hf_hub_id else True,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
         'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,

@@ -1,0 +1,147 @@
+"""Loading checkpoints as users have them: official training pickles, state dicts, safetensors, other sizes."""
+import argparse
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import vim  # noqa: F401
+from vim.models import CheckpointError, load_checkpoint_file, resample_pos_embed, vim_to_official
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _official_training_pickle(path, model, ema_model):
+    """A file shaped like the released ones: model, model_ema, optimizer, epoch and an argparse.Namespace."""
+    torch.save({
+        'model': vim_to_official(model.state_dict()),
+        'model_ema': vim_to_official(ema_model.state_dict()),
+        'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-3, 'params': [0, 1]}]},
+        'epoch': 299,
+        'args': argparse.Namespace(model='vim_tiny', lr=5e-4, batch_size=128, no_amp=True),
+    }, path)
+
+
+def _load(path, **kwargs):
+    return timm.create_model('test_vim', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
+
+
+def test_official_training_pickle_takes_model_not_ema(tmp_path):
+    model, ema = timm.create_model('test_vim').eval(), timm.create_model('test_vim').eval()
+    path = tmp_path / 'vim_t_midclstok_76p1acc.pth'
+    _official_training_pickle(path, model, ema)
+    with pytest.raises(pickle.UnpicklingError):  # plain torch.load refuses the Namespace: why the allow-list
+        torch.load(path, weights_only=True)
+    loaded = _load(path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        assert not torch.allclose(loaded(x), ema(x))
+
+
+def test_arbitrary_pickle_is_refused_not_executed(tmp_path):
+    marker = tmp_path / 'pwned'
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': {}, 'payload': Evil()}, path)
+    with pytest.raises(CheckpointError, match='allow-list'):
+        load_checkpoint_file(path)
+    assert not marker.exists()
+
+
+def test_plain_state_dict_and_safetensors(tmp_path):
+    model = timm.create_model('test_vim').eval()
+    torch.save(vim_to_official(model.state_dict()), tmp_path / 'official_sd.pth')
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / 'ours.safetensors'))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        for name in ('official_sd.pth', 'ours.safetensors'):
+            torch.testing.assert_close(_load(tmp_path / name)(x), ref, rtol=0, atol=0, msg=name)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    sd = vim_to_official(timm.create_model('test_vim').state_dict())
+    del sd['layers.2.mixer.A_b_log']
+    sd['layers.2.mixer.extra_thing'] = torch.zeros(3)
+    torch.save(sd, tmp_path / 'broken.pth')
+    with pytest.raises(CheckpointError) as err:
+        _load(tmp_path / 'broken.pth')
+    msg = str(err.value)
+    assert 'unexpected' in msg and 'layers.2.mixer.extra_thing' in msg
+    assert 'missing' in msg and 'layers.2.mixer.A_log' in msg
+
+
+def test_wrong_variant_names_the_shapes(tmp_path):
+    wide = timm.create_model('test_vim', embed_dim=48)
+    torch.save({'model': vim_to_official(wide.state_dict())}, tmp_path / 'wide.pth')
+    with pytest.raises(CheckpointError) as err:
+        _load(tmp_path / 'wide.pth')
+    assert 'shape mismatch' in str(err.value)
+    assert 'layers.0.mixer.in_proj.weight: checkpoint (192, 48) vs model (128, 32)' in str(err.value)
+
+
+def _hand_resample(pos, old_grid, new_grid):
+    """Patch rows (class row at index M // 2 removed) bicubically resized as an image; class row re-inserted."""
+    m = old_grid[0] * old_grid[1]
+    cls = pos[:, m // 2]
+    patches = torch.cat([pos[:, :m // 2], pos[:, m // 2 + 1:]], 1)
+    img = patches.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=new_grid, mode='bicubic', antialias=True, align_corners=False)
+    patches = img.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1)
+    n = new_grid[0] * new_grid[1]
+    return torch.cat([patches[:, :n // 2], cls[:, None], patches[:, n // 2:]], 1)
+
+
+@pytest.mark.parametrize('kwargs, grid', [
+    (dict(img_size=96), (12, 12)),
+    (dict(img_size=(96, 48)), (12, 6)),
+    (dict(stride=4), (15, 15)),  # the stride-8 "finer granularity" fine-tune starts from a stride-16 checkpoint
+])
+def test_load_into_other_resolution_or_stride(tmp_path, kwargs, grid):
+    src = timm.create_model('test_vim')
+    _official_training_pickle(tmp_path / 'ckpt.pth', src, src)
+    model = _load(tmp_path / 'ckpt.pth', **kwargs)
+    assert model.patch_embed.grid_size == grid
+    expected = _hand_resample(src.pos_embed.detach(), (8, 8), grid)
+    torch.testing.assert_close(model.pos_embed.detach(), expected)
+    torch.testing.assert_close(model.pos_embed[0, (grid[0] * grid[1]) // 2], src.pos_embed[0, 32].detach(),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(resample_pos_embed(src.pos_embed.detach(), grid), expected)
+
+
+def test_other_num_classes_keeps_new_head(tmp_path):
+    src = timm.create_model('test_vim')
+    _official_training_pickle(tmp_path / 'ckpt.pth', src, src)
+    model = _load(tmp_path / 'ckpt.pth', num_classes=10)
+    assert model.head.weight.shape == (10, 32)
+    torch.testing.assert_close(model.layers[1].mixer.A_log, src.layers[1].mixer.A_log)
+    features = _load(tmp_path / 'ckpt.pth', features_only=True, out_indices=(3,))
+    assert features(torch.randn(1, 3, 64, 64))[0].shape == (1, 32, 8, 8)
+
+
+def test_convert_checkpoint_tool(tmp_path):
+    src = timm.create_model('test_vim').eval()
+    _official_training_pickle(tmp_path / 'official.pth', src, src)
+    out = tmp_path / 'converted.safetensors'
+    run = subprocess.run([sys.executable, str(REPO / 'tools' / 'convert_checkpoint.py'), str(tmp_path / 'official.pth'),
+                          str(out), '--model', 'test_vim'], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(_load(out)(x), src(x), rtol=0, atol=0)
+    bad = subprocess.run([sys.executable, str(REPO / 'tools' / 'convert_checkpoint.py'), str(tmp_path / 'nope.pth'),
+                          str(tmp_path / 'x.safetensors'), '--model', 'test_vim'], capture_output=True, text=True)
+    assert bad.returncode == 1 and 'not found' in bad.stderr
+    assert not (tmp_path / 'x.safetensors').exists()
