@@ -1,7 +1,10 @@
 import os
 
-import pytest
-import torch
+# Before torch loads OpenMP: spinning worker threads make tiny ops 10-20x slower when the machine is busy.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # The Triton interpreter must be chosen before any @triton.jit runs; without CUDA, kernels run through it.
 if not torch.cuda.is_available():

@@ -1,0 +1,22 @@
+"""tools/benchmark.py measures Vim and DeiT in one run and writes a JSON report with their ratio."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'tools'))
+import benchmark  # noqa: E402
+
+
+def test_benchmark_writes_side_by_side_report(tmp_path):
+    out = tmp_path / 'bench.json'
+    assert benchmark.main(['--device', 'cpu', '--img-sizes', '32', '--rounds', '1', '--min-time', '0.01',
+                           '--train', '--train-batch-size', '2', '--train-img-size', '32', '--out', str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report['device'] and report['date'] and report['command'].startswith('python tools/benchmark.py')
+    rows = {(r['mode'], r['model']): r for r in report['results']}
+    assert set(rows) == {(m, n) for m in ('inference', 'train')
+                         for n in ('vim_tiny_patch16_224', 'deit_tiny_patch16_224')}
+    for mode in ('inference', 'train'):
+        vim, deit = rows[(mode, 'vim_tiny_patch16_224')], rows[(mode, 'deit_tiny_patch16_224')]
+        assert vim['img_per_s'] > 0 and deit['img_per_s'] > 0
+        assert abs(vim['ratio_to_deit'] - vim['img_per_s'] / deit['img_per_s']) < 1e-9

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Vim against DeiT (timm, SDPA attention), measured side by side in one run.
+
+    python tools/benchmark.py                                   # CPU: Vim-Ti vs DeiT-Ti at 224, batch 1
+    python tools/benchmark.py --device cuda --pairs tiny small base --img-sizes 224 512 1024 1248 2048 \
+        --dtypes fp32 bf16 --train
+
+Each pair (vim_<size>_patch16_224, deit_<size>_patch16_224) is timed in alternating rounds so that both see the
+same machine state; the median round counts. Writes JSON (and a PNG plot if matplotlib is installed) and prints
+the Vim / DeiT ratio table. Inference: images/s, latency, peak memory (CUDA). Training (--train): one AdamW step
+with bf16 autocast on CUDA (fp32 on CPU), images/s and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import vim  # noqa: F401  (registers the Vim models)
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or 'cpu'
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                model = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f'{model}, {torch.get_num_threads()} threads'
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, min_time: float, warmup: int) -> float:
+    """Seconds per call: warm up, then repeat until ``min_time`` has passed."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return elapsed / calls
+
+
+def _peak_gib(device: torch.device, fn: Callable[[], object]) -> float | None:
+    if device.type != 'cuda':
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30
+
+
+def inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device):
+    model = timm.create_model(name, dynamic_img_size=True, img_size=size).to(device).eval()
+    x = torch.randn(batch, 3, size, size, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    @torch.inference_mode()
+    def run():
+        with autocast:
+            return model(x)
+    return run
+
+
+def training_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device):
+    model = timm.create_model(name, img_size=size).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def run():
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run
+
+
+def measure_pair(names: list[str], make_case, size: int, batch: int, dtype: torch.dtype, device: torch.device,
+                 rounds: int, min_time: float) -> dict[str, dict]:
+    """Alternate the models round by round; return median images/s and peak memory per model."""
+    cases = {n: make_case(n, size, batch, dtype, device) for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names:
+            times[n].append(time_fn(cases[n], device, min_time, warmup=2 if r == 0 else 1))
+    out = {}
+    for n in names:
+        sec = statistics.median(times[n])
+        out[n] = dict(img_per_s=batch / sec, latency_ms=sec * 1e3, peak_gib=_peak_gib(device, cases[n]),
+                      rounds_ms=[t * 1e3 for t in times[n]])
+    del cases
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+    return out
+
+
+def plot(results: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple, list] = {}
+    for r in results:
+        if r['mode'] == 'inference':
+            series.setdefault((r['model'], r['dtype']), []).append((r['img_size'], r['img_per_s']))
+    for (model, dtype), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=f'{model} {dtype}')
+    ax.set_xlabel('image size (px)')
+    ax.set_ylabel('images / s')
+    ax.set_yscale('log')
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--pairs', nargs='+', default=['tiny'], choices=['tiny', 'small', 'base'])
+    p.add_argument('--img-sizes', nargs='+', type=int, default=[224])
+    p.add_argument('--dtypes', nargs='+', default=['fp32'], choices=sorted(DTYPES))
+    p.add_argument('--batch-size', type=int, default=None, help='default: 1 on CPU, 64 (<=512 px) / 8 on CUDA')
+    p.add_argument('--train', action='store_true', help='also time a training step at 224 px')
+    p.add_argument('--train-batch-size', type=int, default=None, help='default: 8 on CPU, 128 on CUDA')
+    p.add_argument('--train-img-size', type=int, default=224)
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    p.add_argument('--rounds', type=int, default=5)
+    p.add_argument('--min-time', type=float, default=1.0, help='seconds per timing')
+    p.add_argument('--out', type=Path, default=None, help='JSON path (default benchmarks/<device>-<date>.json)')
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_cuda = device.type == 'cuda'
+    started = dt.datetime.now(dt.timezone.utc)
+    results = []
+    for size_name in args.pairs:
+        names = [f'vim_{size_name}_patch16_224', f'deit_{size_name}_patch16_224']
+        for dtype_name in args.dtypes:
+            for size in args.img_sizes:
+                batch = args.batch_size or ((64 if size <= 512 else 8) if on_cuda else 1)
+                res = measure_pair(names, inference_case, size, batch, DTYPES[dtype_name], device,
+                                   args.rounds, args.min_time)
+                for n, r in res.items():
+                    results.append(dict(mode='inference', model=n, img_size=size, batch=batch, dtype=dtype_name, **r))
+                print(f'{size_name:5s} {dtype_name} {size:5d}px b{batch:<3d} ' + '  '.join(
+                    f'{n}: {r["img_per_s"]:.1f} img/s' for n, r in res.items()), flush=True)
+        if args.train:
+            batch = args.train_batch_size or (128 if on_cuda else 8)
+            dtype = torch.bfloat16 if on_cuda else torch.float32
+            size = args.train_img_size
+            res = measure_pair(names, training_case, size, batch, dtype, device, args.rounds, args.min_time)
+            for n, r in res.items():
+                results.append(dict(mode='train', model=n, img_size=size, batch=batch,
+                                    dtype='bf16' if on_cuda else 'fp32', **r))
+            print(f'{size_name:5s} train {size}px b{batch} ' + '  '.join(
+                f'{n}: {r["img_per_s"]:.1f} img/s' for n, r in res.items()), flush=True)
+
+    print('\nVim / DeiT images-per-second ratio (same run):')
+    print(f'{"pair":6s} {"mode":9s} {"dtype":5s} {"size":>5s} {"vim img/s":>10s} {"deit img/s":>10s} {"ratio":>6s}')
+    by_key = {(r['mode'], r['model'], r['dtype'], r['img_size']): r for r in results}
+    for r in results:
+        if not r['model'].startswith('vim_'):
+            continue
+        deit = by_key[(r['mode'], r['model'].replace('vim_', 'deit_'), r['dtype'], r['img_size'])]
+        r['ratio_to_deit'] = r['img_per_s'] / deit['img_per_s']
+        pair = r['model'].split('_')[1]
+        print(f'{pair:6s} {r["mode"]:9s} {r["dtype"]:5s} {r["img_size"]:5d} {r["img_per_s"]:10.1f} '
+              f'{deit["img_per_s"]:10.1f} {r["ratio_to_deit"]:6.2f}')
+
+    out = args.out or Path('benchmarks') / f'{device.type}-{started:%Y%m%d-%H%M}.json'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = dict(
+        date=started.isoformat(timespec='seconds'), device=device_name(device),
+        command=' '.join(['python tools/benchmark.py'] + (argv if argv is not None else sys.argv[1:])),
+        torch=torch.__version__, timm=timm.__version__, python=platform.python_version(), results=results)
+    out.write_text(json.dumps(report, indent=1))
+    png = out.with_suffix('.png')
+    print(f'\nwrote {out}' + (f' and {png}' if plot(results, png) else ' (install matplotlib for a PNG plot)'))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
