@@ -145,3 +145,31 @@ def test_convert_checkpoint_tool(tmp_path):
                           str(tmp_path / 'x.safetensors'), '--model', 'test_vim'], capture_output=True, text=True)
     assert bad.returncode == 1 and 'not found' in bad.stderr
     assert not (tmp_path / 'x.safetensors').exists()
+
+
+HUB_SCRIPT = '''
+import timm, torch, vim
+model = timm.create_model('{name}', pretrained=True, depth=2)
+ref = torch.load('{ref}', weights_only=True)
+print('MATCH' if torch.equal(model.layers[1].mixer.A_log, ref) else 'DIFFERENT')
+'''
+
+
+def test_pretrained_true_resolves_the_official_hub_file(tmp_path):
+    """`pretrained=True` downloads hustvl's file with huggingface_hub and loads it with our safe loader.
+
+    The download is served from a local hub cache laid out as huggingface_hub writes it (no network here)."""
+    name = 'vim_tiny_patch16_224'
+    cfg = timm.models.get_pretrained_cfg(name)
+    src = timm.create_model(name, depth=2)
+    snapshot = tmp_path / 'hub' / f'models--{cfg.hf_hub_id.replace("/", "--")}' / 'snapshots' / ('0' * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / 'refs').mkdir()
+    (snapshot.parents[1] / 'refs' / 'main').write_text('0' * 40)
+    _official_training_pickle(snapshot / cfg.hf_hub_filename, src, src)
+    torch.save(src.layers[1].mixer.A_log.detach(), tmp_path / 'ref.pt')
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HUB_OFFLINE='1')
+    run = subprocess.run([sys.executable, '-c', HUB_SCRIPT.format(name=name, ref=tmp_path / 'ref.pt')],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith('MATCH')
