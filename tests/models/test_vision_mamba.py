@@ -178,3 +178,22 @@ def test_bad_input_errors():
         dyn(torch.randn(1, 3, 70, 64))
     with pytest.raises(RuntimeError, match='Unknown model'):
         timm.create_model('vim_tiny_patch16_225')
+
+
+def test_bf16_autocast_and_bf16_model_agree_with_fp32():
+    model = timm.create_model('test_vim').eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            amp = model(x)
+        cast = timm.create_model('test_vim').eval()
+        cast.load_state_dict(model.state_dict())
+        cast = cast.bfloat16()
+        low = cast(x.bfloat16())
+        maps = cast.forward_intermediates(x.bfloat16(), indices=[1], norm=True, intermediates_only=True)
+    tol = 8 * torch.finfo(torch.bfloat16).eps * ref.abs().max().item()  # a few bf16 roundings per layer
+    for out in (amp, low):
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), ref, rtol=0, atol=tol)
+    assert maps[0].dtype == torch.bfloat16 and torch.isfinite(maps[0].float()).all()

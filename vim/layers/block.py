@@ -36,5 +36,7 @@ class Block(nn.Module):
             residual = hidden.to(stream_dtype)
         else:
             residual = residual + self.drop_path(hidden).to(stream_dtype)
-        # the norm runs on the fp32 stream; the mixer in the activation dtype (as the official fused add+norm)
-        return self.mixer(self.norm(residual).to(hidden.dtype)), residual
+        # as the official fused add+norm: the norm in its weight's dtype (fp32 unless the whole model was cast),
+        # the mixer in the activation dtype
+        normed = self.norm(residual.to(self.norm.weight.dtype))
+        return self.mixer(normed.to(hidden.dtype)), residual

@@ -213,7 +213,7 @@ class VisionMamba(nn.Module):
             hidden, residual = self._run_block(block, hidden, residual)
             if i in take_indices:
                 out = residual + hidden  # the stream the next block would normalise
-                intermediates.append(self.norm(out) if norm else out)
+                intermediates.append((self._norm(out) if norm else out).to(hidden.dtype))
         mid = (hidden.shape[1] - 1) // 2
         prefix = [y[:, mid:mid + 1] for y in intermediates]
         intermediates = [torch.cat([y[:, :mid], y[:, mid + 1:]], dim=1) for y in intermediates]
@@ -245,7 +245,11 @@ class VisionMamba(nn.Module):
         return take_indices
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.norm(residual + self.drop_path(hidden).to(residual.dtype)).to(hidden.dtype)
+        return self._norm(residual + self.drop_path(hidden).to(residual.dtype)).to(hidden.dtype)
+
+    def _norm(self, stream: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self.norm, 'weight', None)  # the norm is an Identity after pruning
+        return self.norm(stream if weight is None else stream.to(weight.dtype))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, in_chans, H, W) -> normalised tokens (batch, M + 1, C), class token at index M // 2."""
