@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install features test lint clean
+.PHONY: install install-mm features test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The OpenMMLab stack for vim.mmdet / vim.mmseg: mmcv 2.1.0 is built from source once per machine (~25 min on 2
+# cores) and cached under ~/.cache/vim-backbones/wheels; later runs reuse the wheel (see tools/install_mm.py).
+$(VENV)/.mm-installed: tools/install_mm.py $(VENV)/.installed
+	$(BIN)/python tools/install_mm.py
+	touch $@
+
+install-mm: $(VENV)/.mm-installed
+
 features: install
 	$(BIN)/python tools/extract_features.py
 
-test: install
+test: install install-mm
 	$(BIN)/python -m pytest
 
 lint: install
