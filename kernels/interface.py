@@ -1,11 +1,14 @@
 """Public scan ops with backend dispatch. Models call only these.
 
-Backends: ``reference`` (plain PyTorch, any device; the specification). ``auto`` picks the fastest backend
-available for the inputs. The environment variable ``VIM_SCAN_BACKEND`` overrides ``auto`` process-wide; an
+Backends: ``reference`` (plain PyTorch, any device; the specification) and ``triton`` (the fused bidirectional scan
+in :mod:`vim.kernels.triton`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; ``bidirectional_scan`` only).
+``auto`` picks the fastest backend validated for the inputs: ``reference`` for now, until a GPU run has checked and
+timed ``triton`` against it. The environment variable ``VIM_SCAN_BACKEND`` overrides ``auto`` process-wide; an
 explicit ``backend=`` argument overrides both.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 
@@ -15,26 +18,56 @@ from .reference import bidirectional_scan_ref, selective_scan_ref
 
 __all__ = ['selective_scan', 'bidirectional_scan', 'available_backends', 'resolve_backend']
 
-_SELECTIVE: dict[str, Callable] = {'reference': selective_scan_ref}
-_BIDIRECTIONAL: dict[str, Callable] = {'reference': bidirectional_scan_ref}
 ENV_VAR = 'VIM_SCAN_BACKEND'
+
+
+def _bidirectional_scan_triton(*args, **kwargs) -> torch.Tensor:
+    # imported on first use: triton is an optional dependency, and importing it costs time on CPU-only machines
+    from .triton import bidirectional_scan_triton
+
+    return bidirectional_scan_triton(*args, **kwargs)
+
+
+_SELECTIVE: dict[str, Callable] = {'reference': selective_scan_ref}
+_BIDIRECTIONAL: dict[str, Callable] = {'reference': bidirectional_scan_ref, 'triton': _bidirectional_scan_triton}
 
 
 def available_backends() -> list[str]:
     """Names accepted by ``backend=`` besides ``auto``."""
-    return sorted(_SELECTIVE)
+    return sorted(set(_SELECTIVE) | set(_BIDIRECTIONAL))
+
+
+def _check_triton(x: torch.Tensor) -> None:
+    """Raise a clear error unless the triton backend can run on ``x``'s device."""
+    if importlib.util.find_spec('triton') is None:
+        raise RuntimeError("scan backend 'triton' needs the triton package: pip install 'vim-backbones[triton]'")
+    from .triton import check_device
+
+    check_device(x.device)
 
 
 def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
-    """The backend that will run for tensor ``x``: explicit argument, else $VIM_SCAN_BACKEND, else auto."""
+    """The backend that will run for tensor ``x``: explicit argument, else $VIM_SCAN_BACKEND, else auto.
+
+    Raises ValueError for an unknown name and RuntimeError when the backend cannot run on ``x`` (``triton``:
+    package missing, or CPU tensors without TRITON_INTERPRET=1).
+    """
     name = backend or os.environ.get(ENV_VAR) or 'auto'
     if name == 'auto':
-        return 'reference'
-    if name not in _SELECTIVE:
+        return 'reference'  # triton is selected explicitly until a GPU run has validated and timed it
+    if name not in available_backends():
         source = 'backend argument' if backend else f'${ENV_VAR}'
         choices = ', '.join(['auto', *available_backends()])
         raise ValueError(f'Unknown scan backend {name!r} ({source}); available: {choices}')
+    if name == 'triton':
+        _check_triton(x)
     return name
+
+
+def _implementation(registry: dict[str, Callable], name: str, op: str) -> Callable:
+    if name not in registry:
+        raise ValueError(f'scan backend {name!r} has no {op}; use one of {sorted(registry)}')
+    return registry[name]
 
 
 def selective_scan(
@@ -43,7 +76,8 @@ def selective_scan(
         delta_bias: torch.Tensor | None = None, delta_softplus: bool = False, *, backend: str | None = None,
 ) -> torch.Tensor:
     """Selective scan, first token to last. Shapes and semantics: :func:`vim.kernels.selective_scan_ref`."""
-    return _SELECTIVE[resolve_backend(backend, u)](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    fn = _implementation(_SELECTIVE, resolve_backend(backend, u), 'selective_scan')
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def bidirectional_scan(
@@ -52,4 +86,5 @@ def bidirectional_scan(
         backend: str | None = None,
 ) -> torch.Tensor:
     """Vim's fused bidirectional scan. Shapes and semantics: :func:`vim.kernels.bidirectional_scan_ref`."""
-    return _BIDIRECTIONAL[resolve_backend(backend, u)](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    fn = _implementation(_BIDIRECTIONAL, resolve_backend(backend, u), 'bidirectional_scan')
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)

@@ -1,0 +1,133 @@
+"""GPU checks of the Triton bidirectional scan (skipped without CUDA; tests/conftest.py).
+
+- 240 random cases over shapes, lengths (1 to 4097), dtypes, input layouts and chunk sizes: output and all eight
+  gradients against ``bidirectional_scan_ref`` in float64, tolerances by dtype;
+- every autotune config of both kernels on its own, so that autotuning can never pick a config that computes wrongly;
+- determinism, and no recompilation for a new sequence length (do_not_specialize);
+- the whole Vim-Ti (timm ``vim_tiny_patch16_224``): logits and every parameter gradient, triton vs reference.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip('triton')
+
+import timm  # noqa: E402
+import triton  # noqa: E402
+from vim.kernels.triton import bidirectional_scan_triton, bwd, fwd  # noqa: E402
+
+import vim  # noqa: E402,F401  (registers the models)
+from tests.kernels.test_triton_interpreter import (  # noqa: E402,F401  (nan_filled_empty: autouse fixture)
+    NAMES,
+    check_against_reference,
+    make_inputs,
+    nan_filled_empty,
+)
+
+pytestmark = pytest.mark.gpu
+KERNELS = (fwd._bidirectional_scan_fwd_kernel, bwd._bidirectional_scan_bwd_kernel)
+SEQLENS = [1, 2, 3, 31, 32, 33, 64, 97, 197, 256, 730, 1025, 4097]
+
+
+def _random_case(seed: int) -> dict:
+    """Shape, dtype and layout of case ``seed``. Dims, states and layouts are drawn from short lists: each new
+    (dim, dstate, dtypes) triggers autotuning and each new specialisation a compile."""
+    rng = random.Random(seed)
+    case = dict(batch=rng.choice([1, 2, 3]), dim=rng.choice([5, 48, 384]), dstate=rng.choice([1, 5, 16, 16]),
+                seqlen=rng.choice(SEQLENS), dtype=rng.choice([torch.float32, torch.bfloat16, torch.float16]),
+                layout=rng.choice(['contiguous', 'contiguous', 'mixer', 'strided']),
+                decay=rng.choice([1.0, 1.0, 10.0]), chunk_size=None, delta_softplus=True)
+    if case['dtype'] == torch.float32 and case['layout'] == 'contiguous':
+        case['chunk_size'] = rng.choice([None, 8, 16])
+        case['delta_softplus'] = rng.random() < 0.8
+    if case['seqlen'] > 1000:  # keep the float64 reference affordable
+        case['batch'], case['dim'] = 1, min(case['dim'], 48)
+    return case
+
+
+def _case_id(seed: int) -> str:
+    c = _random_case(seed)
+    return (f"{seed}-b{c['batch']}d{c['dim']}N{c['dstate']}L{c['seqlen']}-{str(c['dtype'])[6:]}-{c['layout']}"
+            f"-c{c['chunk_size']}{'' if c['delta_softplus'] else '-nosoftplus'}")
+
+
+@pytest.mark.parametrize('seed', range(240), ids=_case_id)
+def test_random_cases_match_reference(seed):
+    c = _random_case(seed)
+    x = make_inputs(c['batch'], c['dim'], c['seqlen'], c['dstate'], c['dtype'], layout=c['layout'], seed=seed,
+                    decay=c['decay'], positive_delta=not c['delta_softplus'], device='cuda')
+    check_against_reference(x, chunk_size=c['chunk_size'], delta_softplus=c['delta_softplus'], seed=seed)
+
+
+@pytest.mark.parametrize('which', ['fwd', 'bwd'])
+def test_every_autotune_config_is_correct(which, monkeypatch):
+    kernel = KERNELS[0] if which == 'fwd' else KERNELS[1]
+    for config in list(kernel.configs):
+        monkeypatch.setattr(kernel, 'configs', [config])  # one config: the autotuner runs it without benchmarking
+        for args in [(2, 384, 197, 16, torch.bfloat16, 'mixer'), (1, 40, 33, 5, torch.float32, 'contiguous')]:
+            x = make_inputs(*args[:5], layout=args[5], seed=args[2], device='cuda')
+            check_against_reference(x, seed=args[2])
+
+
+def test_deterministic():
+    x = make_inputs(2, 384, 197, 16, torch.bfloat16, layout='mixer', seed=1, device='cuda')
+    args = [x[n] for n in NAMES]
+    gout = torch.randn(2, 384, 197, device='cuda', dtype=torch.bfloat16)
+    runs = []
+    for _ in range(3):
+        y = bidirectional_scan_triton(*args)
+        runs.append((y, torch.autograd.grad(y, args, gout)))
+    for y, grads in runs[1:]:
+        torch.testing.assert_close(y, runs[0][0], rtol=0, atol=0)
+        # B and C gradients are summed over dim blocks with atomics: only their last bits may differ
+        for name, g, g0 in zip(NAMES, grads, runs[0][1]):
+            exact = name not in ('B', 'C')
+            torch.testing.assert_close(g, g0, rtol=0 if exact else 1e-2, atol=0 if exact else 1e-2, msg=name)
+
+
+def test_new_sequence_length_does_not_recompile(monkeypatch):
+    compiles = []
+
+    def count(**kwargs):
+        compiles.append(kwargs.get('repr'))
+        return False  # True would skip the compilation
+
+    for kernel in KERNELS:
+        monkeypatch.setattr(kernel, 'configs', kernel.configs[:1])
+    for seqlen in (197, 199, 211):  # same divisibility of every stride by 16: only seqlen itself changes
+        if seqlen == 199:
+            monkeypatch.setattr(triton.knobs.runtime, 'jit_cache_hook', count)
+        x = make_inputs(2, 384, seqlen, 16, torch.bfloat16, seed=seqlen, device='cuda')
+        y = bidirectional_scan_triton(*[x[n] for n in NAMES])
+        y.float().sum().backward()
+    torch.cuda.synchronize()
+    assert compiles == [], compiles
+
+
+@pytest.mark.parametrize('amp', [False, True], ids=['fp32', 'bf16-autocast'])
+def test_vim_tiny_matches_reference_backend(amp, monkeypatch):
+    torch.manual_seed(0)
+    model = timm.create_model('vim_tiny_patch16_224').cuda().eval()  # eval: no dropout; gradients still flow
+    x = torch.randn(2, 3, 224, 224, device='cuda')
+    w = torch.randn(2, model.num_classes, device='cuda')
+
+    def run(backend):
+        monkeypatch.setenv('VIM_SCAN_BACKEND', backend)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        (logits.float() * w).sum().backward()
+        return logits.detach().float(), {n: p.grad.detach().float() for n, p in model.named_parameters()}
+
+    logits_ref, grads_ref = run('reference')
+    logits, grads = run('triton')
+    # bf16: the reference rounds each direction's output to bf16 before averaging, the fused op rounds once
+    tol = 3e-2 if amp else 1e-4
+    assert (logits - logits_ref).norm() <= tol * logits_ref.norm()
+    floor = 1e-3 * max(g.norm() for g in grads_ref.values())  # parameters whose gradient nearly vanishes
+    for name, g_ref in grads_ref.items():
+        err = (grads[name] - g_ref).norm()
+        assert err <= 10 * tol * (g_ref.norm() + floor), f'{name}: gradient error {err:.2e}, norm {g_ref.norm():.2e}'
