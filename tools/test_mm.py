@@ -7,41 +7,24 @@
 from __future__ import annotations
 
 import argparse
-import os
-import os.path as osp
 
-from mmengine.config import Config, DictAction
-from mmengine.registry import RUNNERS
+from mmengine.config import Config
 from mmengine.runner import Runner
 
-from vim.mm.compat import trusted_mmengine_checkpoints
+from vim.mm.runner import add_common_args, load_config, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--work-dir', help='where the evaluation log goes (default: work_dirs/<config name>)')
     parser.add_argument('--out', help='also dump the raw predictions to this pickle file')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config entries, key=value')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
-                        help="'pytorch' under torchrun")
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_common_args(parser)
+    return parser.parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args)
     cfg.load_from = args.checkpoint
     # The backbone weights come from the checkpoint: do not fetch the ImageNet ones first.
     if cfg.model.get('backbone', {}).get('init_cfg') is not None:
@@ -54,11 +37,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv=None) -> Runner:
-    cfg = build_config(parse_args(argv))
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    with trusted_mmengine_checkpoints():  # mmengine 0.10's own checkpoints need a full unpickle on torch >= 2.6
-        runner.test()
-    return runner
+    return run(build_config(parse_args(argv)), 'test')
 
 
 if __name__ == '__main__':
