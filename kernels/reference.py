@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ['selective_scan_ref', 'bidirectional_scan_ref']
 
@@ -61,83 +62,123 @@ def _contract(H: torch.Tensor, Ct: torch.Tensor) -> torch.Tensor:
     return torch.einsum('tbgdn,tbgn->tbgd', H.view(T, b, G, dim // G, N), Ct).reshape(T, b, dim)
 
 
-class _SelectiveScanCore(torch.autograd.Function):
-    """y = C . h with h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, all fp32, time-major.
+# The core recurrence is a pair of torch custom ops (forward, backward): opaque to torch.compile (no unrolled
+# per-token graph), countable by torch.utils.flop_counter, and the same code on every device.
+# Shapes, time-major: u, delta: (L, b, dim); A: (dim, N); B, C: (L, b, G, N); y: (L, b, dim);
+# states: (num_chunks - 1, b, dim, N), the state entering each chunk after the first.
 
-    u, delta: (L, b, dim); A: (dim, N); B, C: (L, b, G, N) -> y: (L, b, dim)
-    """
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C):
-        L, b, dim = u.shape
-        N = B.shape[3]
-        T = _chunk_len(b, dim, N, L)
-        du = delta * u
-        y = u.new_empty(L, b, dim)
-        dA_buf, H_buf = u.new_empty(2, T, b, dim, N)
-        starts = []
-        h = None
-        for s in range(0, L, T):
-            e = min(s + T, L)
-            starts.append(h)
-            dA, H = dA_buf[:e - s], H_buf[:e - s]
-            _chunk_inputs(delta[s:e], du[s:e], A, B[s:e], dA, H)
-            _recurrence_(H, dA, h)
-            y[s:e] = _contract(H, C[s:e])
-            h = H[-1].clone()
-        ctx.save_for_backward(u, delta, A, B, C, *[x for x in starts if x is not None])
-        ctx.chunk = T
-        return y
+@torch.library.custom_op('vim::selective_scan_fwd', mutates_args=())
+def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L, b, dim = u.shape
+    N = B.shape[3]
+    du = delta * u
+    y = u.new_empty(L, b, dim)
+    dA_buf, H_buf = u.new_empty(2, T, b, dim, N)
+    starts = []
+    h = None
+    for s in range(0, L, T):
+        e = min(s + T, L)
+        starts.append(h)
+        dA, H = dA_buf[:e - s], H_buf[:e - s]
+        _chunk_inputs(delta[s:e], du[s:e], A, B[s:e], dA, H)
+        _recurrence_(H, dA, h)
+        y[s:e] = _contract(H, C[s:e])
+        h = H[-1].clone()
+    states = torch.stack(starts[1:]) if len(starts) > 1 else u.new_empty(0, b, dim, N)
+    return y, states
 
-    @staticmethod
-    def backward(ctx, gy):
-        u, delta, A, B, C, *saved_starts = ctx.saved_tensors
-        T = ctx.chunk
-        L, b, dim = u.shape
-        G, N = B.shape[2], B.shape[3]
-        gy = gy.contiguous()
-        starts = [None] + list(saved_starts)
-        du = delta * u
-        g_du = torch.empty_like(u)
-        g_ddelta_decay = torch.empty_like(u)
-        gA = torch.zeros_like(A)
-        gB = torch.empty_like(B)
-        gC = torch.empty_like(C)
-        dA_buf, H_buf, gH_buf = u.new_empty(3, T, b, dim, N)
-        carry = None  # dA_{e} * gH_{e}: the gradient reaching the last state of the previous chunk
-        for ci in reversed(range(len(starts))):
-            s = ci * T
-            e = min(s + T, L)
-            Tc = e - s
-            h0 = starts[ci]
-            dA, H, gH = dA_buf[:Tc], H_buf[:Tc], gH_buf[:Tc]
-            _chunk_inputs(delta[s:e], du[s:e], A, B[s:e], dA, H)
-            _recurrence_(H, dA, h0)
-            gy_c = gy[s:e].view(Tc, b, G, dim // G)
-            Hg = H.view(Tc, b, G, dim // G, N)
-            gC[s:e] = torch.einsum('tbgdn,tbgd->tbgn', Hg, gy_c)
-            gHg = gH.view(Tc, b, G, dim // G, N)
-            torch.mul(gy_c.unsqueeze(-1), C[s:e].unsqueeze(3), out=gHg)
-            if carry is not None:
-                gH[-1].add_(carry)
-            gs, decays = gH.unbind(0), dA.unbind(0)
-            for t in range(Tc - 2, -1, -1):
-                gs[t].addcmul_(decays[t + 1], gs[t + 1])
-            carry = dA[0] * gH[0]
-            # d/dlog(dA_t) = gH_t * dA_t * h_{t-1}, with log(dA_t) = delta_t * A; dA's buffer is free now.
-            g_log = dA.mul_(gH)
-            g_log[1:].mul_(H[:-1])
-            if h0 is None:
-                g_log[0].zero_()
-            else:
-                g_log[0].mul_(h0)
-            g_ddelta_decay[s:e] = torch.matmul(g_log.view(Tc, b, dim, 1, N), A.unsqueeze(-1)).view(Tc, b, dim)
-            gA += torch.einsum('tbdn,tbd->dn', g_log, delta[s:e])
-            g_du[s:e] = torch.matmul(gHg, B[s:e].unsqueeze(-1)).view(Tc, b, dim)
-            gB[s:e] = torch.einsum('tbgdn,tbgd->tbgn', gHg, du[s:e].view(Tc, b, G, -1))
-        g_u = g_du * delta
-        g_delta = g_du * u + g_ddelta_decay
-        return g_u, g_delta, gA, gB, gC
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, T):
+    L, b, dim = u.shape
+    return u.new_empty(L, b, dim), u.new_empty(max(0, -(-L // T) - 1), b, dim, B.shape[3])
+
+
+@torch.library.custom_op('vim::selective_scan_bwd', mutates_args=())
+def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              states: torch.Tensor, gy: torch.Tensor, T: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    L, b, dim = u.shape
+    G, N = B.shape[2], B.shape[3]
+    gy = gy.contiguous()
+    starts = [None] + list(states.unbind(0))
+    du = delta * u
+    g_du = torch.empty_like(u)
+    g_ddelta_decay = torch.empty_like(u)
+    gA = torch.zeros_like(A)
+    gB = torch.empty_like(B)
+    gC = torch.empty_like(C)
+    dA_buf, H_buf, gH_buf = u.new_empty(3, T, b, dim, N)
+    carry = None  # dA_{e} * gH_{e}: the gradient reaching the last state of the previous chunk
+    for ci in reversed(range(len(starts))):
+        s = ci * T
+        e = min(s + T, L)
+        Tc = e - s
+        h0 = starts[ci]
+        dA, H, gH = dA_buf[:Tc], H_buf[:Tc], gH_buf[:Tc]
+        _chunk_inputs(delta[s:e], du[s:e], A, B[s:e], dA, H)
+        _recurrence_(H, dA, h0)
+        gy_c = gy[s:e].view(Tc, b, G, dim // G)
+        Hg = H.view(Tc, b, G, dim // G, N)
+        gC[s:e] = torch.einsum('tbgdn,tbgd->tbgn', Hg, gy_c)
+        gHg = gH.view(Tc, b, G, dim // G, N)
+        torch.mul(gy_c.unsqueeze(-1), C[s:e].unsqueeze(3), out=gHg)
+        if carry is not None:
+            gH[-1].add_(carry)
+        gs, decays = gH.unbind(0), dA.unbind(0)
+        for t in range(Tc - 2, -1, -1):
+            gs[t].addcmul_(decays[t + 1], gs[t + 1])
+        carry = dA[0] * gH[0]
+        # d/dlog(dA_t) = gH_t * dA_t * h_{t-1}, with log(dA_t) = delta_t * A; dA's buffer is free now.
+        g_log = dA.mul_(gH)
+        g_log[1:].mul_(H[:-1])
+        if h0 is None:
+            g_log[0].zero_()
+        else:
+            g_log[0].mul_(h0)
+        g_ddelta_decay[s:e] = torch.matmul(g_log.view(Tc, b, dim, 1, N), A.unsqueeze(-1)).view(Tc, b, dim)
+        gA += torch.einsum('tbdn,tbd->dn', g_log, delta[s:e])
+        g_du[s:e] = torch.matmul(gHg, B[s:e].unsqueeze(-1)).view(Tc, b, dim)
+        gB[s:e] = torch.einsum('tbgdn,tbgd->tbgn', gHg, du[s:e].view(Tc, b, G, -1))
+    g_u = g_du * delta
+    g_delta = g_du * u + g_ddelta_decay
+    return g_u, g_delta, gA, gB, gC
+
+
+@_scan_bwd.register_fake
+def _(u, delta, A, B, C, states, gy, T):
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+        torch.empty_like(C))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, T = inputs
+    ctx.save_for_backward(u, delta, A, B, C, output[1])
+    ctx.chunk = T
+
+
+def _backward(ctx, gy, g_states):
+    u, delta, A, B, C, states = ctx.saved_tensors
+    return (*_scan_bwd(u, delta, A, B, C, states, gy.contiguous(), ctx.chunk), None)
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.vim.selective_scan_fwd)
+def _scan_fwd_flops(u_shape, delta_shape, A_shape, B_shape, C_shape, T, *args, **kwargs) -> int:
+    """mamba_ssm's count for a selective scan: 9 per (token, channel, state), exp counted as one."""
+    L, b, dim = u_shape
+    return 9 * L * b * dim * A_shape[1]
+
+
+@register_flop_formula(torch.ops.vim.selective_scan_bwd)
+def _scan_bwd_flops(u_shape, delta_shape, A_shape, *args, **kwargs) -> int:
+    """Recompute (9) plus the reverse recurrence and the five gradient contractions (~18) per element."""
+    L, b, dim = u_shape
+    return 27 * L * b * dim * A_shape[1]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -188,9 +229,10 @@ def selective_scan_ref(
         delta = delta + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    y = _SelectiveScanCore.apply(
-        _to_time_major(u, dtype), _to_time_major(delta, dtype), A.to(dtype),
-        _to_time_major(B, dtype), _to_time_major(C, dtype))
+    u_t = _to_time_major(u, dtype)
+    T = _chunk_len(batch, dim, A.shape[1], seqlen)
+    y, _ = _scan_fwd(u_t, _to_time_major(delta, dtype), A.to(dtype).contiguous(), _to_time_major(B, dtype),
+                     _to_time_major(C, dtype), T)
     y = y.permute(1, 2, 0)
     if D is not None:
         y = y + u.to(dtype) * D.to(dtype)[:, None]
