@@ -25,6 +25,8 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import vim  # noqa: F401  (registers the Vim models)
 
@@ -73,6 +75,16 @@ def _peak_gib(device: torch.device, fn: Callable[[], object]) -> float | None:
     fn()
     _sync(device)
     return torch.cuda.max_memory_allocated(device) / 2 ** 30
+
+
+def count_gflops(name: str, size: int) -> float:
+    """Forward GFLOPs of one image (2 per multiply-add; the Vim scan counted by its registered formula)."""
+    model = timm.create_model(name, dynamic_img_size=True, img_size=size).eval()
+    # the math SDPA backend, so that attention shows up as the matmuls the counter knows (the fused CPU kernel
+    # has no FLOP formula)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(torch.randn(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
 
 
 def inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device):
@@ -158,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--train-batch-size', type=int, default=None, help='default: 8 on CPU, 128 on CUDA')
     p.add_argument('--train-img-size', type=int, default=224)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    p.add_argument('--flops', action='store_true', help='also count forward GFLOPs per image (on CPU)')
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--min-time', type=float, default=1.0, help='seconds per timing')
     p.add_argument('--out', type=Path, default=None, help='JSON path (default benchmarks/<device>-<date>.json)')
@@ -177,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = measure_pair(names, inference_case, size, batch, DTYPES[dtype_name], device,
                                    args.rounds, args.min_time)
                 for n, r in res.items():
+                    if args.flops:
+                        r['gflops_per_img'] = count_gflops(n, size)
                     results.append(dict(mode='inference', model=n, img_size=size, batch=batch, dtype=dtype_name, **r))
                 print(f'{size_name:5s} {dtype_name} {size:5d}px b{batch:<3d} ' + '  '.join(
                     f'{n}: {r["img_per_s"]:.1f} img/s' for n, r in res.items()), flush=True)

@@ -9,7 +9,7 @@ import benchmark  # noqa: E402
 
 def test_benchmark_writes_side_by_side_report(tmp_path):
     out = tmp_path / 'bench.json'
-    assert benchmark.main(['--device', 'cpu', '--img-sizes', '32', '--rounds', '1', '--min-time', '0.01',
+    assert benchmark.main(['--device', 'cpu', '--img-sizes', '32', '--rounds', '1', '--min-time', '0.01', '--flops',
                            '--train', '--train-batch-size', '2', '--train-img-size', '32', '--out', str(out)]) == 0
     report = json.loads(out.read_text())
     assert report['device'] and report['date'] and report['command'].startswith('python tools/benchmark.py')
@@ -20,3 +20,5 @@ def test_benchmark_writes_side_by_side_report(tmp_path):
         vim, deit = rows[(mode, 'vim_tiny_patch16_224')], rows[(mode, 'deit_tiny_patch16_224')]
         assert vim['img_per_s'] > 0 and deit['img_per_s'] > 0
         assert abs(vim['ratio_to_deit'] - vim['img_per_s'] / deit['img_per_s']) < 1e-9
+    vim, deit = rows[('inference', 'vim_tiny_patch16_224')], rows[('inference', 'deit_tiny_patch16_224')]
+    assert vim['gflops_per_img'] > 0 and deit['gflops_per_img'] > 0
