@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import timm
@@ -20,6 +18,7 @@ from safetensors.torch import save_file
 
 import vim  # noqa: F401  (registers the models)
 from vim.models import CheckpointError, load_checkpoint_file
+from vim.utils import atomic_write
 
 
 def convert(src: Path, dst: Path, model_name: str, img_size: int | None = None) -> dict:
@@ -32,14 +31,7 @@ def convert(src: Path, dst: Path, model_name: str, img_size: int | None = None) 
     state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
     metadata = {'model': model_name, 'source': src.name, 'img_size': json.dumps(model.patch_embed.img_size)}
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f'.{dst.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        save_file(state_dict, tmp, metadata=metadata)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(dst, lambda tmp: save_file(state_dict, str(tmp), metadata=metadata))
     return metadata
 
 

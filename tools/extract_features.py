@@ -49,10 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 import vim  # noqa: F401  (registers the Vim models with timm)
+from vim.utils import PARTIAL, atomic_write  # PARTIAL marks temporary files, removed at start if stale
 
 IMG_EXTENSIONS = tuple(sorted(set(get_img_extensions()) | {'.bmp', '.webp', '.tif', '.tiff'}))
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-PARTIAL = '.partial-'  # marks temporary files; stale ones (from a killed run) are removed at start
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -216,19 +216,6 @@ def pretrained_source(name: str) -> tuple[dict | None, str]:
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------------
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
-    tmp = path.with_name(f'.{path.name}{PARTIAL}{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def shard_files(out: Path, shard: str, names, fmt: str) -> list[Path]:
     return [out / f'{shard}.safetensors'] if fmt == 'safetensors' else [out / f'{shard}.{n}.npy' for n in names]
 

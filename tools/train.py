@@ -41,7 +41,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import random
 import signal
 import sys
@@ -69,13 +68,13 @@ for _path in (REPO, TOOLS):
         sys.path.insert(0, str(_path))
 from validate import create_eval_loader, evaluate, is_vim_model  # noqa: E402  (imports vim: registers the models)
 
+from vim.utils import atomic_write  # noqa: E402
+
 _logger = logging.getLogger('vim.train')
 CONFIG_DIR = REPO / 'configs' / 'imagenet'
 STATE_FILE = 'last_state.pth'
 STATE_FORMAT = 'vim-train-state/1'
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -203,22 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- files ------------------------------------------------------------------------------------------------------
-def _atomic(path: Path, write) -> None:
-    """write(tmp) then rename over ``path``: readers see the old file or the whole new one, never a partial one."""
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # some writers create private files
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
     tensors = {k: v.detach().to('cpu').contiguous() for k, v in state_dict.items()}
-    _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()}))
 
 
 def load_training_state(path: str | Path) -> dict:
@@ -504,7 +490,7 @@ class Trainer:
         save_weights(self.out / 'last.safetensors', state['model'], meta)
         if state['model_ema'] is not None:
             save_weights(self.out / 'last_ema.safetensors', state['model_ema'], dict(meta, ema=True))
-        _atomic(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
+        atomic_write(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
         _logger.info(f'saved {self.out / STATE_FILE} ({reason}: epoch {p.epoch}, step {p.step_in_epoch}/'
                      f'{self.steps_per_epoch}, global step {p.global_step})')
 

@@ -1,0 +1,3 @@
+from .files import PARTIAL, atomic_write
+
+__all__ = ['PARTIAL', 'atomic_write']
