@@ -42,6 +42,18 @@ def test_every_model_builds_and_runs(name):
     assert logits.shape == (1, 7) and torch.isfinite(logits).all()
     assert grid == ((14, 14) if model.patch_embed.stride[0] == 16 else (27, 27))
 
+    # official layout round trip (timm re-initialises a classifier of another class count, so compare features),
+    # intermediates and features_only for every variant
+    other = timm.create_model(name, depth=2, num_classes=7, pretrained=True,
+                              pretrained_cfg_overlay=dict(state_dict=vim_to_official(model.state_dict()))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(other.forward_features(x), tokens, rtol=0, atol=0)
+        maps = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert [m.shape for m in maps] == [(1, model.num_features, *grid)] * 2
+    features = timm.create_model(name, depth=2, features_only=True, out_indices=(1,)).eval()
+    with torch.no_grad():
+        assert features(x)[0].shape == (1, model.num_features, *grid)
+
 
 def test_forward_at_other_resolutions_and_non_square():
     model = timm.create_model('test_vim', dynamic_img_size=True).eval()
