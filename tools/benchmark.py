@@ -30,6 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vim  # noqa: F401  (registers the Vim models)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark_scan  # noqa: E402
+
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
@@ -171,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--train-img-size', type=int, default=224)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     p.add_argument('--flops', action='store_true', help='also count forward GFLOPs per image (on CPU)')
+    p.add_argument('--scan', action='store_true', help='also time the scan alone against its floor '
+                   '(tools/benchmark_scan.py with its defaults for the device)')
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--min-time', type=float, default=1.0, help='seconds per timing')
     p.add_argument('--out', type=Path, default=None, help='JSON path (default benchmarks/<device>-<date>.json)')
@@ -218,12 +223,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f'{pair:6s} {r["mode"]:9s} {r["dtype"]:5s} {r["img_size"]:5d} {r["img_per_s"]:10.1f} '
               f'{deit["img_per_s"]:10.1f} {r["ratio_to_deit"]:6.2f}')
 
+    scan = None
+    if args.scan:
+        shapes = [(8, 6085), (128, 197), (1, 16385)] if on_cuda else [(1, 197)]
+        scan = benchmark_scan.run(device, args.dtypes, shapes, 384, 16, benchmark_scan.default_backends(device),
+                                  args.min_time, None, 1.98, 1 << 30 if on_cuda else 1 << 27)
+
     out = args.out or Path('benchmarks') / f'{device.type}-{started:%Y%m%d-%H%M}.json'
     out.parent.mkdir(parents=True, exist_ok=True)
     report = dict(
         date=started.isoformat(timespec='seconds'), device=device_name(device),
         command=' '.join(['python tools/benchmark.py'] + (argv if argv is not None else sys.argv[1:])),
-        torch=torch.__version__, timm=timm.__version__, python=platform.python_version(), results=results)
+        torch=torch.__version__, timm=timm.__version__, python=platform.python_version(), results=results,
+        scan=scan)
     out.write_text(json.dumps(report, indent=1))
     png = out.with_suffix('.png')
     print(f'\nwrote {out}' + (f' and {png}' if plot(results, png) else ' (install matplotlib for a PNG plot)'))

@@ -10,7 +10,8 @@ import benchmark  # noqa: E402
 def test_benchmark_writes_side_by_side_report(tmp_path):
     out = tmp_path / 'bench.json'
     assert benchmark.main(['--device', 'cpu', '--img-sizes', '32', '--rounds', '1', '--min-time', '0.01', '--flops',
-                           '--train', '--train-batch-size', '2', '--train-img-size', '32', '--out', str(out)]) == 0
+                           '--scan', '--train', '--train-batch-size', '2', '--train-img-size', '32',
+                           '--out', str(out)]) == 0
     report = json.loads(out.read_text())
     assert report['device'] and report['date'] and report['command'].startswith('python tools/benchmark.py')
     rows = {(r['mode'], r['model']): r for r in report['results']}
@@ -22,3 +23,4 @@ def test_benchmark_writes_side_by_side_report(tmp_path):
         assert abs(vim['ratio_to_deit'] - vim['img_per_s'] / deit['img_per_s']) < 1e-9
     vim, deit = rows[('inference', 'vim_tiny_patch16_224')], rows[('inference', 'deit_tiny_patch16_224')]
     assert vim['gflops_per_img'] > 0 and deit['gflops_per_img'] > 0
+    assert report['scan']['copy_gbps'] > 0 and report['scan']['scan'][0]['fwd_x_floor'] > 0
