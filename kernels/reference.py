@@ -32,6 +32,10 @@ def _chunk_len(batch: int, dim: int, dstate: int, seqlen: int) -> int:
     return max(1, min(seqlen, _CHUNK_ELEMENTS // max(1, batch * dim * dstate)))
 
 
+def _num_chunks(seqlen: int, T: int) -> int:
+    return -(-seqlen // T)
+
+
 def _chunk_inputs(delta: torch.Tensor, du: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor,
                   dA: torch.Tensor, dBu: torch.Tensor) -> None:
     """Decays and inputs of one chunk, written into the time-major work buffers dA and dBu.
@@ -75,25 +79,24 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     N = B.shape[3]
     du = delta * u
     y = u.new_empty(L, b, dim)
+    states = u.new_empty(_num_chunks(L, T) - 1, b, dim, N)
     dA_buf, H_buf = u.new_empty(2, T, b, dim, N)
-    starts = []
     h = None
-    for s in range(0, L, T):
+    for ci, s in enumerate(range(0, L, T)):
         e = min(s + T, L)
-        starts.append(h)
         dA, H = dA_buf[:e - s], H_buf[:e - s]
         _chunk_inputs(delta[s:e], du[s:e], A, B[s:e], dA, H)
         _recurrence_(H, dA, h)
         y[s:e] = _contract(H, C[s:e])
-        h = H[-1].clone()
-    states = torch.stack(starts[1:]) if len(starts) > 1 else u.new_empty(0, b, dim, N)
+        if ci < len(states):
+            h = states[ci].copy_(H[-1])
     return y, states
 
 
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, T):
     L, b, dim = u.shape
-    return u.new_empty(L, b, dim), u.new_empty(max(0, -(-L // T) - 1), b, dim, B.shape[3])
+    return u.new_empty(L, b, dim), u.new_empty(_num_chunks(L, T) - 1, b, dim, B.shape[3])
 
 
 @torch.library.custom_op('vim::selective_scan_bwd', mutates_args=())
