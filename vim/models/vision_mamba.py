@@ -71,10 +71,6 @@ class VisionMamba(nn.Module):
             dynamic_img_size: bool = False,
     ) -> None:
         super().__init__()
-        if global_pool not in ('token', 'avg', ''):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.dynamic_img_size = dynamic_img_size
@@ -99,7 +95,7 @@ class VisionMamba(nn.Module):
         self.norm = RmsNorm(embed_dim, eps=norm_eps)
         self.feature_info = [dict(module=f'layers.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes, global_pool)
         self.init_weights()
 
     # ---- initialisation and timm plumbing -------------------------------------------------------------------
