@@ -1,10 +1,9 @@
-"""Public scan ops with backend dispatch. Models call only these.
+"""Public ops of Vim's mixer with backend dispatch. Models call only these.
 
-Backends: ``reference`` (plain PyTorch, any device; the specification) and ``triton`` (the fused bidirectional scan
-in :mod:`vim.kernels.triton`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; ``bidirectional_scan`` only).
-``auto`` picks the fastest backend validated for the inputs: ``reference`` for now, until a GPU run has checked and
-timed ``triton`` against it. The environment variable ``VIM_SCAN_BACKEND`` overrides ``auto`` process-wide; an
-explicit ``backend=`` argument overrides both.
+Backends: ``reference`` (plain PyTorch, any device; the specification) and ``triton`` (:mod:`vim.kernels.triton`:
+CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; ``bidirectional_scan`` and ``bidirectional_conv_silu``).
+``auto`` picks ``triton`` for CUDA tensors when triton is installed, else ``reference``. The environment variable
+``VIM_SCAN_BACKEND`` overrides ``auto`` process-wide; an explicit ``backend=`` argument overrides both.
 """
 from __future__ import annotations
 
@@ -14,11 +13,14 @@ from collections.abc import Callable
 
 import torch
 
-from .reference import bidirectional_scan_ref, selective_scan_ref
+from .reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, selective_scan_ref
 
-__all__ = ['selective_scan', 'bidirectional_scan', 'available_backends', 'resolve_backend']
+__all__ = ['selective_scan', 'bidirectional_scan', 'bidirectional_conv_silu', 'available_backends',
+           'resolve_backend']
 
 ENV_VAR = 'VIM_SCAN_BACKEND'
+# Looked up once: a module-level constant keeps resolve_backend traceable by torch.compile.
+TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
 
 
 def _bidirectional_scan_triton(*args, **kwargs) -> torch.Tensor:
@@ -28,18 +30,25 @@ def _bidirectional_scan_triton(*args, **kwargs) -> torch.Tensor:
     return bidirectional_scan_triton(*args, **kwargs)
 
 
+def _bidirectional_conv_silu_triton(*args, **kwargs) -> torch.Tensor:
+    from .triton import bidirectional_conv_silu_triton
+
+    return bidirectional_conv_silu_triton(*args, **kwargs)
+
+
 _SELECTIVE: dict[str, Callable] = {'reference': selective_scan_ref}
 _BIDIRECTIONAL: dict[str, Callable] = {'reference': bidirectional_scan_ref, 'triton': _bidirectional_scan_triton}
+_CONV: dict[str, Callable] = {'reference': bidirectional_conv_silu_ref, 'triton': _bidirectional_conv_silu_triton}
 
 
 def available_backends() -> list[str]:
     """Names accepted by ``backend=`` besides ``auto``."""
-    return sorted(set(_SELECTIVE) | set(_BIDIRECTIONAL))
+    return sorted(set(_SELECTIVE) | set(_BIDIRECTIONAL) | set(_CONV))
 
 
 def _check_triton(x: torch.Tensor) -> None:
     """Raise a clear error unless the triton backend can run on ``x``'s device."""
-    if importlib.util.find_spec('triton') is None:
+    if not TRITON_INSTALLED:
         raise RuntimeError("scan backend 'triton' needs the triton package: pip install 'vim-backbones[triton]'")
     from .triton import check_device
 
@@ -54,7 +63,7 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
     """
     name = backend or os.environ.get(ENV_VAR) or 'auto'
     if name == 'auto':
-        return 'reference'  # triton is selected explicitly until a GPU run has validated and timed it
+        return 'triton' if x.is_cuda and TRITON_INSTALLED else 'reference'
     if name not in available_backends():
         source = 'backend argument' if backend else f'${ENV_VAR}'
         choices = ', '.join(['auto', *available_backends()])
@@ -88,3 +97,10 @@ def bidirectional_scan(
     """Vim's fused bidirectional scan. Shapes and semantics: :func:`vim.kernels.bidirectional_scan_ref`."""
     fn = _implementation(_BIDIRECTIONAL, resolve_backend(backend, u), 'bidirectional_scan')
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def bidirectional_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
+                            backend: str | None = None) -> torch.Tensor:
+    """Causal depthwise conv + silu of Vim's two branches. Shapes: :func:`vim.kernels.bidirectional_conv_silu_ref`."""
+    fn = _implementation(_CONV, resolve_backend(backend, x), 'bidirectional_conv_silu')
+    return fn(x, weight, bias)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ['selective_scan_ref', 'bidirectional_scan_ref']
+__all__ = ['selective_scan_ref', 'bidirectional_scan_ref', 'bidirectional_conv_silu_ref']
 
 # Elements of one (chunk, batch, dim, dstate) work buffer: large enough to amortise the per-token loop,
 # small enough to stay in cache and to bound memory at long sequence lengths.
@@ -281,3 +281,26 @@ def bidirectional_scan_ref(
     y = y.to(dtype)
     y = (y[:, :dim] + y[:, dim:].flip(-1)) * F.silu(z.to(dtype)) * 0.5
     return y.to(u.dtype)
+
+
+def bidirectional_conv_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Causal depthwise conv + silu of Vim's two branches, both returned in natural token order.
+
+    Branch 0 convolves the sequence causally; branch 1 convolves the reversed sequence causally, which equals an
+    anti-causal conv of the natural sequence with the kernel flipped: one grouped conv serves both, without flipped
+    copies of the input. Computed in x's dtype, as ``nn.Conv1d`` + ``F.silu`` would.
+
+    Args:
+        x: (batch, dim, seqlen). weight: (2, dim, width), tap ``width - 1`` on the current token.
+        bias: (2, dim).
+    Returns:
+        (batch, 2, dim, seqlen) in x's dtype.
+    """
+    dim, width = weight.shape[1], weight.shape[2]
+    if x.dim() != 3 or x.shape[1] != dim or weight.shape[0] != 2 or tuple(bias.shape) != (2, dim):
+        raise ValueError(f'expected x (batch, {dim}, seqlen), weight (2, dim, width), bias (2, dim); got '
+                         f'{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(bias.shape)}')
+    w = torch.cat([weight[0], weight[1].flip(-1)], dim=0).unsqueeze(1).to(x.dtype)
+    y = F.conv1d(torch.cat([x, x], dim=1), w, bias.reshape(-1).to(x.dtype), padding=width - 1, groups=2 * dim)
+    L = x.shape[-1]
+    return F.silu(torch.stack([y[:, :dim, :L], y[:, dim:, width - 1:width - 1 + L]], dim=1))

@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
+from ..reference import bidirectional_conv_silu_ref
 from .bwd import scan_bwd
 from .common import INTERPRET
+from .conv import conv_bwd, conv_fwd
 from .fwd import scan_fwd
 
-__all__ = ['bidirectional_scan_triton', 'check_device', 'DEFAULT_CHUNK']
+__all__ = ['bidirectional_scan_triton', 'bidirectional_conv_silu_triton', 'check_device', 'DEFAULT_CHUNK']
 
 # Tokens per chunk: the length of the scanned tile, and the spacing of the states saved for the backward pass.
 DEFAULT_CHUNK = 32
@@ -59,31 +62,134 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
     check_device(u.device)
 
 
+def _check_conv_inputs(x, weight, bias) -> None:
+    for name, t in dict(x=x, weight=weight, bias=bias).items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f'{name} must be a tensor, got {type(t).__name__}')
+        if t.dtype not in _DTYPES:
+            raise TypeError(f'{name}: the Triton conv takes fp32, bf16 or fp16, got {t.dtype}')
+        if t.device != x.device:
+            raise ValueError(f'{name} is on {t.device}, x on {x.device}')
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[:2] != (2, x.shape[1]) or tuple(bias.shape) != (2, x.shape[1]):
+        raise ValueError(f'expected x (batch, dim, seqlen), weight (2, dim, width), bias (2, dim); got '
+                         f'{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(bias.shape)}')
+    if weight.shape[2] < 1:
+        raise ValueError(f'conv width must be >= 1, got weight {tuple(weight.shape)}')
+    if 2 * x.shape[1] * x.shape[2] >= 2**31:
+        raise ValueError(f'2 * dim * seqlen must stay below 2**31, got x {tuple(x.shape)}')
+    check_device(x.device)
+
+
 def _device_context(device: torch.device):
     """Launch on the inputs' GPU, not the current one (fla's input_guard does the same)."""
     return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
 
 
-class BidirectionalScanFn(torch.autograd.Function):
-    """Saves the inputs as given (strided views are read in place, never copied) and the chunk-boundary states."""
+# The kernels run inside torch custom ops (forward and backward each), so that torch.compile treats them as opaque
+# nodes (no graph break, no tracing into Triton launches), torch.utils.flop_counter can count them, and autograd
+# comes from register_autograd.
 
-    @staticmethod
-    @torch.amp.custom_fwd(device_type='cuda')
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk: int):
-        with _device_context(u.device):
-            out, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states=True)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
-        ctx.delta_softplus = delta_softplus
-        ctx.chunk = chunk
-        return out.to(u.dtype)
+@torch.library.custom_op('vim::triton_bidirectional_scan', mutates_args=())
+def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+             D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool, chunk: int,
+             store_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    with _device_context(u.device):
+        out, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states=store_states)
+    if states is None:
+        states = u.new_empty(0, dtype=torch.float32)
+    return out.to(u.dtype), states
 
-    @staticmethod
-    @torch.amp.custom_bwd(device_type='cuda')
-    def backward(ctx, gout):
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        with _device_context(u.device):
-            grads = scan_bwd(gout, u, delta, A, B, C, D, z, delta_bias, states, ctx.delta_softplus, ctx.chunk)
-        return (*grads, None, None)
+
+@_scan_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states):
+    batch, _, dim, seqlen = u.shape
+    if not store_states:
+        return u.new_empty(batch, dim, seqlen), u.new_empty(0, dtype=torch.float32)
+    states = u.new_empty(batch, 2, -(-seqlen // chunk) - 1, dim, A.shape[-1], dtype=torch.float32)
+    return u.new_empty(batch, dim, seqlen), states
+
+
+@torch.library.custom_op('vim::triton_bidirectional_scan_bwd', mutates_args=())
+def _scan_bwd_op(gout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, states: torch.Tensor,
+                 delta_softplus: bool, chunk: int) -> list[torch.Tensor]:
+    with _device_context(u.device):
+        return list(scan_bwd(gout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, chunk))
+
+
+@_scan_bwd_op.register_fake
+def _(gout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, chunk):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (u, delta, A, B, C, D, z, delta_bias)]
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states = inputs
+    if not store_states:
+        raise RuntimeError('the Triton scan ran without saving chunk states; call bidirectional_scan_triton')
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.delta_softplus = delta_softplus
+    ctx.chunk = chunk
+
+
+def _scan_backward(ctx, gout, _g_states):
+    grads = _scan_bwd_op(gout, *ctx.saved_tensors, ctx.delta_softplus, ctx.chunk)
+    return (*grads, None, None, None)
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+@torch.library.custom_op('vim::triton_bidirectional_conv_silu', mutates_args=())
+def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    with _device_context(x.device):
+        return conv_fwd(x, weight, bias)
+
+
+@_conv_op.register_fake
+def _(x, weight, bias):
+    batch, dim, seqlen = x.shape
+    return x.new_empty(batch, 2, dim, seqlen)
+
+
+@torch.library.custom_op('vim::triton_bidirectional_conv_silu_bwd', mutates_args=())
+def _conv_bwd_op(gout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _device_context(x.device):
+        return conv_bwd(gout, x, weight, bias)
+
+
+@_conv_bwd_op.register_fake
+def _(gout, x, weight, bias):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, weight, bias))
+
+
+def _conv_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _conv_backward(ctx, gout):
+    return _conv_bwd_op(gout, *ctx.saved_tensors)
+
+
+_conv_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+@register_flop_formula(torch.ops.vim.triton_bidirectional_scan)
+def _scan_flops(u_shape, delta_shape, A_shape, *args, **kwargs) -> int:
+    """As the reference scan's ops (vim.kernels.reference): 9 per (token, channel, state) and direction."""
+    batch, _, dim, seqlen = u_shape
+    return 9 * batch * 2 * dim * seqlen * A_shape[-1]
+
+
+@register_flop_formula(torch.ops.vim.triton_bidirectional_scan_bwd)
+def _scan_bwd_flops(gout_shape, u_shape, delta_shape, A_shape, *args, **kwargs) -> int:
+    batch, _, dim, seqlen = u_shape
+    return 27 * batch * 2 * dim * seqlen * A_shape[-1]
+
+
+def _needs_grad(*inputs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 def bidirectional_scan_triton(
@@ -97,6 +203,7 @@ def bidirectional_scan_triton(
     A (2, dim, dstate), B, C (batch, 2, dstate, seqlen), D, delta_bias (2, dim), z (batch, dim, seqlen) ->
     (batch, dim, seqlen) in u's dtype. Inputs may be non-contiguous views. ``chunk_size`` (a power of two) is the
     scan tile length and the spacing of the saved states; tests shrink it to cover several chunks cheaply.
+    Without autograd (inference) no chunk states are written.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size < 2 or chunk_size & (chunk_size - 1):
@@ -104,9 +211,18 @@ def bidirectional_scan_triton(
     if u.numel() == 0:  # nothing to launch; keep the (empty) result attached to the graph
         return (u.sum(1) + z).to(u.dtype)
     inputs = (u, delta, A, B, C, D, z, delta_bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return BidirectionalScanFn.apply(*inputs, bool(delta_softplus), int(chunk_size))
-    # inference: no autograd node, and no chunk states written
-    with _device_context(u.device):
-        out, _ = scan_fwd(*inputs, bool(delta_softplus), int(chunk_size), store_states=False)
-    return out.to(u.dtype)
+    out, _ = _scan_op(*inputs, bool(delta_softplus), int(chunk_size), _needs_grad(*inputs))
+    return out
+
+
+def bidirectional_conv_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Vim's causal depthwise conv + silu of both branches in one Triton op.
+
+    Same arguments and result as :func:`vim.kernels.bidirectional_conv_silu_ref`: x (batch, dim, seqlen), weight
+    (2, dim, width), bias (2, dim) -> (batch, 2, dim, seqlen) in x's dtype; computed in fp32. Inputs may be
+    non-contiguous views (the mixer passes a transposed slice of in_proj's output).
+    """
+    _check_conv_inputs(x, weight, bias)
+    if x.numel() == 0:  # nothing to launch
+        return bidirectional_conv_silu_ref(x, weight, bias)
+    return _conv_op(x, weight, bias)

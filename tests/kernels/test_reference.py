@@ -2,7 +2,13 @@
 import pytest
 import torch
 import vim.kernels.reference as reference
-from vim.kernels import bidirectional_scan, bidirectional_scan_ref, selective_scan, selective_scan_ref
+from vim.kernels import (
+    bidirectional_conv_silu,
+    bidirectional_scan,
+    bidirectional_scan_ref,
+    selective_scan,
+    selective_scan_ref,
+)
 
 from tests.kernels.oracle import bidirectional_scan_oracle, selective_scan_oracle
 
@@ -143,3 +149,37 @@ def test_backend_dispatch(monkeypatch):
             torch.randn(1, 2, 3, 5, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64), u[:, 0],
             torch.zeros(2, 4, dtype=torch.float64))
     torch.testing.assert_close(bidirectional_scan(*args), bidirectional_scan_ref(*args), rtol=0, atol=0)
+
+
+def _official_conv_silu(x, weight, bias):
+    """The official mixer's two branches: nn.Conv1d(padding=width - 1) cut to the first L outputs (causal) on the
+    sequence, and on the flipped sequence with the result flipped back."""
+    dim, width = weight.shape[1], weight.shape[2]
+    L = x.shape[-1]
+    outs = []
+    for k, seq in enumerate((x, x.flip(-1))):
+        y = torch.nn.functional.conv1d(seq, weight[k].unsqueeze(1), bias[k], padding=width - 1, groups=dim)[..., :L]
+        y = torch.nn.functional.silu(y)
+        outs.append(y if k == 0 else y.flip(-1))
+    return torch.stack(outs, dim=1)
+
+
+@pytest.mark.parametrize('seqlen,width', [(1, 4), (3, 4), (10, 4), (9, 2), (5, 1)])
+def test_bidirectional_conv_silu_matches_official_branches(seqlen, width):
+    g = torch.Generator().manual_seed(seqlen)
+    x = torch.randn(2, 6, seqlen, generator=g, dtype=torch.float64)
+    weight = torch.randn(2, 6, width, generator=g, dtype=torch.float64)
+    bias = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    expected = _official_conv_silu(x, weight, bias)
+    torch.testing.assert_close(reference.bidirectional_conv_silu_ref(x, weight, bias), expected, **FP64_TOL)
+    torch.testing.assert_close(bidirectional_conv_silu(x, weight, bias), expected, **FP64_TOL)
+    # the mixer's input: a transposed slice of in_proj's output
+    xz = torch.randn(2, seqlen, 12, generator=g, dtype=torch.float64)
+    x = xz.transpose(1, 2)[:, 6:]
+    torch.testing.assert_close(reference.bidirectional_conv_silu_ref(x, weight, bias),
+                               _official_conv_silu(x.contiguous(), weight, bias), **FP64_TOL)
+
+
+def test_bidirectional_conv_silu_rejects_bad_shapes():
+    with pytest.raises(ValueError, match='weight'):
+        reference.bidirectional_conv_silu_ref(torch.zeros(1, 4, 5), torch.zeros(2, 3, 4), torch.zeros(2, 3))

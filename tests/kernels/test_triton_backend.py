@@ -1,16 +1,21 @@
-"""Dispatch to the triton backend: explicit selection only, and clear errors where it cannot run."""
+"""Dispatch to the triton backend: auto on CUDA tensors, explicit anywhere it can run, clear errors where it cannot."""
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 import torch
 
 pytest.importorskip('triton')
 
+import vim.kernels.interface as interface  # noqa: E402
 import vim.kernels.triton.op as triton_op  # noqa: E402
-from vim.kernels import available_backends, bidirectional_scan, resolve_backend, selective_scan  # noqa: E402
-from vim.kernels.triton import bidirectional_scan_triton  # noqa: E402
+from vim.kernels import (  # noqa: E402
+    available_backends,
+    bidirectional_conv_silu,
+    bidirectional_scan,
+    resolve_backend,
+    selective_scan,
+)
+from vim.kernels.triton import bidirectional_conv_silu_triton, bidirectional_scan_triton  # noqa: E402
 
 from tests.kernels.test_triton_interpreter import DEVICE, NAMES, make_inputs  # noqa: E402
 
@@ -20,12 +25,15 @@ def _args():
     return [x[n].detach() for n in NAMES]
 
 
-def test_triton_is_selected_explicitly_never_by_auto(monkeypatch):
+def test_auto_picks_triton_for_cuda_tensors_only(monkeypatch):
     assert 'triton' in available_backends()
     u = torch.zeros(1, 2, 4, 3, device=DEVICE)
     monkeypatch.delenv('VIM_SCAN_BACKEND', raising=False)
-    assert resolve_backend(None, u) == 'reference'
-    assert resolve_backend('auto', u) == 'reference'
+    auto = 'triton' if u.is_cuda else 'reference'
+    assert resolve_backend(None, u) == auto
+    assert resolve_backend('auto', u) == auto
+    assert resolve_backend('auto', torch.zeros(1)) == 'reference'  # CPU tensors, even under the interpreter
+    assert resolve_backend('auto', torch.zeros(1, device='meta')) == 'reference'
     assert resolve_backend('triton', u) == 'triton'
     monkeypatch.setenv('VIM_SCAN_BACKEND', 'triton')
     assert resolve_backend(None, u) == 'triton'
@@ -47,11 +55,22 @@ def test_triton_has_no_single_direction_scan():
                        torch.zeros(1, 2, 3, device=DEVICE), backend='triton')
 
 
+def test_conv_dispatches_like_the_scan(monkeypatch):
+    x = torch.randn(2, 4, 5, device=DEVICE)
+    w, b = torch.randn(2, 4, 3, device=DEVICE), torch.randn(2, 4, device=DEVICE)
+    expected = bidirectional_conv_silu_triton(x, w, b)
+    torch.testing.assert_close(bidirectional_conv_silu(x, w, b, backend='triton'), expected, rtol=0, atol=0)
+    monkeypatch.setenv('VIM_SCAN_BACKEND', 'triton')
+    torch.testing.assert_close(bidirectional_conv_silu(x, w, b), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Unknown scan backend 'cuda'"):
+        bidirectional_conv_silu(x, w, b, backend='cuda')
+
+
 def test_clear_error_without_triton(monkeypatch):
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'triton' else find_spec(name, *a))
+    monkeypatch.setattr(interface, 'TRITON_INSTALLED', False)
     with pytest.raises(RuntimeError, match='needs the triton package'):
         resolve_backend('triton', torch.zeros(1))
+    assert resolve_backend('auto', torch.zeros(1, device=DEVICE)) == 'reference'
 
 
 def test_clear_error_on_cpu_without_interpreter(monkeypatch):

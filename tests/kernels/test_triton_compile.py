@@ -1,4 +1,4 @@
-"""Compile every scan kernel, for every autotune config, ahead of time for the H100 (sm_90): no GPU needed.
+"""Compile every kernel (scan and conv), for every autotune config, ahead of time for the H100 (sm_90): no GPU needed.
 
 Catches what the interpreter cannot: lowering failures, and register spills (ptxas's own report). Runs in a
 subprocess without TRITON_INTERPRET (set by conftest when CUDA is absent, it would turn @triton.jit into the
@@ -23,7 +23,7 @@ import contextlib, io, json, re, sys
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from vim.kernels.triton import DEFAULT_CHUNK, bwd, fwd
+from vim.kernels.triton import DEFAULT_CHUNK, bwd, conv, fwd
 
 triton.knobs.nvidia.dump_ptxas_log = True
 TARGET = GPUTarget('cuda', 90, 32)
@@ -63,12 +63,25 @@ def arguments(kernel, x):
     return {n: args[n] for n in kernel.arg_names if n in args}
 
 
-def compile_one(autotuner, config, x):
+def conv_arguments(kernel, dtype, layout):
+    """As ``arguments``, for the conv kernels: x is in_proj's transposed slice ('mixer') or contiguous."""
+    e = lambda *s, dt=dtype: torch.empty(*s, device='meta', dtype=dt)
+    x = e(batch, seqlen, 2 * dim).transpose(1, 2)[:, dim:] if layout == 'mixer' else e(batch, dim, seqlen)
+    w, b, gout = e(2, dim, 4, dt=torch.float32), e(2, dim, dt=torch.float32), e(batch, 2, dim, seqlen)
+    args = dict(x_ptr='*' + TYPES[dtype], w_ptr='*fp32', b_ptr='*fp32', out_ptr='*' + TYPES[dtype],
+                gout_ptr='*' + TYPES[dtype], gx_ptr='*' + TYPES[dtype], gw_ptr='*fp32', gb_ptr='*fp32',
+                seqlen=seqlen, dim=dim)
+    for prefix, axes, t in (('s_x', 'bdl', x), ('s_w', 'kdj', w), ('s_b', 'kd', b), ('s_go', 'bkdl', gout)):
+        args.update({f'{prefix}_{a}': st for a, st in zip(axes, t.stride())})
+    return {n: args[n] for n in kernel.arg_names if n in args}
+
+
+def compile_one(autotuner, config, values):
     fn = autotuner.fn
-    constexprs = dict(DELTA_SOFTPLUS=True, STORE_STATES=True, CHUNK=DEFAULT_CHUNK,
-                      BLOCK_N=triton.next_power_of_2(dstate), **config.kwargs)
+    constexprs = dict(DELTA_SOFTPLUS=True, STORE_STATES=True, CHUNK=DEFAULT_CHUNK, WIDTH=4,
+                      BLOCK_L=conv.CONV_BLOCK_L, BLOCK_N=triton.next_power_of_2(dstate), **config.kwargs)
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    signature, attrs, values = {}, {}, arguments(fn, x)
+    signature, attrs = {}, {}
     for i, (param, name) in enumerate(zip(fn.params, fn.arg_names)):
         if name in constexprs:
             signature[name] = 'constexpr'
@@ -98,12 +111,16 @@ def compile_one(autotuner, config, x):
                 shared=kernel.metadata.shared, cubin_bytes=len(kernel.asm['cubin']))
 
 
-for autotuner in (fwd._bidirectional_scan_fwd_kernel, bwd._bidirectional_scan_bwd_kernel):
+SCAN = (fwd._bidirectional_scan_fwd_kernel, bwd._bidirectional_scan_bwd_kernel)
+CONV = (conv._bidirectional_conv_fwd_kernel, conv._bidirectional_conv_bwd_kernel)
+for autotuner in SCAN + CONV:
     for config in autotuner.configs:
         for dtype, layout in ((torch.bfloat16, 'mixer'), (torch.float32, 'contiguous')):
             result = dict(kernel=autotuner.fn.__name__, config=str(config), dtype=TYPES[dtype], layout=layout)
             try:
-                result.update(compile_one(autotuner, config, views(dtype, layout)))
+                values = (arguments(autotuner.fn, views(dtype, layout)) if autotuner in SCAN
+                          else conv_arguments(autotuner.fn, dtype, layout))
+                result.update(compile_one(autotuner, config, values))
             except Exception as e:  # reported, then failed by the test
                 result['error'] = f'{type(e).__name__}: {e}'[-3000:]
             print(json.dumps(result), flush=True)
@@ -123,12 +140,13 @@ def compiled(tmp_path_factory):
 
 
 def test_every_config_compiles_for_sm90(compiled):
-    from vim.kernels.triton import bwd, fwd
+    from vim.kernels.triton import bwd, conv, fwd
     errors = [f"{r['kernel']} {r['config']} {r['dtype']}: {r['error']}" for r in compiled if 'error' in r]
     assert not errors, '\n'.join(errors)
-    # every autotune config of both kernels, for both dtype/layout pairs (the subprocess sees the GPU config list)
-    assert {r['kernel'] for r in compiled} == {fwd._bidirectional_scan_fwd_kernel.fn.__name__,
-                                               bwd._bidirectional_scan_bwd_kernel.fn.__name__}
+    # every autotune config of every kernel, for both dtype/layout pairs (the subprocess sees the GPU config list)
+    kernels = (fwd._bidirectional_scan_fwd_kernel, bwd._bidirectional_scan_bwd_kernel,
+               conv._bidirectional_conv_fwd_kernel, conv._bidirectional_conv_bwd_kernel)
+    assert {r['kernel'] for r in compiled} == {k.fn.__name__ for k in kernels}
     assert all(r['cubin_bytes'] > 0 for r in compiled)
 
 

@@ -1,10 +1,12 @@
-"""GPU checks of the Triton bidirectional scan (skipped without CUDA; tests/conftest.py).
+"""GPU checks of the Triton kernels (skipped without CUDA; tests/conftest.py).
 
-- 240 random cases over shapes, lengths (1 to 4097), dtypes, input layouts and chunk sizes: output and all eight
-  gradients against ``bidirectional_scan_ref`` in float64, tolerances by dtype;
-- every autotune config of both kernels on its own, so that autotuning can never pick a config that computes wrongly;
+- 240 random cases of the bidirectional scan over shapes, lengths (1 to 4097), dtypes, input layouts and chunk sizes:
+  output and all eight gradients against ``bidirectional_scan_ref`` in float64, tolerances by dtype;
+- 60 random cases of the two-branch conv + silu: output and the gradients of x, weight and bias against
+  ``bidirectional_conv_silu_ref`` in float64;
+- every autotune config of every kernel on its own, so that autotuning can never pick a config that computes wrongly;
 - determinism, and no recompilation for a new sequence length (do_not_specialize);
-- the whole Vim-Ti (timm ``vim_tiny_patch16_224``): logits and every parameter gradient, triton vs reference.
+- whole Vim-Ti and Vim-S (timm): logits and every parameter gradient, triton vs reference.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ pytest.importorskip('triton')
 
 import timm  # noqa: E402
 import triton  # noqa: E402
-from vim.kernels.triton import bidirectional_scan_triton, bwd, fwd  # noqa: E402
+from vim.kernels.triton import bidirectional_scan_triton, bwd, conv, fwd  # noqa: E402
 
 import vim  # noqa: E402,F401  (registers the models)
+from tests.kernels.test_triton_conv_interpreter import check_conv_against_reference, make_conv_inputs  # noqa: E402
 from tests.kernels.test_triton_interpreter import (  # noqa: E402,F401  (nan_filled_empty: autouse fixture)
     NAMES,
     check_against_reference,
@@ -29,6 +32,7 @@ from tests.kernels.test_triton_interpreter import (  # noqa: E402,F401  (nan_fil
 
 pytestmark = pytest.mark.gpu
 KERNELS = (fwd._bidirectional_scan_fwd_kernel, bwd._bidirectional_scan_bwd_kernel)
+CONV_KERNELS = (conv._bidirectional_conv_fwd_kernel, conv._bidirectional_conv_bwd_kernel)
 SEQLENS = [1, 2, 3, 31, 32, 33, 64, 97, 197, 256, 730, 1025, 4097]
 
 
@@ -60,6 +64,29 @@ def test_random_cases_match_reference(seed):
     x = make_inputs(c['batch'], c['dim'], c['seqlen'], c['dstate'], c['dtype'], layout=c['layout'], seed=seed,
                     decay=c['decay'], positive_delta=not c['delta_softplus'], device='cuda')
     check_against_reference(x, chunk_size=c['chunk_size'], delta_softplus=c['delta_softplus'], seed=seed)
+
+
+def _random_conv_case(seed: int) -> tuple:
+    rng = random.Random(seed)
+    return (rng.choice([1, 2, 5]), rng.choice([3, 40, 384, 1536]), rng.choice(SEQLENS), rng.choice([4, 4, 4, 2, 3]),
+            rng.choice([torch.float32, torch.bfloat16, torch.float16]), rng.choice(['contiguous', 'mixer', 'strided']))
+
+
+@pytest.mark.parametrize('seed', range(60), ids=lambda s: '{}-b{}d{}L{}w{}-{}-{}'.format(s, *_random_conv_case(s)))
+def test_random_conv_cases_match_reference(seed):
+    batch, dim, seqlen, width, dtype, layout = _random_conv_case(seed)
+    if seqlen > 1000:
+        batch = 1
+    check_conv_against_reference(*make_conv_inputs(batch, dim, seqlen, width, dtype, layout, seed, 'cuda'), seed)
+
+
+@pytest.mark.parametrize('which', ['fwd', 'bwd'])
+def test_every_conv_autotune_config_is_correct(which, monkeypatch):
+    kernel = CONV_KERNELS[0] if which == 'fwd' else CONV_KERNELS[1]
+    for config in list(kernel.configs):
+        monkeypatch.setattr(kernel, 'configs', [config])
+        for args in [(2, 384, 197, 4, torch.bfloat16, 'mixer'), (1, 40, 130, 4, torch.float32, 'contiguous')]:
+            check_conv_against_reference(*make_conv_inputs(*args, seed=args[2], device='cuda'), seed=args[2])
 
 
 @pytest.mark.parametrize('which', ['fwd', 'bwd'])
@@ -107,10 +134,11 @@ def test_new_sequence_length_does_not_recompile(monkeypatch):
     assert compiles == [], compiles
 
 
+@pytest.mark.parametrize('name', ['vim_tiny_patch16_224', 'vim_small_patch16_224'])
 @pytest.mark.parametrize('amp', [False, True], ids=['fp32', 'bf16-autocast'])
-def test_vim_tiny_matches_reference_backend(amp, monkeypatch):
+def test_vim_matches_reference_backend(name, amp, monkeypatch):
     torch.manual_seed(0)
-    model = timm.create_model('vim_tiny_patch16_224').cuda().eval()  # eval: no dropout; gradients still flow
+    model = timm.create_model(name).cuda().eval()  # eval: no dropout; gradients still flow
     x = torch.randn(2, 3, 224, 224, device='cuda')
     w = torch.randn(2, model.num_classes, device='cuda')
 

@@ -1,5 +1,8 @@
-"""The reference scan is one opaque custom op: torch.compile sees no graph break, torch.export keeps it as a node,
-and torch.utils.flop_counter counts it."""
+"""The mixer's ops are opaque custom ops on both backends: torch.compile sees no graph break, torch.export keeps the
+reference scan as a node, and torch.utils.flop_counter counts the scan. The triton backend runs under the Triton
+interpreter without CUDA (tests/conftest.py)."""
+import importlib.util
+
 import pytest
 import timm
 import torch
@@ -13,8 +16,24 @@ def model_and_input():
     return timm.create_model('test_vim', num_classes=5), torch.randn(2, 3, 64, 64)
 
 
-def test_torch_compile_has_no_graph_break_and_matches_eager(model_and_input):
-    model, x = model_and_input
+def _for_backend(model_and_input, backend, monkeypatch):
+    """The model and input to run on ``backend``. The Triton interpreter costs ~0.1 ms per element of a scan tile,
+    so there the model shrinks to one block of width 8 on 5 tokens (about a second a pass instead of minutes)."""
+    monkeypatch.setenv('VIM_SCAN_BACKEND', backend)
+    if backend == 'reference':
+        return model_and_input
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    model = timm.create_model('test_vim', num_classes=5, img_size=16, embed_dim=8, depth=1, d_state=2)
+    return model.to(device), torch.randn(1, 3, 16, 16, device=device)
+
+
+BACKENDS = ['reference', pytest.param('triton', marks=pytest.mark.skipif(
+    importlib.util.find_spec('triton') is None, reason='triton not installed'))]
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_torch_compile_has_no_graph_break_and_matches_eager(model_and_input, backend, monkeypatch):
+    model, x = _for_backend(model_and_input, backend, monkeypatch)
     explanation = torch._dynamo.explain(model.eval())(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(model, backend='aot_eager')  # traces forward and backward through the custom ops
@@ -37,13 +56,15 @@ def test_torch_export_keeps_the_scan_op(model_and_input):
         torch.testing.assert_close(exported.module()(x), model(x), rtol=0, atol=0)
 
 
-def test_flop_counter_sees_the_scan(model_and_input):
-    model, x = model_and_input
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_flop_counter_sees_the_scan(model_and_input, backend, monkeypatch):
+    model, x = _for_backend(model_and_input, backend, monkeypatch)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.eval()(x)
     counts = counter.get_flop_counts()['Global']
     mixer = model.layers[0].mixer
     tokens = model.patch_embed.num_patches + 1
-    # 9 per (token, channel, state) for each of the two directions of every layer, batch 2
-    expected = 9 * 2 * tokens * 2 * mixer.d_inner * mixer.d_state * len(model.layers)
-    assert counts[torch.ops.vim.selective_scan_fwd] == expected
+    # 9 per (token, channel, state) for each of the two directions of every layer
+    expected = 9 * x.shape[0] * tokens * 2 * mixer.d_inner * mixer.d_state * len(model.layers)
+    op = torch.ops.vim.selective_scan_fwd if backend == 'reference' else torch.ops.vim.triton_bidirectional_scan
+    assert counts[op] == expected

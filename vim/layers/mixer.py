@@ -5,9 +5,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from vim.kernels import bidirectional_scan
+from vim.kernels import bidirectional_conv_silu, bidirectional_scan
 
 __all__ = ['BidirectionalMamba']
 
@@ -76,23 +75,11 @@ class BidirectionalMamba(nn.Module):
         self.A_log.copy_(torch.log(A).expand(2, self.d_inner, -1))
         self.D.fill_(1.0)
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        """Causal depthwise conv of both directions, in natural token order.
-
-        x: (batch, d_inner, seqlen) -> (batch, 2, d_inner, seqlen). The backward branch convolves the reversed
-        sequence causally, which equals an anti-causal conv with the kernel flipped: one grouped conv serves both.
-        """
-        k = self.d_conv
-        weight = torch.cat([self.conv_weight[0], self.conv_weight[1].flip(-1)], dim=0).unsqueeze(1)
-        y = F.conv1d(torch.cat([x, x], dim=1), weight.to(x.dtype), self.conv_bias.reshape(-1).to(x.dtype),
-                     padding=k - 1, groups=2 * self.d_inner)
-        L = x.shape[-1]
-        return torch.stack([y[:, :self.d_inner, :L], y[:, self.d_inner:, k - 1:k - 1 + L]], dim=1)
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (batch, seqlen, dim) -> (batch, seqlen, dim)."""
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, seqlen) each
-        u = F.silu(self._conv(x))  # (batch, 2, d_inner, seqlen)
+        # both branches' causal conv + silu, in natural token order: (batch, 2, d_inner, seqlen)
+        u = bidirectional_conv_silu(x, self.conv_weight, self.conv_bias)
         x_dbl = torch.einsum('bgdl,gkd->bgkl', u, self.x_proj_weight.to(u.dtype))
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=2)
         delta = torch.einsum('bgrl,gdr->bgdl', dt, self.dt_proj_weight.to(u.dtype))

@@ -1,0 +1,89 @@
+"""The Triton two-branch causal conv + silu against ``bidirectional_conv_silu_ref`` (float64): output and the
+gradients of x, weight and bias. Under the Triton interpreter without CUDA (tests/conftest.py), compiled on a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip('triton')
+
+from vim.kernels import bidirectional_conv_silu_ref  # noqa: E402
+from vim.kernels.triton import bidirectional_conv_silu_triton, conv  # noqa: E402
+
+from tests.kernels.test_triton_interpreter import DEVICE, TOL, _assert_close, _NaNEmptyTorch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_empty(monkeypatch):
+    monkeypatch.setattr(conv, 'torch', _NaNEmptyTorch())
+
+
+def make_conv_inputs(batch: int, dim: int, seqlen: int, width: int, dtype: torch.dtype, layout: str = 'contiguous',
+                     seed: int = 0, device: str = DEVICE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x in ``dtype`` (layout 'contiguous'; 'mixer': a transposed slice of a (batch, seqlen, 2 * dim) tensor, as
+    in_proj's output; 'strided': every second token), weight and bias in fp32 as the mixer's parameters."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == 'contiguous':
+        x = torch.randn(batch, dim, seqlen, generator=g)
+    elif layout == 'mixer':
+        x = torch.randn(batch, seqlen, 2 * dim, generator=g).transpose(1, 2)[:, dim:]
+    elif layout == 'strided':
+        x = torch.randn(batch, dim, 2 * seqlen, generator=g)[..., ::2]
+    else:
+        raise ValueError(layout)
+    x = x.to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(2, dim, width, generator=g) / width ** 0.5).to(device).requires_grad_()
+    bias = torch.randn(2, dim, generator=g).to(device).requires_grad_()
+    return x, weight, bias
+
+
+def check_conv_against_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seed: int = 0) -> None:
+    dtype = x.dtype
+    y = bidirectional_conv_silu_triton(x, weight, bias)
+    refs = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    y_ref = bidirectional_conv_silu_ref(*refs)
+    assert y.dtype == dtype and y.shape == y_ref.shape and y.is_contiguous()
+    _assert_close(y, y_ref, TOL[dtype], 'output')
+    gout = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(y.device, dtype)
+    grads = torch.autograd.grad(y, (x, weight, bias), gout)
+    grads_ref = torch.autograd.grad(y_ref, refs, gout.double())
+    for name, a, gr, gr_ref in zip(('x', 'weight', 'bias'), (x, weight, bias), grads, grads_ref):
+        assert gr.dtype == a.dtype and gr.shape == a.shape, name
+        _assert_close(gr, gr_ref, TOL[dtype], f'grad of {name}')
+
+
+CASES = [  # (batch, dim, seqlen, width, dtype, layout)
+    (1, 4, 1, 4, torch.float32, 'contiguous'),    # one token: every tap but the last reads padding
+    (1, 8, 3, 4, torch.float32, 'contiguous'),    # shorter than the kernel
+    (2, 8, 11, 4, torch.float32, 'contiguous'),
+    (1, 40, 9, 4, torch.float32, 'contiguous'),   # two channel blocks, the second partial
+    (1, 6, 70, 4, torch.float32, 'mixer'),        # two token blocks: taps and gradients across the block edge
+    (2, 8, 9, 2, torch.float32, 'contiguous'),
+    (1, 8, 9, 1, torch.float32, 'contiguous'),    # pointwise
+    (1, 8, 13, 4, torch.float32, 'strided'),
+    (2, 8, 10, 4, torch.bfloat16, 'mixer'),
+    (1, 8, 9, 4, torch.float16, 'contiguous'),
+]
+
+
+@pytest.mark.parametrize('case', CASES, ids=lambda c: f'b{c[0]}d{c[1]}L{c[2]}w{c[3]}-{str(c[4])[6:]}-{c[5]}')
+def test_matches_reference(case):
+    batch, dim, seqlen, width, dtype, layout = case
+    check_conv_against_reference(*make_conv_inputs(batch, dim, seqlen, width, dtype, layout, seed=seqlen),
+                                 seed=seqlen)
+
+
+def test_inference_needs_no_autograd():
+    x, weight, bias = make_conv_inputs(1, 8, 5, 4, torch.float32)
+    with torch.no_grad():
+        y = bidirectional_conv_silu_triton(x, weight, bias)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, bidirectional_conv_silu_triton(x, weight, bias).detach(), rtol=0, atol=0)
+
+
+def test_rejects_bad_inputs():
+    x, weight, bias = (t.detach() for t in make_conv_inputs(1, 4, 5, 4, torch.float32))
+    with pytest.raises(ValueError, match='weight'):
+        bidirectional_conv_silu_triton(x, weight[:, :3], bias)
+    with pytest.raises(TypeError, match='fp32, bf16 or fp16'):
+        bidirectional_conv_silu_triton(x.double(), weight, bias)
