@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The bidirectional scan alone: time, bytes moved, exp() count, and the floor they imply, per backend.
+"""The mixer's ops alone: time, bytes moved, exp() count, and the floor they imply, per backend. The bidirectional
+scan, and the two-branch causal conv + silu in front of it (rows under 'conv').
 
     python tools/benchmark_scan.py --device cuda --dtypes bf16 fp32      # Vim-Ti's d_inner 384, N 16
     python tools/benchmark.py --scan ...                                 # the same rows inside the model benchmark
@@ -9,7 +10,8 @@ same run (a large device-to-device tensor copy); the exp rate is ``--exp-rate`` 
 exp2 per clock x ``--clock-ghz`` (1.98, an H100 SXM's boost clock: shared/ANCHORS.md), else unknown (CPU).
 Bytes count what an ideal fused kernel must touch once: the inputs and the output in their dtypes (forward),
 plus the output gradient read and the input gradients written (backward). exp count: one per (direction, batch,
-channel, token, state), forward and again in the backward's recomputation.
+channel, token, state), forward and again in the backward's recomputation. The conv's floor is its bytes: x read and
+both branches written (forward); x and both branches' gradients read, x's gradient written (backward).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from vim.kernels import available_backends, bidirectional_scan  # noqa: E402
+from vim.kernels import available_backends, bidirectional_conv_silu, bidirectional_scan  # noqa: E402
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -91,6 +93,36 @@ def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype:
                 fwd_exp_per_s=exps / t_fwd, bwd_exp_per_s=exps / t_bwd)
 
 
+def measure_conv(backend: str, batch: int, dim: int, seqlen: int, width: int, dtype: torch.dtype,
+                 device: torch.device, min_time: float) -> dict:
+    g = torch.Generator(device='cpu').manual_seed(0)
+    # x as the mixer passes it: a transposed slice of in_proj's (batch, seqlen, 2 * dim) output
+    xz = torch.randn(batch, seqlen, 2 * dim, generator=g).to(device=device, dtype=dtype)
+    x = xz.transpose(1, 2)[:, :dim]
+    weight = torch.randn(2, dim, width, generator=g).to(device) / width
+    bias = torch.randn(2, dim, generator=g).to(device)
+    elt = torch.finfo(dtype).bits // 8
+    tokens = batch * dim * seqlen
+    params = weight.numel() * 4 + bias.numel() * 4
+    fwd_bytes = 3 * tokens * elt + params
+    bwd_bytes = 4 * tokens * elt + 2 * params
+
+    def fwd():
+        with torch.no_grad():
+            bidirectional_conv_silu(x, weight, bias, backend=backend)
+    leaves = [t.detach().requires_grad_() for t in (xz, weight, bias)]
+    grad = torch.randn(batch, 2, dim, seqlen, device=device, dtype=dtype)
+
+    def fwd_bwd():
+        bidirectional_conv_silu(leaves[0].transpose(1, 2)[:, :dim], *leaves[1:], backend=backend).backward(grad)
+    t_fwd = _time(fwd, device, min_time)
+    t_bwd = max(_time(fwd_bwd, device, min_time) - t_fwd, 1e-12)
+    return dict(backend=backend, batch=batch, dim=dim, width=width, seqlen=seqlen, dtype=str(dtype).split('.')[-1],
+                fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
+                fwd_gbps=fwd_bytes / t_fwd / 1e9, bwd_gbps=bwd_bytes / t_bwd / 1e9,
+                fwd_exps=2 * tokens, bwd_exps=2 * tokens)
+
+
 def add_floors(row: dict, copy_bps: float, exp_rate: float | None) -> dict:
     for phase in ('fwd', 'bwd'):
         floor = row[f'{phase}_bytes'] / copy_bps
@@ -108,17 +140,22 @@ def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], 
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         exp_rate = sms * 16 * clock_ghz * 1e9
     copy_bps = copy_bandwidth(device, copy_bytes, min_time)
-    rows = []
+    rows, conv_rows = [], []
     for backend in backends:
         for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
             for batch, seqlen in shapes:
-                row = add_floors(measure(backend, batch, dim, dstate, seqlen, DTYPES[dtype_name], device,
-                                         min_time), copy_bps, exp_rate)
-                rows.append(row)
-                print(f'scan {backend:9s} {dtype_name} {batch}x{seqlen}: fwd {row["fwd_ms"]:.3f} ms '
-                      f'({row["fwd_gbps"]:.0f} GB/s, {row["fwd_x_floor"]:.1f}x floor), bwd {row["bwd_ms"]:.3f} ms '
-                      f'({row["bwd_gbps"]:.0f} GB/s, {row["bwd_x_floor"]:.1f}x floor)', flush=True)
-    return dict(copy_gbps=copy_bps / 1e9, exp_rate=exp_rate, scan=rows)
+                scan = add_floors(measure(backend, batch, dim, dstate, seqlen, dtype, device, min_time), copy_bps,
+                                  exp_rate)
+                conv = add_floors(measure_conv(backend, batch, dim, seqlen, 4, dtype, device, min_time), copy_bps,
+                                  exp_rate)
+                rows.append(scan)
+                conv_rows.append(conv)
+                for op, row in (('scan', scan), ('conv', conv)):
+                    print(f'{op} {backend:9s} {dtype_name} {batch}x{seqlen}: fwd {row["fwd_ms"]:.3f} ms '
+                          f'({row["fwd_gbps"]:.0f} GB/s, {row["fwd_x_floor"]:.1f}x floor), bwd {row["bwd_ms"]:.3f} '
+                          f'ms ({row["bwd_gbps"]:.0f} GB/s, {row["bwd_x_floor"]:.1f}x floor)', flush=True)
+    return dict(copy_gbps=copy_bps / 1e9, exp_rate=exp_rate, scan=rows, conv=conv_rows)
 
 
 def default_backends(device: torch.device) -> list[str]:

@@ -24,3 +24,26 @@ def test_benchmark_writes_side_by_side_report(tmp_path):
     vim, deit = rows[('inference', 'vim_tiny_patch16_224')], rows[('inference', 'deit_tiny_patch16_224')]
     assert vim['gflops_per_img'] > 0 and deit['gflops_per_img'] > 0
     assert report['scan']['copy_gbps'] > 0 and report['scan']['scan'][0]['fwd_x_floor'] > 0
+    assert report['complete'] and report['scan_backend'] == 'reference'
+
+
+def test_out_of_memory_is_recorded_and_vim_only_sizes(tmp_path, monkeypatch):
+    make = benchmark.inference_case
+
+    def inference_case(name, size, batch, dtype, device):
+        if name.startswith('deit_') and size == 48:
+            raise benchmark.torch.OutOfMemoryError('CUDA out of memory (simulated)')
+        return make(name, size, batch, dtype, device)
+
+    monkeypatch.setattr(benchmark, 'inference_case', inference_case)
+    out = tmp_path / 'bench.json'
+    assert benchmark.main(['--device', 'cpu', '--img-sizes', '32', '48', '--vim-only-sizes', '64', '--rounds', '1',
+                           '--min-time', '0.01', '--out', str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {(r['model'], r['img_size']): r for r in report['results']}
+    assert rows[('deit_tiny_patch16_224', 48)] == dict(
+        mode='inference', model='deit_tiny_patch16_224', img_size=48, batch=1, dtype='fp32', oom=True, img_per_s=None)
+    vim_48 = rows[('vim_tiny_patch16_224', 48)]
+    assert vim_48['img_per_s'] > 0 and 'ratio_to_deit' not in vim_48
+    assert rows[('vim_tiny_patch16_224', 32)]['ratio_to_deit'] > 0
+    assert rows[('vim_tiny_patch16_224', 64)]['batch'] == 1 and ('deit_tiny_patch16_224', 64) not in rows

@@ -23,3 +23,7 @@ def test_scan_benchmark_report(tmp_path):
         floor = max(row[f'{phase}_bytes'] / (report['copy_gbps'] * 1e9), row[f'{phase}_exps'] / 1e9) * 1e3
         assert abs(row[f'{phase}_floor_ms'] - floor) <= 1e-9 * floor
         assert abs(row[f'{phase}_x_floor'] - row[f'{phase}_ms'] / floor) <= 1e-6 * row[f'{phase}_x_floor']
+    (conv,) = report['conv']
+    assert conv['backend'] == 'reference' and conv['width'] == 4
+    assert conv['fwd_bytes'] == 3 * 2 * 16 * 33 * 4 + (2 * 16 * 4 + 2 * 16) * 4
+    assert conv['fwd_x_floor'] > 0 and conv['bwd_x_floor'] > 0
