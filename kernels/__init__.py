@@ -1,8 +1,9 @@
 """Ops of Vim's mixer (selective scans, the two-branch causal conv) shared by every model. Knows nothing of models."""
+from .export import export_decompositions
 from .interface import available_backends, bidirectional_conv_silu, bidirectional_scan, resolve_backend, selective_scan
 from .reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, selective_scan_ref
 
 __all__ = [
     'selective_scan', 'bidirectional_scan', 'bidirectional_conv_silu', 'selective_scan_ref', 'bidirectional_scan_ref',
-    'bidirectional_conv_silu_ref', 'available_backends', 'resolve_backend',
+    'bidirectional_conv_silu_ref', 'available_backends', 'resolve_backend', 'export_decompositions',
 ]

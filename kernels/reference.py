@@ -233,7 +233,8 @@ def selective_scan_ref(
     if delta_softplus:
         delta = F.softplus(delta)
     u_t = _to_time_major(u, dtype)
-    T = _chunk_len(batch, dim, A.shape[1], seqlen)
+    # an exported graph keeps the batch size symbolic: its chunk length must not depend on it
+    T = _chunk_len(1 if torch.compiler.is_exporting() else batch, dim, A.shape[1], seqlen)
     y, _ = _scan_fwd(u_t, _to_time_major(delta, dtype), A.to(dtype).contiguous(), _to_time_major(B, dtype),
                      _to_time_major(C, dtype), T)
     y = y.permute(1, 2, 0)
