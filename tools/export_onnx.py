@@ -16,8 +16,6 @@ to the output's scale is printed and must stay below ``--tolerance``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from validate import create_model  # noqa: E402  (imports vim: registers the mod
 from vim.kernels import export_decompositions  # noqa: E402
 from vim.kernels.interface import ENV_VAR  # noqa: E402
 
-from vim.utils import atomic_write  # noqa: E402
+from vim.utils import atomic_write, environ_set  # noqa: E402
 
 
 class _Features(torch.nn.Module):
@@ -85,18 +83,9 @@ def check(path: Path, model: torch.nn.Module, example: torch.Tensor) -> float:
     return float((torch.from_numpy(actual) - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
-@contextlib.contextmanager
 def reference_backend():
     """The reference ops while tracing: those the decompositions rewrite (the Triton ops are CUDA-only)."""
-    saved = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = 'reference'
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[ENV_VAR]
-        else:
-            os.environ[ENV_VAR] = saved
+    return environ_set(ENV_VAR, 'reference')
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,23 @@ def _preactivation(x_ptr, s_x_l, tokens, mask_d, seqlen, w_ptr, s_w_j, bias, WID
     return a
 
 
+@triton.jit
+def _program_tile(seqlen, dim, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's batch element, token and channel offsets, and masks (channels; channels x tokens)."""
+    b = tl.program_id(2).to(tl.int64)
+    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    return b, offs_l, offs_d, mask_d, mask_d[:, None] & (offs_l < seqlen)[None, :]
+
+
+@triton.jit
+def _load_biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d):
+    b0 = tl.load(b_ptr + offs_d * s_b_d, mask=mask_d, other=0.0).to(tl.float32)
+    b1 = tl.load(b_ptr + s_b_k + offs_d * s_b_d, mask=mask_d, other=0.0).to(tl.float32)
+    return b0, b1
+
+
 @triton.autotune(configs=autotune_configs(_FWD_CONFIGS), key=['dim', 'WIDTH'])
 @triton.jit(do_not_specialize=['seqlen'])
 def _bidirectional_conv_fwd_kernel(
@@ -62,18 +79,10 @@ def _bidirectional_conv_fwd_kernel(
         s_b_k, s_b_d,
         WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_l = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    mask = mask_d[:, None] & (offs_l < seqlen)[None, :]
-
+    b, offs_l, offs_d, mask_d, mask = _program_tile(seqlen, dim, BLOCK_L, BLOCK_D)
     x_ptr += b * s_x_b + offs_d[:, None] * s_x_d
     w0_ptr = w_ptr + offs_d[:, None] * s_w_d
-    b0 = tl.load(b_ptr + offs_d * s_b_d, mask=mask_d, other=0.0).to(tl.float32)
-    b1 = tl.load(b_ptr + s_b_k + offs_d * s_b_d, mask=mask_d, other=0.0).to(tl.float32)
+    b0, b1 = _load_biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d)
     a0 = _preactivation(x_ptr, s_x_l, offs_l, mask_d, seqlen, w0_ptr, s_w_j, b0, WIDTH, False)
     a1 = _preactivation(x_ptr, s_x_l, offs_l, mask_d, seqlen, w0_ptr + s_w_k, s_w_j, b1, WIDTH, True)
 
@@ -94,20 +103,12 @@ def _bidirectional_conv_bwd_kernel(
         s_go_b, s_go_k, s_go_d, s_go_l,
         WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_l = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    mask = mask_d[:, None] & (offs_l < seqlen)[None, :]
-
+    b, offs_l, offs_d, mask_d, mask = _program_tile(seqlen, dim, BLOCK_L, BLOCK_D)
     x_ptr += b * s_x_b + offs_d[:, None] * s_x_d
     gout_ptr += b * s_go_b + offs_d[:, None] * s_go_d
     w0_ptr = w_ptr + offs_d[:, None] * s_w_d
     w1_ptr = w0_ptr + s_w_k
-    b0 = tl.load(b_ptr + offs_d * s_b_d, mask=mask_d, other=0.0).to(tl.float32)
-    b1 = tl.load(b_ptr + s_b_k + offs_d * s_b_d, mask=mask_d, other=0.0).to(tl.float32)
+    b0, b1 = _load_biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d)
 
     # the tile's own pre-activation gradients: bias and weight gradients
     a0 = _preactivation(x_ptr, s_x_l, offs_l, mask_d, seqlen, w0_ptr, s_w_j, b0, WIDTH, False)
@@ -115,7 +116,7 @@ def _bidirectional_conv_bwd_kernel(
     ga0 = _load_tokens(gout_ptr, s_go_l, offs_l, mask_d, seqlen) * silu_grad(a0)
     ga1 = _load_tokens(gout_ptr + s_go_k, s_go_l, offs_l, mask_d, seqlen) * silu_grad(a1)
     # partials: gw (batch, n_blocks_l, 2, dim, WIDTH), gb (batch, n_blocks_l, 2, dim), contiguous fp32
-    part = (b * tl.num_programs(0) + pid_l) * 2 * dim + offs_d
+    part = (b * tl.num_programs(0) + tl.program_id(0)) * 2 * dim + offs_d
     tl.store(gb_ptr + part, tl.sum(ga0, axis=1), mask=mask_d)
     tl.store(gb_ptr + part + dim, tl.sum(ga1, axis=1), mask=mask_d)
     for j in tl.static_range(WIDTH):

@@ -37,16 +37,22 @@ def check_device(device: torch.device) -> None:
     raise RuntimeError(f'the Triton scan needs CUDA tensors, got {device}{hint}')
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
-    """Shapes, dtypes and devices, checked once at the autograd boundary instead of inside each kernel launcher."""
-    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+def _check_tensors(op: str, named: dict) -> None:
+    """Each value a tensor of a supported dtype, all on the device of the first."""
+    first, device = next(iter(named.items()))[0], next(iter(named.values())).device
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f'{name} must be a tensor, got {type(t).__name__}')
         if t.dtype not in _DTYPES:
-            raise TypeError(f'{name}: the Triton scan takes fp32, bf16 or fp16, got {t.dtype}')
-        if t.device != u.device:
-            raise ValueError(f'{name} is on {t.device}, u on {u.device}')
+            raise TypeError(f'{name}: the Triton {op} takes fp32, bf16 or fp16, got {t.dtype}')
+        if t.device != device:
+            raise ValueError(f'{name} is on {t.device}, {first} on {device}')
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
+    """Shapes, dtypes and devices, checked once at the autograd boundary instead of inside each kernel launcher."""
+    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    _check_tensors('scan', named)
     if u.dim() != 4 or u.shape[1] != 2:
         raise ValueError(f'u must be (batch, 2, dim, seqlen), got {tuple(u.shape)}')
     batch, _, dim, seqlen = u.shape
@@ -63,13 +69,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
 
 
 def _check_conv_inputs(x, weight, bias) -> None:
-    for name, t in dict(x=x, weight=weight, bias=bias).items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f'{name} must be a tensor, got {type(t).__name__}')
-        if t.dtype not in _DTYPES:
-            raise TypeError(f'{name}: the Triton conv takes fp32, bf16 or fp16, got {t.dtype}')
-        if t.device != x.device:
-            raise ValueError(f'{name} is on {t.device}, x on {x.device}')
+    _check_tensors('conv', dict(x=x, weight=weight, bias=bias))
     if x.dim() != 3 or weight.dim() != 3 or weight.shape[:2] != (2, x.shape[1]) or tuple(bias.shape) != (2, x.shape[1]):
         raise ValueError(f'expected x (batch, dim, seqlen), weight (2, dim, width), bias (2, dim); got '
                          f'{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(bias.shape)}')

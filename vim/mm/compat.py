@@ -10,8 +10,9 @@ ImageNet loader (:func:`vim.models.load_checkpoint_file`) passes ``weights_only=
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
+
+from vim.utils import environ_set
 
 __all__ = ['trusted_mmengine_checkpoints']
 
@@ -22,12 +23,5 @@ _ENV = 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'
 def trusted_mmengine_checkpoints() -> Iterator[None]:
     """Within the block, ``torch.load`` without ``weights_only`` unpickles fully (as before torch 2.6): use it around
     a Runner whose ``load_from`` / ``resume`` checkpoints you trust (your own work dirs, OpenMMLab's model zoo)."""
-    previous = os.environ.get(_ENV)
-    os.environ[_ENV] = '1'
-    try:
+    with environ_set(_ENV, '1'):
         yield
-    finally:
-        if previous is None:
-            os.environ.pop(_ENV, None)
-        else:
-            os.environ[_ENV] = previous
