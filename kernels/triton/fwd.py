@@ -18,7 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import affine_combine, autotune_configs, silu, softplus, tensor_strides
+from .common import (
+    affine_combine,
+    autotune_configs,
+    input_rows,
+    load_direction_params,
+    program_slab,
+    silu,
+    softplus,
+    tensor_strides,
+)
 
 __all__ = ['scan_fwd']
 
@@ -43,27 +52,15 @@ def _bidirectional_scan_fwd_kernel(
         DELTA_SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    k = tl.program_id(1).to(tl.int64)  # direction: 0 scans first token to last, 1 last to first
-    b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
+    k, b, offs_d, offs_n, mask_d, mask_n, mask_dn = program_slab(dim, dstate, BLOCK_D, BLOCK_N)
     offs_p = tl.arange(0, CHUNK)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-
-    u_ptr += b * s_u_b + k * s_u_k + offs_d[None, :] * s_u_d
-    delta_ptr += b * s_dt_b + k * s_dt_k + offs_d[None, :] * s_dt_d
-    B_ptr += b * s_B_b + k * s_B_k + offs_n[None, :] * s_B_n
-    C_ptr += b * s_C_b + k * s_C_k + offs_n[None, :] * s_C_n
-    z_ptr += b * s_z_b + offs_d[None, :] * s_z_d
+    u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr = input_rows(
+        u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, s_u_b, s_u_k, s_u_d, s_dt_b, s_dt_k, s_dt_d, s_B_b, s_B_k, s_B_n,
+        s_C_b, s_C_k, s_C_n, s_z_b, s_z_d, b, k, offs_d, offs_n)
     out_ptr += b * dim * seqlen + offs_d[None, :] * seqlen
 
-    A = tl.load(A_ptr + k * s_A_k + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn,
-                other=0.0).to(tl.float32)
-    Dk = tl.load(D_ptr + k * s_D_k + offs_d * s_D_d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + k * s_bias_k + offs_d * s_bias_d, mask=mask_d, other=0.0).to(tl.float32)
+    A, Dk, bias = load_direction_params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k,
+                                        s_bias_d, k, offs_d, offs_n, mask_d, mask_dn)
 
     n_chunks = tl.cdiv(seqlen, CHUNK)
     # states: (batch, 2, n_chunks - 1, dim, dstate), the state after each chunk but the last
