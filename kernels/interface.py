@@ -1,26 +1,57 @@
 """Public ops of Vim's mixer with backend dispatch. Models call only these.
 
-Backends: ``reference`` (plain PyTorch, any device; the specification) and ``triton`` (:mod:`vim.kernels.triton`:
-CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; ``bidirectional_scan`` and ``bidirectional_conv_silu``).
-``auto`` picks ``triton`` for CUDA tensors when triton is installed, else ``reference``. The environment variable
-``VIM_SCAN_BACKEND`` overrides ``auto`` process-wide; an explicit ``backend=`` argument overrides both.
+Backends: ``reference`` (plain PyTorch, any device; the specification), ``triton`` (:mod:`vim.kernels.triton`:
+CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; ``bidirectional_scan`` and ``bidirectional_conv_silu``) and,
+when installed, ``mamba_ssm`` (:mod:`vim.kernels.mamba_ssm`: the official CUDA kernels, CUDA tensors).
+
+``auto`` (the default) picks, for tensor ``x``: on CUDA in fp32/bf16/fp16 with triton installed, ``triton`` once the
+Triton kernels passed their self-check (:mod:`vim.kernels.selfcheck`) for x's device and dtype, run once per process
+on the first call; if the check fails, ``reference`` with one warning (:class:`ScanBackendWarning`). A first call
+inside torch.compile tracing or CUDA-graph capture cannot run the check: it uses ``reference`` with one warning,
+until :func:`vim.kernels.warmup` (or an eager call) has run it. Everywhere else ``auto`` is ``reference``.
+``mamba_ssm`` is never picked by ``auto``; ask for it. ``VIM_SCAN_BACKEND`` overrides ``auto`` process-wide and an
+explicit ``backend=`` argument overrides both; an explicit backend skips the self-check and raises on errors.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
 
+from .mamba_ssm import (
+    INSTALL_HINT,
+    bidirectional_conv_silu_mamba,
+    bidirectional_scan_mamba,
+    mamba_ssm_installed,
+    selective_scan_mamba,
+)
 from .reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, selective_scan_ref
 
 __all__ = ['selective_scan', 'bidirectional_scan', 'bidirectional_conv_silu', 'available_backends',
-           'resolve_backend']
+           'resolve_backend', 'run_self_check', 'ScanBackendWarning']
 
 ENV_VAR = 'VIM_SCAN_BACKEND'
-# Looked up once: a module-level constant keeps resolve_backend traceable by torch.compile.
+# Looked up once: module-level constants keep resolve_backend traceable by torch.compile.
 TRITON_INSTALLED = importlib.util.find_spec('triton') is not None
+MAMBA_SSM_INSTALLED = mamba_ssm_installed()
+# Device types on which 'auto' runs the self-checked Triton kernels (tests add 'cpu' under the Triton interpreter).
+GUARDED_DEVICE_TYPES: tuple[str, ...] = ('cuda',)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# What 'auto' runs where the Triton kernels failed or could not be checked: exact everywhere, needs nothing.
+FALLBACK = 'reference'
+
+_Key = tuple[str, int | None, torch.dtype]
+# 'auto''s choice per (device type, device index, dtype), filled by the self-check: 'triton' or FALLBACK. Read by
+# dynamo as a guarded global, so a graph traced before the check is retraced once it ran.
+_AUTO_CHOICE: dict[_Key, str] = {}
+_WARNED: set[tuple[_Key, str]] = set()
+
+
+class ScanBackendWarning(UserWarning):
+    """'auto' runs a slower scan backend than it would normally choose (the Triton self-check failed or has not run)."""
 
 
 def _bidirectional_scan_triton(*args, **kwargs) -> torch.Tensor:
@@ -36,14 +67,20 @@ def _bidirectional_conv_silu_triton(*args, **kwargs) -> torch.Tensor:
     return bidirectional_conv_silu_triton(*args, **kwargs)
 
 
-_SELECTIVE: dict[str, Callable] = {'reference': selective_scan_ref}
-_BIDIRECTIONAL: dict[str, Callable] = {'reference': bidirectional_scan_ref, 'triton': _bidirectional_scan_triton}
-_CONV: dict[str, Callable] = {'reference': bidirectional_conv_silu_ref, 'triton': _bidirectional_conv_silu_triton}
+_SELECTIVE: dict[str, Callable] = {'reference': selective_scan_ref, 'mamba_ssm': selective_scan_mamba}
+_BIDIRECTIONAL: dict[str, Callable] = {'reference': bidirectional_scan_ref, 'triton': _bidirectional_scan_triton,
+                                       'mamba_ssm': bidirectional_scan_mamba}
+_CONV: dict[str, Callable] = {'reference': bidirectional_conv_silu_ref, 'triton': _bidirectional_conv_silu_triton,
+                              'mamba_ssm': bidirectional_conv_silu_mamba}
+
+
+def _registered() -> set[str]:
+    return set(_SELECTIVE) | set(_BIDIRECTIONAL) | set(_CONV)
 
 
 def available_backends() -> list[str]:
-    """Names accepted by ``backend=`` besides ``auto``."""
-    return sorted(set(_SELECTIVE) | set(_BIDIRECTIONAL) | set(_CONV))
+    """Names accepted by ``backend=`` besides ``auto``: every registered backend, ``mamba_ssm`` only where installed."""
+    return sorted(name for name in _registered() if name != 'mamba_ssm' or MAMBA_SSM_INSTALLED)
 
 
 def _check_triton(x: torch.Tensor) -> None:
@@ -55,21 +92,96 @@ def _check_triton(x: torch.Tensor) -> None:
     check_device(x.device)
 
 
+def _check_mamba_ssm(x: torch.Tensor) -> None:
+    """Raise a clear error unless the mamba_ssm backend can run on ``x``'s device."""
+    if not MAMBA_SSM_INSTALLED:
+        raise RuntimeError(f"scan backend 'mamba_ssm' needs the mamba_ssm package: {INSTALL_HINT}")
+    if not x.is_cuda:
+        raise RuntimeError(f"scan backend 'mamba_ssm' runs the official CUDA kernels: it needs CUDA tensors, got "
+                           f"{x.device}")
+
+
+def _warn_once(key: _Key, reason: str, message: str) -> None:
+    if (key, reason) not in _WARNED:
+        _WARNED.add((key, reason))
+        warnings.warn(message, ScanBackendWarning, stacklevel=2)
+
+
+def _describe(device_type: str, index: int | None, dtype: torch.dtype) -> str:
+    return f"{device_type}{'' if index is None else f':{index}'} in {str(dtype).removeprefix('torch.')}"
+
+
+@torch.compiler.assume_constant_result  # called for real while dynamo traces: its warning is not a graph break
+def _unchecked_choice(device_type: str, index: int | None, dtype: torch.dtype, where: str) -> str:
+    """'auto''s choice when it must decide before the self-check ran, inside tracing or capture: the fallback."""
+    _warn_once((device_type, index, dtype), 'unchecked', (
+        f"vim.kernels: the scan backend for {_describe(device_type, index, dtype)} was chosen during {where}, before "
+        f"the Triton kernels' self-check ran there, so 'auto' runs '{FALLBACK}' (exact, slow) in it. Call "
+        f"vim.kernels.warmup(device, dtype) (or run the model once eagerly) before compiling or capturing, or pass "
+        f"backend='triton' explicitly."))
+    return FALLBACK
+
+
+def run_self_check(device: torch.device | str, dtype: torch.dtype) -> str:
+    """Run the Triton self-check for (device, dtype) now, record 'auto''s choice there and return it.
+
+    'triton' when every config of every kernel matched the reference; otherwise the fallback, with one
+    :class:`ScanBackendWarning` naming the failure. Runs the check again even if it ran before.
+    """
+    from .selfcheck import run_triton_self_check
+
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    key = (device.type, device.index, dtype)
+    try:
+        result = run_triton_self_check(device, dtype)
+        ok, reason = result.ok, result.reason
+    except Exception as e:  # noqa: BLE001  (a check that cannot run is a failed check)
+        ok, reason = False, f'the check itself failed: {type(e).__name__}: {e}'
+    choice = 'triton' if ok else FALLBACK
+    _AUTO_CHOICE[key] = choice
+    if not ok:
+        alternative = (" mamba_ssm is installed: VIM_SCAN_BACKEND=mamba_ssm runs the official CUDA kernels instead."
+                       if MAMBA_SSM_INSTALLED else '')
+        _warn_once(key, 'failed', (
+            f"vim.kernels: the Triton scan kernels failed their self-check on {_describe(*key)} ({reason}). 'auto' "
+            f"runs '{FALLBACK}' there for the rest of this process: exact but slow.{alternative} backend='triton' "
+            f"or VIM_SCAN_BACKEND=triton forces the kernels. Please report this message in an issue."))
+    return choice
+
+
+def _auto_backend(x: torch.Tensor) -> str:
+    """The backend ``auto`` runs for tensor ``x``."""
+    if x.device.type in GUARDED_DEVICE_TYPES and TRITON_INSTALLED and x.dtype in TRITON_DTYPES:
+        choice = _AUTO_CHOICE.get((x.device.type, x.device.index, x.dtype))
+        if choice is not None:
+            return choice
+        if torch.compiler.is_compiling():
+            return _unchecked_choice(x.device.type, x.device.index, x.dtype, 'torch.compile tracing')
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return _unchecked_choice(x.device.type, x.device.index, x.dtype, 'CUDA-graph capture')
+        return run_self_check(x.device, x.dtype)
+    return 'reference'
+
+
 def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
     """The backend that will run for tensor ``x``: explicit argument, else $VIM_SCAN_BACKEND, else auto.
 
     Raises ValueError for an unknown name and RuntimeError when the backend cannot run on ``x`` (``triton``:
-    package missing, or CPU tensors without TRITON_INTERPRET=1).
+    package missing, or CPU tensors without TRITON_INTERPRET=1; ``mamba_ssm``: package missing or CPU tensors).
     """
     name = backend or os.environ.get(ENV_VAR) or 'auto'
     if name == 'auto':
-        return 'triton' if x.is_cuda and TRITON_INSTALLED else 'reference'
-    if name not in available_backends():
+        return _auto_backend(x)
+    if name not in _registered():
         source = 'backend argument' if backend else f'${ENV_VAR}'
         choices = ', '.join(['auto', *available_backends()])
         raise ValueError(f'Unknown scan backend {name!r} ({source}); available: {choices}')
     if name == 'triton':
         _check_triton(x)
+    elif name == 'mamba_ssm':
+        _check_mamba_ssm(x)
     return name
 
 
