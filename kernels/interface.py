@@ -151,6 +151,11 @@ def run_self_check(device: torch.device | str, dtype: torch.dtype) -> str:
     return choice
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether ``x``'s device is recording a CUDA graph on the current stream."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _auto_backend(x: torch.Tensor) -> str:
     """The backend ``auto`` runs for tensor ``x``."""
     if x.device.type in GUARDED_DEVICE_TYPES and TRITON_INSTALLED and x.dtype in TRITON_DTYPES:
@@ -159,7 +164,7 @@ def _auto_backend(x: torch.Tensor) -> str:
             return choice
         if torch.compiler.is_compiling():
             return _unchecked_choice(x.device.type, x.device.index, x.dtype, 'torch.compile tracing')
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        if _capturing(x):
             return _unchecked_choice(x.device.type, x.device.index, x.dtype, 'CUDA-graph capture')
         return run_self_check(x.device, x.dtype)
     return 'reference'

@@ -140,7 +140,8 @@ def run_triton_self_check(device: torch.device | str, dtype: torch.dtype, *,
     cases = CHECK_CASES if cases is None else tuple(cases)
     kernels = triton_kernels.AUTOTUNED_KERNELS if kernels is None else tuple(kernels)
     tol = tolerance(dtype)
-    originals = [list(kernel.configs) for kernel in kernels]
+    saved = [kernel.configs for kernel in kernels]  # restored as the same objects
+    originals = [list(configs) for configs in saved]
     result = SelfCheckResult(ok=True)
     # The check needs autograd whatever the caller's mode, and must not run under the caller's autocast.
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
@@ -181,7 +182,7 @@ def run_triton_self_check(device: torch.device | str, dtype: torch.dtype, *,
                                            result.configs_checked, result.configs_skipped)
                 result.configs_checked += len(kernels) if round_index == 0 else 1
         finally:
-            for kernel, configs in zip(kernels, originals):
+            for kernel, configs in zip(kernels, saved):
                 kernel.configs = configs
     if result.configs_checked == 0:
         return SelfCheckResult(False, 'no config could run: ' + '; '.join(result.configs_skipped), 0,

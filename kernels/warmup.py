@@ -44,8 +44,8 @@ def warmup(device: torch.device | str = 'cuda', dtype: torch.dtype = torch.bfloa
     for shape in shapes:
         s = ScanShape(*shape)
         case = CheckCase(s.batch, s.dim, s.dstate, s.seqlen, s.conv_width, layout='mixer')
-        scan_args, conv_args = case_inputs(case, dtype, device, seed=0)
         with torch.inference_mode(False), torch.set_grad_enabled(backward):
+            scan_args, conv_args = case_inputs(case, dtype, device, seed=0)
             y = bidirectional_conv_silu(*conv_args, backend=name)
             out = bidirectional_scan(*scan_args, delta_softplus=True, backend=name)
             if backward:
