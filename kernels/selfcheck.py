@@ -143,8 +143,10 @@ def run_triton_self_check(device: torch.device | str, dtype: torch.dtype, *,
     saved = [kernel.configs for kernel in kernels]  # restored as the same objects
     originals = [list(configs) for configs in saved]
     result = SelfCheckResult(ok=True)
-    # The check needs autograd whatever the caller's mode, and must not run under the caller's autocast.
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+    # The check needs autograd whatever the caller's mode, and must not run under the caller's autocast (the
+    # reference runs on CPU).
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+            torch.autocast('cpu', enabled=False):
         prepared = []
         for i, case in enumerate(cases):
             scan_args, conv_args = case_inputs(case, dtype, device, seed + i)
