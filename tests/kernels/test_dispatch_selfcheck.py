@@ -126,6 +126,16 @@ def test_every_config_of_every_kernel_is_pinned_once_then_restored(monkeypatch):
     assert a.configs is a_configs and b.configs == ['b0', 'b1']
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_a_correct_implementation_passes_the_default_cases(monkeypatch, dtype):
+    """The reference in the activation dtype (fp32 arithmetic, outputs rounded to dtype) stands in for correct
+    kernels: the tolerance must accept it on the cases the GPU check runs."""
+    kernel = _FakeKernel('k', ['c0'])
+    _fake_ops(monkeypatch, (kernel,))
+    result = run_triton_self_check('cpu', dtype, kernels=(kernel,))
+    assert result.ok, result.reason
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_a_wrong_config_fails_the_check_and_is_named(monkeypatch, dtype):
     a, b = _FakeKernel('scan_fwd', ['good', 'bad']), _FakeKernel('conv', ['c0'])
@@ -286,6 +296,20 @@ def test_real_check_on_cuda(dtype, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter('error', ScanBackendWarning)
         assert resolve_backend(None, torch.zeros(1, device='cuda', dtype=dtype)) == 'triton'
+
+
+@pytest.mark.gpu
+def test_warmup_then_torch_compile_runs_triton_without_a_graph_break(monkeypatch):
+    monkeypatch.setattr(interface, '_AUTO_CHOICE', {})
+    monkeypatch.delenv('VIM_SCAN_BACKEND', raising=False)
+    torch._dynamo.reset()
+    assert warmup('cuda', torch.bfloat16) == 'triton'
+    case = CheckCase(2, 48, 16, 197, layout='mixer')
+    scan_args = [a.detach() for a in case_inputs(case, torch.bfloat16, torch.device('cuda'), seed=6)[0]]
+    compiled = torch.compile(lambda *a: bidirectional_scan(*a), fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', ScanBackendWarning)
+        torch.testing.assert_close(compiled(*scan_args), bidirectional_scan(*scan_args, backend='triton'))
 
 
 @pytest.mark.gpu
