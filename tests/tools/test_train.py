@@ -1,4 +1,4 @@
-"""tools/train.py on the tiny ``test_vim`` model and a generated 3-class ImageFolder, on CPU.
+"""tools/train.py (vim.train.cli) on the tiny ``test_vim`` model and a generated 3-class ImageFolder, on CPU.
 
 The runs use the full official recipe (RandAugment, random erasing, mixup/cutmix, label smoothing, drop path, EMA)
 with ``--workers 0``, where every random draw comes from the process RNGs that the training state saves, so an
@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -28,22 +27,12 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import vim.eval.cli as validate
+import vim.train.cli as train
 from vim.models import vim_to_official
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / 'tools' / 'train.py'
-
-
-def _load_tool(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_tool('vim_tools_train', TOOL)
-validate = _load_tool('vim_tools_validate', REPO / 'tools' / 'validate.py')
 
 STEPS_PER_EPOCH, EPOCHS = 3, 2  # 12 training images, batch 4
 LR_BASE = 0.256  # lr = 0.256 * 4 / 512 = 2e-3: large enough that every step visibly moves the weights

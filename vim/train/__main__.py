@@ -1,0 +1,6 @@
+"""``python -m vim.train`` and ``torchrun --nproc_per_node N -m vim.train``: the ``vim-train`` command."""
+import sys
+
+from vim.train.cli import command
+
+sys.exit(command())
