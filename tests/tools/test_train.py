@@ -298,10 +298,12 @@ def test_presets_parse_and_command_line_wins(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes(data, tmp_path):
-    """Two CPU processes (gloo): DDP, the distributed sampler, per-process RNG states and the summed evaluation."""
+@pytest.mark.parametrize('launch', [[str(TOOL)], ['-m', 'vim.train']], ids=['tools/train.py', '-m vim.train'])
+def test_torchrun_two_processes(data, tmp_path, launch):
+    """Two CPU processes (gloo): DDP, the distributed sampler, per-process RNG states and the summed evaluation;
+    torchrun starting the tool script or the package module."""
     out = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(TOOL),
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', *launch,
            *_args(data, out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
