@@ -1,6 +1,7 @@
 """What ``pip install vim-backbones`` gives: the wheel built from a copy of the source files, installed into a fresh
 virtual environment that cannot see this checkout, has every package, runs every console script of pyproject.toml
 (``--help``) and finds the training presets by name.
+A sub-package is found without being listed (setup.py); a data file needs a package-data line in pyproject.toml.
 
 The fresh environment gets the dependencies (torch, timm, ...) of the running one through a .pth file that lists the
 running interpreter's site-packages folders. Folders listed in a .pth file are put on sys.path without their own .pth
@@ -40,12 +41,16 @@ def console_scripts() -> dict[str, str]:
     return tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['scripts']
 
 
-def source_packages() -> set[str]:
-    """Every package of the source tree under its installed name (kernels/ is installed as vim.kernels)."""
-    names = {'.'.join(p.parent.relative_to(REPO).parts) for p in (REPO / 'vim').rglob('__init__.py')}
-    names |= {'.'.join(('vim', 'kernels', *p.parent.relative_to(REPO / 'kernels').parts))
-              for p in (REPO / 'kernels').rglob('__init__.py')}
-    return names
+def _files(root: Path, pattern: str = '*') -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob(pattern)
+            if p.is_file() and '__pycache__' not in p.relative_to(root).parts}
+
+
+def source_files() -> set[str]:
+    """Every file the wheel must install, by its path under site-packages: the vim/ tree, kernels/ as vim/kernels
+    (modules and data such as C++ sources alike) and the training presets."""
+    return ({f'vim/{f}' for f in _files(REPO / 'vim')} | {f'vim/kernels/{f}' for f in _files(REPO / 'kernels')}
+            | {f'vim/configs/imagenet/{f}' for f in _files(REPO / 'configs' / 'imagenet', '*.yaml')})
 
 
 def dependency_paths() -> list[str]:
@@ -91,9 +96,8 @@ def test_wheel_in_a_fresh_environment(tmp_path):
                      cwd=tmp_path).stdout.strip())
     (site / 'dependencies.pth').write_text('\n'.join(dependency_paths()) + '\n')
 
-    # every package of the source tree is in the wheel (a forgotten one would only fail for pip users)
-    installed = {'.'.join(p.parent.relative_to(site).parts) for p in (site / 'vim').rglob('__init__.py')}
-    assert installed == source_packages()
+    # every package and data file of the source tree is installed (a forgotten one would only fail for pip users)
+    assert {f'vim/{f}' for f in _files(site / 'vim')} == source_files()
 
     probe = _run([python, '-c', PROBE], cwd=tmp_path)
     assert probe.returncode == 0, probe.stderr[-3000:]

@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config_path(name: str) -> Path:
+    """A YAML file: ``name`` itself if it is a file, else the preset of that name (``.yaml`` optional) in CONFIG_DIR."""
     path = Path(name)
     if path.is_file():
         return path
