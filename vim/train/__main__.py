@@ -3,4 +3,5 @@ import sys
 
 from vim.train.cli import command
 
-sys.exit(command())
+if __name__ == '__main__':
+    sys.exit(command())
