@@ -1,10 +1,8 @@
-"""tools/benchmark.py measures Vim and DeiT in one run and writes a JSON report with their ratio."""
+"""tools/benchmark.py (vim.benchmark.model) measures Vim and DeiT in one run and writes a JSON report with their
+ratio."""
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'tools'))
-import benchmark  # noqa: E402
+import vim.benchmark.model as benchmark
 
 
 def test_benchmark_writes_side_by_side_report(tmp_path):

@@ -1,10 +1,8 @@
-"""tools/benchmark_scan.py: the scan alone against its bytes/exp floor, with the copy bandwidth of the same run."""
+"""tools/benchmark_scan.py (vim.benchmark.scan): the scan alone against its bytes/exp floor, with the copy bandwidth
+of the same run."""
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'tools'))
-import benchmark_scan  # noqa: E402
+import vim.benchmark.scan as benchmark_scan
 
 
 def test_scan_benchmark_report(tmp_path):

@@ -1,16 +1,15 @@
-"""tools/export_onnx.py: a Vim exported to ONNX runs in onnxruntime, at any batch size, and matches PyTorch."""
-import sys
+"""tools/export_onnx.py (vim.onnx): a Vim exported to ONNX runs in onnxruntime, at any batch size, and matches
+PyTorch."""
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 
+import vim.onnx as export_onnx
+
 onnxruntime = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'tools'))
-import export_onnx  # noqa: E402
 
 
 def _run(path: Path, x: torch.Tensor) -> torch.Tensor:

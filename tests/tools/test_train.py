@@ -1,4 +1,4 @@
-"""tools/train.py on the tiny ``test_vim`` model and a generated 3-class ImageFolder, on CPU.
+"""tools/train.py (vim.train.cli) on the tiny ``test_vim`` model and a generated 3-class ImageFolder, on CPU.
 
 The runs use the full official recipe (RandAugment, random erasing, mixup/cutmix, label smoothing, drop path, EMA)
 with ``--workers 0``, where every random draw comes from the process RNGs that the training state saves, so an
@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -28,22 +27,12 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import vim.eval.cli as validate
+import vim.train.cli as train
 from vim.models import vim_to_official
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / 'tools' / 'train.py'
-
-
-def _load_tool(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_tool('vim_tools_train', TOOL)
-validate = _load_tool('vim_tools_validate', REPO / 'tools' / 'validate.py')
 
 STEPS_PER_EPOCH, EPOCHS = 3, 2  # 12 training images, batch 4
 LR_BASE = 0.256  # lr = 0.256 * 4 / 512 = 2e-3: large enough that every step visibly moves the weights
@@ -309,10 +298,12 @@ def test_presets_parse_and_command_line_wins(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes(data, tmp_path):
-    """Two CPU processes (gloo): DDP, the distributed sampler, per-process RNG states and the summed evaluation."""
+@pytest.mark.parametrize('launch', [[str(TOOL)], ['-m', 'vim.train']], ids=['tools/train.py', '-m vim.train'])
+def test_torchrun_two_processes(data, tmp_path, launch):
+    """Two CPU processes (gloo): DDP, the distributed sampler, per-process RNG states and the summed evaluation;
+    torchrun starting the tool script or the package module."""
     out = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(TOOL),
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', *launch,
            *_args(data, out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

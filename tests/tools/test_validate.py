@@ -1,10 +1,9 @@
-"""tools/validate.py against an accuracy and loss computed here by hand, on a generated 3-class ImageFolder."""
+"""tools/validate.py (vim.eval.cli) against an accuracy and loss computed here by hand, on a generated 3-class
+ImageFolder."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+import vim.eval.cli as validate
 from vim.models import vim_to_official
-
-REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location('vim_tools_validate', REPO / 'tools' / 'validate.py')
-validate = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = validate
-_spec.loader.exec_module(validate)
 
 CLASSES = {'ant': 5, 'bee': 4, 'cat': 3}  # unequal, so that a constant prediction cannot hit a round number
 

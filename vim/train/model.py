@@ -1,5 +1,5 @@
-"""What tools/train.py trains and what it minimises: the model with its initial weights, and the loss with the
-mixup/cutmix that feeds it."""
+"""What a training run (vim.train.Trainer) trains and what it minimises: the model with its initial weights, and
+the loss with the mixup/cutmix that feeds it."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,8 @@ import timm
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from validate import is_vim_model  # imports vim: registers the models
+
+from vim.eval.model import is_vim_model
 
 
 def create_model(args: argparse.Namespace, num_classes: int, initial_weights: bool = True) -> torch.nn.Module:

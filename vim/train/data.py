@@ -1,4 +1,5 @@
-"""The loaders of tools/train.py: the augmented, resumable training loader and the validation loader."""
+"""The loaders of a training run (vim.train.Trainer): the augmented, resumable training loader and the validation
+loader."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,8 @@ import logging
 import torch
 from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
-from validate import create_eval_loader
+
+from vim.eval.loop import create_eval_loader
 
 _logger = logging.getLogger('vim.train')
 

@@ -1,5 +1,5 @@
-"""One training run of tools/train.py: built from the arguments, optionally resumed from a training state, then
-trained epoch by epoch with validation, best/last weights and exact-resume saves."""
+"""One training run of vim-train (tools/train.py): built from the arguments, optionally resumed from a training
+state, then trained epoch by epoch with validation, best/last weights and exact-resume saves."""
 from __future__ import annotations
 
 import argparse
@@ -18,9 +18,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from train_data import create_train_loader, create_val_loader
-from train_model import create_criterion, create_model
-from train_state import (
+
+from vim.eval.loop import evaluate
+from vim.train.data import create_train_loader, create_val_loader
+from vim.train.model import create_criterion, create_model
+from vim.train.state import (
     STATE_FILE,
     STATE_FORMAT,
     Progress,
@@ -31,8 +33,6 @@ from train_state import (
     seed_everything,
     to_builtins,
 )
-from validate import evaluate
-
 from vim.utils import atomic_write
 
 _logger = logging.getLogger('vim.train')
@@ -355,4 +355,3 @@ class Trainer:
                          + (f' (global steps {nonfinite})' if nonfinite else ''))
         result.update(dataclasses.asdict(p), output=str(self.out), state=str(self.out / STATE_FILE))
         return result
-

@@ -1,5 +1,5 @@
-"""The files tools/train.py writes and what makes a resumed run exact: the training-state format, weight files,
-the RNG states of python, numpy and torch, and the progress counters."""
+"""The files a training run (vim-train, tools/train.py) writes and what makes a resumed run exact: the
+training-state format, weight files, the RNG states of python, numpy and torch, and the progress counters."""
 from __future__ import annotations
 
 import dataclasses

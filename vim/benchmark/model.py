@@ -1,0 +1,291 @@
+"""Vim against DeiT (timm, SDPA attention), measured side by side in one run.
+
+    python tools/benchmark.py                                   # CPU: Vim-Ti vs DeiT-Ti at 224, batch 1
+    python tools/benchmark.py --device cuda --pairs tiny small base --img-sizes 224 512 768 1024 1248 2048 \
+        --dtypes fp32 bf16 --train --scan --vim-only-sizes 4096
+
+Each pair (vim_<size>_patch16_224, deit_<size>_patch16_224) is timed in alternating rounds so that both see the
+same machine state; the median round counts. Inference: images/s, latency, peak memory (CUDA). Training (--train):
+one AdamW step with bf16 autocast on CUDA (fp32 on CPU), images/s and peak memory. ``--vim-only-sizes``: Vim alone
+at batch 1 (e.g. 4096 px, 65k tokens, where DeiT's quadratic attention is out of the comparison). A case that runs
+out of GPU memory is recorded as such and the run goes on. The JSON report is rewritten (atomically) after every
+case, so an interrupted run keeps what it measured; a PNG plot is written at the end if matplotlib is installed.
+The Vim scan backend (``--backend``, default auto: triton on CUDA) is recorded in the report.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from vim.benchmark import scan as scan_benchmark
+from vim.kernels import available_backends, resolve_backend
+from vim.utils import atomic_write
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or 'cpu'
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                model = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f'{model}, {torch.get_num_threads()} threads'
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, min_time: float, warmup: int) -> float:
+    """Seconds per call: warm up, then repeat until ``min_time`` has passed."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return elapsed / calls
+
+
+def _peak_gib(device: torch.device, fn: Callable[[], object]) -> float | None:
+    if device.type != 'cuda':
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30
+
+
+def count_gflops(name: str, size: int) -> float:
+    """Forward GFLOPs of one image (2 per multiply-add; the Vim scan counted by its registered formula)."""
+    model = timm.create_model(name, dynamic_img_size=True, img_size=size).eval()
+    # the math SDPA backend, so that attention shows up as the matmuls the counter knows (the fused CPU kernel
+    # has no FLOP formula)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(torch.randn(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device):
+    model = timm.create_model(name, dynamic_img_size=True, img_size=size).to(device).eval()
+    x = torch.randn(batch, 3, size, size, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    @torch.inference_mode()
+    def run():
+        with autocast:
+            return model(x)
+    return run
+
+
+def training_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device):
+    model = timm.create_model(name, img_size=size).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def run():
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run
+
+
+def _measure(names: list[str], make_case, size: int, batch: int, dtype: torch.dtype, device: torch.device,
+             rounds: int, min_time: float) -> dict[str, dict]:
+    cases = {n: make_case(n, size, batch, dtype, device) for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names:
+            times[n].append(time_fn(cases[n], device, min_time, warmup=2 if r == 0 else 1))
+    out = {}
+    for n in names:
+        sec = statistics.median(times[n])
+        out[n] = dict(img_per_s=batch / sec, latency_ms=sec * 1e3, peak_gib=_peak_gib(device, cases[n]),
+                      rounds_ms=[t * 1e3 for t in times[n]])
+    return out
+
+
+def measure_pair(names: list[str], make_case, size: int, batch: int, dtype: torch.dtype, device: torch.device,
+                 rounds: int, min_time: float) -> dict[str, dict]:
+    """Alternate the models round by round; return median images/s and peak memory per model.
+
+    Out of GPU memory, the models are measured one at a time, and a model that still does not fit is reported as
+    ``{'oom': True}`` rather than ending the run.
+    """
+    try:
+        return _measure(names, make_case, size, batch, dtype, device, rounds, min_time)
+    except torch.OutOfMemoryError:
+        pass
+    finally:
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    out = {}
+    for n in names:
+        try:
+            out.update(_measure([n], make_case, size, batch, dtype, device, rounds, min_time))
+        except torch.OutOfMemoryError:
+            out[n] = dict(oom=True, img_per_s=None)
+        finally:
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+    return out
+
+
+def _speed(r: dict) -> str:
+    return 'out of memory' if r.get('oom') else f'{r["img_per_s"]:.1f} img/s'
+
+
+def plot(results: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple, list] = {}
+    for r in results:
+        if r['mode'] == 'inference' and r['img_per_s']:
+            series.setdefault((r['model'], r['dtype']), []).append((r['img_size'], r['img_per_s']))
+    for (model, dtype), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=f'{model} {dtype}')
+    ax.set_xlabel('image size (px)')
+    ax.set_ylabel('images / s')
+    ax.set_yscale('log')
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--pairs', nargs='+', default=['tiny'], choices=['tiny', 'small', 'base'])
+    p.add_argument('--img-sizes', nargs='+', type=int, default=[224])
+    p.add_argument('--vim-only-sizes', nargs='*', type=int, default=[],
+                   help='sizes to time Vim alone at, batch 1 (e.g. 4096)')
+    p.add_argument('--backend', default=None, choices=['auto', *available_backends()],
+                   help='Vim scan backend ($VIM_SCAN_BACKEND; default auto: triton on CUDA)')
+    p.add_argument('--dtypes', nargs='+', default=['fp32'], choices=sorted(DTYPES))
+    p.add_argument('--batch-size', type=int, default=None, help='default: 1 on CPU, 64 (<=512 px) / 8 on CUDA')
+    p.add_argument('--train', action='store_true', help='also time a training step at 224 px')
+    p.add_argument('--train-batch-size', type=int, default=None, help='default: 8 on CPU, 128 on CUDA')
+    p.add_argument('--train-img-size', type=int, default=224)
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    p.add_argument('--flops', action='store_true', help='also count forward GFLOPs per image (on CPU)')
+    p.add_argument('--scan', action='store_true', help='also time the scan alone against its floor '
+                   '(tools/benchmark_scan.py with its defaults for the device)')
+    p.add_argument('--rounds', type=int, default=5)
+    p.add_argument('--min-time', type=float, default=1.0, help='seconds per timing')
+    p.add_argument('--out', type=Path, default=None, help='JSON path (default benchmarks/<device>-<date>.json)')
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.backend:
+        os.environ['VIM_SCAN_BACKEND'] = args.backend
+    device = torch.device(args.device)
+    on_cuda = device.type == 'cuda'
+    started = dt.datetime.now(dt.timezone.utc)
+    out = args.out or Path('benchmarks') / f'{device.type}-{started:%Y%m%d-%H%M}.json'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    report = dict(
+        date=started.isoformat(timespec='seconds'), device=device_name(device),
+        command=' '.join(['python tools/benchmark.py'] + (argv if argv is not None else sys.argv[1:])),
+        scan_backend=resolve_backend(None, torch.empty(0, device=device)), torch=torch.__version__,
+        timm=timm.__version__, python=platform.python_version(), complete=False, results=results, scan=None)
+
+    def save() -> None:
+        atomic_write(out, json.dumps(report, indent=1).encode())
+
+    for size_name in args.pairs:
+        names = [f'vim_{size_name}_patch16_224', f'deit_{size_name}_patch16_224']
+        for dtype_name in args.dtypes:
+            for size in args.img_sizes:
+                batch = args.batch_size or ((64 if size <= 512 else 8) if on_cuda else 1)
+                res = measure_pair(names, inference_case, size, batch, DTYPES[dtype_name], device,
+                                   args.rounds, args.min_time)
+                for n, r in res.items():
+                    if args.flops:
+                        r['gflops_per_img'] = count_gflops(n, size)
+                    results.append(dict(mode='inference', model=n, img_size=size, batch=batch, dtype=dtype_name, **r))
+                save()
+                print(f'{size_name:5s} {dtype_name} {size:5d}px b{batch:<3d} ' + '  '.join(
+                    f'{n}: {_speed(r)}' for n, r in res.items()), flush=True)
+            for size in args.vim_only_sizes:
+                res = measure_pair(names[:1], inference_case, size, 1, DTYPES[dtype_name], device, args.rounds,
+                                   args.min_time)
+                results.append(dict(mode='inference', model=names[0], img_size=size, batch=1, dtype=dtype_name,
+                                    **res[names[0]]))
+                save()
+                print(f'{size_name:5s} {dtype_name} {size:5d}px b1   {names[0]}: {_speed(res[names[0]])}', flush=True)
+        if args.train:
+            batch = args.train_batch_size or (128 if on_cuda else 8)
+            dtype = torch.bfloat16 if on_cuda else torch.float32
+            size = args.train_img_size
+            res = measure_pair(names, training_case, size, batch, dtype, device, args.rounds, args.min_time)
+            for n, r in res.items():
+                results.append(dict(mode='train', model=n, img_size=size, batch=batch,
+                                    dtype='bf16' if on_cuda else 'fp32', **r))
+            save()
+            print(f'{size_name:5s} train {size}px b{batch} ' + '  '.join(
+                f'{n}: {_speed(r)}' for n, r in res.items()), flush=True)
+
+    print('\nVim / DeiT images-per-second ratio (same run):')
+    print(f'{"pair":6s} {"mode":9s} {"dtype":5s} {"size":>5s} {"vim img/s":>10s} {"deit img/s":>10s} {"ratio":>6s}')
+    by_key = {(r['mode'], r['model'], r['dtype'], r['img_size']): r for r in results}
+    for r in results:
+        deit = by_key.get((r['mode'], r['model'].replace('vim_', 'deit_'), r['dtype'], r['img_size']))
+        if not r['model'].startswith('vim_') or deit is None:
+            continue
+        fmt = lambda x: f'{x["img_per_s"]:10.1f}' if x['img_per_s'] else f'{"OOM":>10s}'  # noqa: E731
+        if r['img_per_s'] and deit['img_per_s']:
+            r['ratio_to_deit'] = r['img_per_s'] / deit['img_per_s']
+        ratio = f'{r["ratio_to_deit"]:6.2f}' if 'ratio_to_deit' in r else f'{"-":>6s}'
+        pair = r['model'].split('_')[1]
+        print(f'{pair:6s} {r["mode"]:9s} {r["dtype"]:5s} {r["img_size"]:5d} {fmt(r)} {fmt(deit)} {ratio}')
+
+    if args.scan:
+        shapes = [(8, 6085), (128, 197), (1, 16385)] if on_cuda else [(1, 197)]
+        report['scan'] = scan_benchmark.run(device, args.dtypes, shapes, 384, 16,
+                                            scan_benchmark.default_backends(device), args.min_time, None, 1.98,
+                                            1 << 30 if on_cuda else 1 << 27)
+    report['complete'] = True
+    save()
+    png = out.with_suffix('.png')
+    print(f'\nwrote {out}' + (f' and {png}' if plot(results, png) else ' (install matplotlib for a PNG plot)'))
+    return 0

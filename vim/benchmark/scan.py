@@ -1,0 +1,185 @@
+"""The mixer's ops alone: time, bytes moved, exp() count, and the floor they imply, per backend. The bidirectional
+scan, and the two-branch causal conv + silu in front of it (rows under 'conv').
+
+    python tools/benchmark_scan.py --device cuda --dtypes bf16 fp32      # Vim-Ti's d_inner 384, N 16
+    python tools/benchmark.py --scan ...                                 # the same rows inside the model benchmark
+
+Floor of a kernel = max(bytes moved / copy bandwidth, exp count / exp rate). The copy bandwidth is measured in the
+same run (a large device-to-device tensor copy); the exp rate is ``--exp-rate`` if given, else, on CUDA, SMs x 16
+exp2 per clock x ``--clock-ghz`` (1.98, an H100 SXM's boost clock: shared/ANCHORS.md), else unknown (CPU).
+Bytes count what an ideal fused kernel must touch once: the inputs and the output in their dtypes (forward),
+plus the output gradient read and the input gradients written (backward). exp count: one per (direction, batch,
+channel, token, state), forward and again in the backward's recomputation. The conv's floor is its bytes: x read and
+both branches written (forward); x and both branches' gradients read, x's gradient written (backward).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from vim.kernels import available_backends, bidirectional_conv_silu, bidirectional_scan
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def _time(fn, device: torch.device, min_time: float) -> float:
+    fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        if time.perf_counter() - start >= min_time:
+            return (time.perf_counter() - start) / calls
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, min_time: float) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _time(lambda: dst.copy_(src), device, min_time)
+
+
+def scan_inputs(batch: int, dim: int, dstate: int, seqlen: int, dtype: torch.dtype, device: torch.device):
+    g = torch.Generator(device='cpu').manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+    u, delta = r(batch, 2, dim, seqlen), r(batch, 2, dim, seqlen, scale=0.5)
+    B, C, z = r(batch, 2, dstate, seqlen), r(batch, 2, dstate, seqlen), r(batch, dim, seqlen)
+    A = -torch.rand(2, dim, dstate, generator=g).to(device) * 4 - 0.1
+    D, bias = torch.randn(2, dim, generator=g).to(device), torch.randn(2, dim, generator=g).to(device) * 0.5
+    return u, delta, A, B, C, D, z, bias
+
+
+def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype: torch.dtype,
+            device: torch.device, min_time: float) -> dict:
+    inputs = scan_inputs(batch, dim, dstate, seqlen, dtype, device)
+    u, delta, A, B, C, D, z, bias = inputs
+    elt = torch.finfo(dtype).bits // 8
+    act_bytes = sum(t.numel() for t in (u, delta, B, C, z)) * elt  # activations, in their dtype
+    param_bytes = sum(t.numel() for t in (A, D, bias)) * 4  # fp32
+    out_bytes = batch * dim * seqlen * elt
+    fwd_bytes = act_bytes + param_bytes + out_bytes
+    bwd_bytes = fwd_bytes + out_bytes + act_bytes + param_bytes  # + dy read, + gradients of every input
+    exps = 2 * batch * dim * seqlen * dstate
+
+    def fwd():
+        with torch.no_grad():
+            bidirectional_scan(*inputs, backend=backend)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    grad = torch.randn(batch, dim, seqlen, device=device, dtype=dtype)
+
+    def fwd_bwd():
+        bidirectional_scan(*leaves, backend=backend).backward(grad)
+    t_fwd = _time(fwd, device, min_time)
+    t_fb = _time(fwd_bwd, device, min_time)
+    t_bwd = max(t_fb - t_fwd, 1e-12)
+    return dict(backend=backend, batch=batch, dim=dim, dstate=dstate, seqlen=seqlen, dtype=str(dtype).split('.')[-1],
+                fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
+                fwd_exps=exps, bwd_exps=exps, fwd_gbps=fwd_bytes / t_fwd / 1e9, bwd_gbps=bwd_bytes / t_bwd / 1e9,
+                fwd_exp_per_s=exps / t_fwd, bwd_exp_per_s=exps / t_bwd)
+
+
+def measure_conv(backend: str, batch: int, dim: int, seqlen: int, width: int, dtype: torch.dtype,
+                 device: torch.device, min_time: float) -> dict:
+    g = torch.Generator(device='cpu').manual_seed(0)
+    # x as the mixer passes it: a transposed slice of in_proj's (batch, seqlen, 2 * dim) output
+    xz = torch.randn(batch, seqlen, 2 * dim, generator=g).to(device=device, dtype=dtype)
+    x = xz.transpose(1, 2)[:, :dim]
+    weight = torch.randn(2, dim, width, generator=g).to(device) / width
+    bias = torch.randn(2, dim, generator=g).to(device)
+    elt = torch.finfo(dtype).bits // 8
+    tokens = batch * dim * seqlen
+    params = weight.numel() * 4 + bias.numel() * 4
+    fwd_bytes = 3 * tokens * elt + params
+    bwd_bytes = 4 * tokens * elt + 2 * params
+
+    def fwd():
+        with torch.no_grad():
+            bidirectional_conv_silu(x, weight, bias, backend=backend)
+    leaves = [t.detach().requires_grad_() for t in (xz, weight, bias)]
+    grad = torch.randn(batch, 2, dim, seqlen, device=device, dtype=dtype)
+
+    def fwd_bwd():
+        bidirectional_conv_silu(leaves[0].transpose(1, 2)[:, :dim], *leaves[1:], backend=backend).backward(grad)
+    t_fwd = _time(fwd, device, min_time)
+    t_bwd = max(_time(fwd_bwd, device, min_time) - t_fwd, 1e-12)
+    return dict(backend=backend, batch=batch, dim=dim, width=width, seqlen=seqlen, dtype=str(dtype).split('.')[-1],
+                fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
+                fwd_gbps=fwd_bytes / t_fwd / 1e9, bwd_gbps=bwd_bytes / t_bwd / 1e9,
+                fwd_exps=2 * tokens, bwd_exps=2 * tokens)
+
+
+def add_floors(row: dict, copy_bps: float, exp_rate: float | None) -> dict:
+    for phase in ('fwd', 'bwd'):
+        floor = row[f'{phase}_bytes'] / copy_bps
+        if exp_rate:
+            floor = max(floor, row[f'{phase}_exps'] / exp_rate)
+        row[f'{phase}_floor_ms'] = floor * 1e3
+        row[f'{phase}_x_floor'] = row[f'{phase}_ms'] / row[f'{phase}_floor_ms']
+    return row
+
+
+def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], dim: int, dstate: int,
+        backends: list[str], min_time: float, exp_rate: float | None, clock_ghz: float,
+        copy_bytes: int) -> dict:
+    if exp_rate is None and device.type == 'cuda':
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        exp_rate = sms * 16 * clock_ghz * 1e9
+    copy_bps = copy_bandwidth(device, copy_bytes, min_time)
+    rows, conv_rows = [], []
+    for backend in backends:
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            for batch, seqlen in shapes:
+                scan = add_floors(measure(backend, batch, dim, dstate, seqlen, dtype, device, min_time), copy_bps,
+                                  exp_rate)
+                conv = add_floors(measure_conv(backend, batch, dim, seqlen, 4, dtype, device, min_time), copy_bps,
+                                  exp_rate)
+                rows.append(scan)
+                conv_rows.append(conv)
+                for op, row in (('scan', scan), ('conv', conv)):
+                    print(f'{op} {backend:9s} {dtype_name} {batch}x{seqlen}: fwd {row["fwd_ms"]:.3f} ms '
+                          f'({row["fwd_gbps"]:.0f} GB/s, {row["fwd_x_floor"]:.1f}x floor), bwd {row["bwd_ms"]:.3f} '
+                          f'ms ({row["bwd_gbps"]:.0f} GB/s, {row["bwd_x_floor"]:.1f}x floor)', flush=True)
+    return dict(copy_gbps=copy_bps / 1e9, exp_rate=exp_rate, scan=rows, conv=conv_rows)
+
+
+def default_backends(device: torch.device) -> list[str]:
+    return [b for b in available_backends() if device.type == 'cuda' or b == 'reference']
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtypes', nargs='+', default=['fp32'], choices=sorted(DTYPES))
+    p.add_argument('--shapes', nargs='+', default=None,
+                   help='BATCHxSEQLEN, default 8x6085 128x197 1x16385 on CUDA, 1x197 on CPU')
+    p.add_argument('--dim', type=int, default=384, help="d_inner (Vim-Ti: 384)")
+    p.add_argument('--dstate', type=int, default=16)
+    p.add_argument('--backends', nargs='+', default=None)
+    p.add_argument('--min-time', type=float, default=1.0)
+    p.add_argument('--exp-rate', type=float, default=None, help='exp() per second of the device')
+    p.add_argument('--clock-ghz', type=float, default=1.98)
+    p.add_argument('--out', type=Path, default=None, help='JSON output')
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = args.shapes or (['8x6085', '128x197', '1x16385'] if device.type == 'cuda' else ['1x197'])
+    shapes = [tuple(int(v) for v in s.lower().split('x')) for s in shapes]
+    copy_bytes = 1 << 30 if device.type == 'cuda' else 1 << 27
+    report = run(device, args.dtypes, shapes, args.dim, args.dstate, args.backends or default_backends(device),
+                 args.min_time, args.exp_rate, args.clock_ghz, copy_bytes)
+    print(f'copy bandwidth {report["copy_gbps"]:.0f} GB/s; exp rate '
+          + (f'{report["exp_rate"]:.3g}/s' if report['exp_rate'] else 'unknown (floor from bytes only)'))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
