@@ -38,13 +38,16 @@ def test_config_describes_the_recipe(name):
     assert cfg.model.neck.in_channels == (384 if 'small' in name else 192)
     assert cfg.optim_wrapper.constructor == 'VimLayerDecayOptimizerConstructor'
     assert cfg.custom_imports.imports == ['vim.mmdet']
-    assert cfg.model.roi_head.type == ('CascadeRoIHead' if name.startswith('cascade') else 'StandardRoIHead')
+    cascade = name.startswith('cascade')
+    assert cfg.model.type == ('CascadeRCNN' if cascade else 'MaskRCNN')  # the detector the logs and checkpoints name
+    assert cfg.model.roi_head.type == ('CascadeRoIHead' if cascade else 'StandardRoIHead')
 
 
 @pytest.mark.parametrize('name', DET_CONFIG_NAMES[:2])
 def test_train_one_iteration_then_evaluate(name, coco_root, tmp_path):
     cfg = shrink_det_config(Config.fromfile(DET_CONFIGS / name), coco_root, tmp_path)
     runner = Runner.from_cfg(cfg)
+    assert type(runner.model).__name__ == ('CascadeRCNN' if name.startswith('cascade') else 'MaskRCNN')
     before = runner.model.backbone.layers[0].mixer.in_proj.weight.detach().clone()
     runner.train()  # one iteration (loss, backward, AdamW step with layer decay), then validation
     after = runner.model.backbone.layers[0].mixer.in_proj.weight.detach()
