@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -107,8 +107,8 @@ def test_help_and_a_clear_error_without_the_mm_stack(monkeypatch, capsys):
         cli.train_main(['some_config.py'])
 
 
-def test_tools_are_thin_commands_over_the_package():
-    """tools/*_mm.py import only vim.mm.cli and print its --help; pyproject installs the same functions."""
+def test_tools_are_thin_commands_over_the_package(monkeypatch, capsys):
+    """tools/*_mm.py import only vim.mm.cli and print its --help as scripts; pyproject installs the same functions."""
     tomllib = pytest.importorskip('tomllib')
     scripts = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['scripts']
     assert scripts['vim-train-mm'] == 'vim.mm.cli:train_main' and scripts['vim-test-mm'] == 'vim.mm.cli:test_main'
@@ -116,9 +116,11 @@ def test_tools_are_thin_commands_over_the_package():
         tree = ast.parse((REPO / 'tools' / f'{tool}.py').read_text())
         imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
         assert [(n.module, [a.name for a in n.names]) for n in imports] == [('vim.mm.cli', [main])]
-        out = subprocess.run([sys.executable, str(REPO / 'tools' / f'{tool}.py'), '--help'], capture_output=True,
-                             text=True, check=True, cwd=REPO).stdout
-        assert out.startswith(f'usage: {tool}.py') and '--data-root' in out
+        monkeypatch.setattr(sys, 'argv', [f'{tool}.py', '--help'])
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(REPO / 'tools' / f'{tool}.py'), run_name='__main__')
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0 and out.startswith(f'usage: {tool}.py') and '--data-root' in out
 
 
 def test_amp_flag_selects_bf16():
