@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import os.path as osp
 from collections.abc import Iterator, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
+
+# An mmengine Config (dict-like, not a Mapping) or a plain dict of dicts.
+ConfigLike = Union['Config', MutableMapping]
 
 __all__ = ['set_data_root', 'set_img_size', 'leaf_datasets', 'DATALOADERS']
 
@@ -43,7 +49,7 @@ def leaf_datasets(node: MutableMapping, path: str) -> Iterator[tuple[str, Mutabl
         yield path, node
 
 
-def _loader_datasets(cfg: MutableMapping) -> Iterator[tuple[str, str, MutableMapping]]:
+def _loader_datasets(cfg: ConfigLike) -> Iterator[tuple[str, str, MutableMapping]]:
     for loader in DATALOADERS:
         if cfg.get(loader) is not None and cfg[loader].get('dataset') is not None:
             for path, dataset in leaf_datasets(cfg[loader]['dataset'], f'{loader}.dataset'):
@@ -55,7 +61,7 @@ def _is_under(path: str, root: str) -> bool:
     return rel != osp.pardir and not rel.startswith(osp.pardir + osp.sep)
 
 
-def set_data_root(cfg: MutableMapping, data_root: str) -> list[str]:
+def set_data_root(cfg: ConfigLike, data_root: str) -> list[str]:
     """Point every dataset of the config at ``data_root``, keeping the layout below it.
 
     Sets ``data_root`` of every dataset of the train, val and test dataloaders (through wrappers: detection's
@@ -120,7 +126,7 @@ class _Scaler:
         self._done: set[tuple[int, str]] = set()
 
     def key(self, node: Any, key: str, path: str) -> None:
-        if isinstance(node, MutableMapping) and node.get(key) is not None and (id(node), key) not in self._done:
+        if hasattr(node, 'get') and node.get(key) is not None and (id(node), key) not in self._done:
             self._done.add((id(node), key))
             node[key] = _scaled(node[key], self.factor)
             self.changed.append(path)
@@ -144,7 +150,7 @@ def _square_size(value: Any, what: str) -> int:
     return int(size[0])
 
 
-def set_img_size(cfg: MutableMapping, img_size: int) -> list[str]:
+def set_img_size(cfg: ConfigLike, img_size: int) -> list[str]:
     """Train (or test) at ``img_size`` x ``img_size``: every size of the config scaled by ``img_size / old``.
 
     ``old`` is ``model.backbone.img_size`` (the training resolution, square). Scaled alike: the backbone's
