@@ -43,7 +43,7 @@ def test_config_describes_the_recipe(name):
     assert cfg.model.roi_head.type == ('CascadeRoIHead' if cascade else 'StandardRoIHead')
 
 
-@pytest.mark.parametrize('name', DET_CONFIG_NAMES[:2])
+@pytest.mark.parametrize('name', DET_CONFIG_NAMES[:1])  # the cascade one: test_tools, through vim-train-mm
 def test_train_one_iteration_then_evaluate(name, coco_root, tmp_path):
     cfg = shrink_det_config(Config.fromfile(DET_CONFIGS / name), coco_root, tmp_path)
     runner = Runner.from_cfg(cfg)
