@@ -96,7 +96,8 @@ def set_data_root(cfg: ConfigLike, data_root: str) -> list[str]:
             if old_root is None or not _is_under(ann_file, old_root):
                 raise ValueError(
                     f'--data-root: {key} = {ann_file!r} is not under the data_root of {loader} ({old_root!r}), so '
-                    f'its place under {data_root!r} is unknown; set it with --cfg-options {key}=... instead.')
+                    f'its place under {data_root!r} is unknown. Leave out --data-root and set the paths with '
+                    f'--cfg-options (e.g. {key}=...), or keep the annotation file under the data root.')
             metric['ann_file'] = osp.join(data_root, osp.relpath(osp.normpath(ann_file), osp.normpath(old_root)))
             changed.append(key)
     if 'data_root' in cfg:
