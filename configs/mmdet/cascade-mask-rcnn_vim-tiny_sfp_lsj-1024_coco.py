@@ -32,6 +32,7 @@ def _rcnn_stage(iou):
 
 
 model = dict(
+    type='CascadeRCNN',  # mmdet's cascade detector (the base is a MaskRCNN); same pieces, cascade RoI head
     roi_head=dict(
         _delete_=True,
         type='CascadeRoIHead',

@@ -1,5 +1,7 @@
-"""Tiny COCO- and ADE20k-format datasets, official-layout checkpoints, and helpers that shrink the repository's
-configs to a CPU-sized model while keeping everything else (heads, pyramid, losses, metrics, optimizer) as is."""
+"""Tiny COCO- and ADE20k-format datasets (in the layouts the configs expect), official-layout checkpoints, and
+helpers that shrink the repository's configs to a CPU-sized model while keeping everything else (heads, pyramid,
+losses, metrics, optimizer) as is. Dataset location and input size go through the same code as the commands'
+``--data-root`` and ``--img-size`` (:mod:`vim.mm.config`)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import vim  # noqa: F401  (registers the timm models)
+from vim.mm.config import set_data_root, set_img_size
 from vim.models import vim_to_official
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,6 +46,7 @@ def _shape_image(rng: np.random.Generator, h: int, w: int) -> tuple[Image.Image,
 
 @pytest.fixture(scope='session')
 def coco_root(tmp_path_factory) -> Path:
+    pytest.importorskip('mmdet', reason='the mm stack is installed by `make install-mm`')  # for its class names
     return make_coco(tmp_path_factory.mktemp('coco'))
 
 
@@ -52,15 +56,18 @@ def ade_root(tmp_path_factory) -> Path:
 
 
 def make_coco(root: Path) -> Path:
-    """data_root with images/ and annotations/tiny.json: 3 images (one non-square), 2 polygons each."""
-    (root / 'images').mkdir()
+    """A COCO data_root as mmdet's configs expect it: train2017/, val2017/ and annotations/instances_{train,val}2017
+    .json, each split the same 3 images (one non-square) with 2 polygons each."""
+    for split in ('train2017', 'val2017'):
+        (root / split).mkdir()
     (root / 'annotations').mkdir()
     rng = np.random.default_rng(0)
     images, anns = [], []
     for i, (h, w) in enumerate([(128, 128), (128, 128), (96, 128)]):
         img, shapes = _shape_image(rng, h, w)
         name = f'{i:04d}.jpg'
-        img.save(root / 'images' / name, quality=95)
+        for split in ('train2017', 'val2017'):
+            img.save(root / split / name, quality=95)
         images.append(dict(id=i + 1, file_name=name, height=h, width=w))
         for k, poly in shapes:
             xs, ys = poly[0::2], poly[1::2]
@@ -72,8 +79,9 @@ def make_coco(root: Path) -> Path:
 
     categories = [dict(id=i + 1, name=name) for i, name in enumerate(CocoDataset.METAINFO['classes'])]
     assert [categories[i - 1]['name'] for i in DRAWN_CATEGORY_IDS] == ['person', 'car']
-    (root / 'annotations' / 'tiny.json').write_text(
-        json.dumps(dict(images=images, annotations=anns, categories=categories)))
+    for split in ('train2017', 'val2017'):
+        (root / 'annotations' / f'instances_{split}.json').write_text(
+            json.dumps(dict(images=images, annotations=anns, categories=categories)))
     return root
 
 
@@ -106,28 +114,14 @@ def save_official_checkpoint(path: Path, model_name: str, **kwargs) -> dict:
     return official
 
 
-def shrink_det_config(cfg, coco_root: Path, work_dir: Path):
-    """The repository's detection config with a CPU-sized backbone, 128² images and the tiny COCO set."""
-    size = (DET_SIZE, DET_SIZE)
+def tiny_det_config(cfg, work_dir: Path):
+    """The repository's detection config with a CPU-sized backbone, proposal and RoI counts and one iteration; data
+    location and input size left as the config has them (set them with :func:`shrink_det_config` or the options)."""
     cfg.work_dir = str(work_dir)
-    cfg.model.backbone.update(arch=TINY_ARCH, img_size=size, init_cfg=None)
+    cfg.model.backbone.update(arch=TINY_ARCH, init_cfg=None)
     cfg.model.neck.in_channels = TINY_ARCH['embed_dim']
-    cfg.model.data_preprocessor.batch_augments[0].size = size
-    for t in cfg.train_dataloader.dataset.dataset.pipeline:
-        if t.type == 'RandomResize':
-            t.scale = size
-        if t.type == 'RandomCrop':
-            t.crop_size = size
-    for t in cfg.test_pipeline:
-        if t.type == 'Resize':
-            t.scale = size
-    ann = str(coco_root / 'annotations' / 'tiny.json')
-    data = dict(data_root=str(coco_root), ann_file=ann, data_prefix=dict(img='images/'))
-    cfg.train_dataloader.dataset.dataset.update(data, filter_cfg=dict(filter_empty_gt=True, min_size=8))
+    cfg.train_dataloader.dataset.dataset.filter_cfg.min_size = 8
     cfg.train_dataloader.dataset.times = 1
-    cfg.val_dataloader.dataset.update(data, pipeline=cfg.test_pipeline)
-    cfg.test_dataloader = cfg.val_dataloader
-    cfg.val_evaluator.ann_file = ann
     # CPU-sized proposal and RoI counts (the heads' convs over 512-1000 RoIs dominate the time otherwise), and
     # after one iteration every class score is ~1/81, under the default 0.05: keep boxes so CocoMetric has some.
     train_cfg, test_cfg = cfg.model.train_cfg, cfg.model.test_cfg
@@ -136,34 +130,36 @@ def shrink_det_config(cfg, coco_root: Path, work_dir: Path):
         stage.sampler.num = 32
     test_cfg.rpn.update(nms_pre=200, max_per_img=64)
     test_cfg.rcnn.update(score_thr=0.0, max_per_img=20)
-    cfg.test_evaluator = cfg.val_evaluator
+    _cpu_loader_settings(cfg, batch_size=2)
+    return cfg
+
+
+def shrink_det_config(cfg, coco_root: Path, work_dir: Path):
+    """:func:`tiny_det_config` on the tiny COCO set at 128² (what ``--data-root`` and ``--img-size 128`` do)."""
+    tiny_det_config(cfg, work_dir)
+    set_data_root(cfg, str(coco_root))
+    set_img_size(cfg, DET_SIZE)
+    return cfg
+
+
+def tiny_seg_config(cfg, work_dir: Path):
+    """The repository's segmentation config with a CPU-sized backbone and heads and one iteration; data location and
+    input size left as the config has them."""
+    dim = TINY_ARCH['embed_dim']
+    cfg.work_dir = str(work_dir)
+    cfg.model.backbone.update(arch=TINY_ARCH, out_indices=(0, 1, 2, 3), init_cfg=None)
+    cfg.model.neck.embed_dim = dim
+    cfg.model.decode_head.update(in_channels=[dim] * 4, channels=dim)
+    cfg.model.auxiliary_head.in_channels = dim
     _cpu_loader_settings(cfg, batch_size=2)
     return cfg
 
 
 def shrink_seg_config(cfg, ade_root: Path, work_dir: Path):
-    """The repository's segmentation config with a CPU-sized backbone, 128² crops and the tiny ADE set."""
-    crop = (SEG_SIZE, SEG_SIZE)
-    dim = TINY_ARCH['embed_dim']
-    cfg.work_dir = str(work_dir)
-    cfg.model.backbone.update(arch=TINY_ARCH, img_size=crop, out_indices=(0, 1, 2, 3), init_cfg=None)
-    cfg.model.data_preprocessor.size = crop
-    cfg.model.neck.embed_dim = dim
-    cfg.model.decode_head.update(in_channels=[dim] * 4, channels=dim)
-    cfg.model.auxiliary_head.in_channels = dim
-    cfg.model.test_cfg.update(crop_size=crop, stride=(85, 85))
-    for t in cfg.train_dataloader.dataset.pipeline:
-        if t.type == 'RandomResize':
-            t.scale = (4 * SEG_SIZE, SEG_SIZE)
-        if t.type == 'RandomCrop':
-            t.crop_size = crop
-    for t in cfg.val_dataloader.dataset.pipeline:
-        if t.type == 'Resize':
-            t.scale = (4 * SEG_SIZE, SEG_SIZE)
-    cfg.train_dataloader.dataset.data_root = str(ade_root)
-    cfg.val_dataloader.dataset.data_root = str(ade_root)
-    cfg.test_dataloader = cfg.val_dataloader
-    _cpu_loader_settings(cfg, batch_size=2)
+    """:func:`tiny_seg_config` on the tiny ADE set with 128² crops (what ``--data-root`` and ``--img-size 128`` do)."""
+    tiny_seg_config(cfg, work_dir)
+    set_data_root(cfg, str(ade_root))
+    set_img_size(cfg, SEG_SIZE)
     return cfg
 
 

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip('mmseg', reason='the mm stack is installed by `make install-mm`')
 
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
-from timm.layers import resample_abs_pos_embed  # noqa: E402
 
 from tests.downstream.conftest import SEG_CONFIGS, TINY_ARCH, save_official_checkpoint, shrink_seg_config  # noqa: E402
 
@@ -92,11 +92,38 @@ def test_official_weights_through_init_cfg_at_512(tmp_path, model_name, stride, 
     assert pos.shape == (1, new * new + 1, 192)
     torch.testing.assert_close(pos[:, cls_new], official['pos_embed'][:, cls_old], rtol=0, atol=0)
     patches = torch.cat([official['pos_embed'][:, :cls_old], official['pos_embed'][:, cls_old + 1:]], dim=1)
-    expected = resample_abs_pos_embed(patches, new_size=[new, new], old_size=[old, old], num_prefix_tokens=0)
-    torch.testing.assert_close(torch.cat([pos[:, :cls_new], pos[:, cls_new + 1:]], dim=1), expected)
+    torch.testing.assert_close(torch.cat([pos[:, :cls_new], pos[:, cls_new + 1:]], dim=1),
+                               _plain_bicubic(patches, (old, old), (new, new)))
     # the seg backbone has no final norm: the checkpoint's norm_f and head are skipped, everything else loaded
     assert isinstance(backbone.norm, torch.nn.Identity)
     torch.testing.assert_close(backbone.patch_embed.proj.weight.detach(), official['patch_embed.proj.weight'])
     with torch.no_grad():
         feats = backbone(torch.randn(1, 3, 64, 96))  # a small non-square input: pos_embed resampled on the fly
     assert [tuple(f.shape) for f in feats] == [(1, 192, 64 // stride, 96 // stride)] * 2
+
+
+def test_per_input_resampling_is_plain_bicubic():
+    """At an input size other than img_size the backbone resamples pos_embed as mmseg's ViT and ViTDet do (plain
+    bicubic), not with timm's antialiased default."""
+    init_default_scope('mmseg')
+    from mmseg.registry import MODELS
+
+    import vim.mmseg  # noqa: F401
+
+    backbone = MODELS.build(dict(type='VisionMambaSeg', arch=TINY_ARCH, img_size=128, out_indices=(0,))).eval()
+    with torch.no_grad():
+        backbone.cls_token.zero_()
+        pos = backbone.pos_embed.detach().clone()
+        per_input = backbone._pos_embed(torch.zeros(1, 6 * 10, TINY_ARCH['embed_dim']), (6, 10))
+    cls_idx = 8 * 8 // 2
+    patches = torch.cat([pos[:, :cls_idx], pos[:, cls_idx + 1:]], dim=1)
+    torch.testing.assert_close(torch.cat([per_input[:, :30], per_input[:, 31:]], dim=1),
+                               _plain_bicubic(patches, (8, 8), (6, 10)))
+    torch.testing.assert_close(per_input[:, 30], pos[:, cls_idx], rtol=0, atol=0)
+
+
+def _plain_bicubic(patches: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """(1, old_h * old_w, C) patch rows -> (1, new_h * new_w, C) with plain F.interpolate (the official recipes)."""
+    img = patches.reshape(1, *old, -1).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=new, mode='bicubic', align_corners=False)
+    return img.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1)

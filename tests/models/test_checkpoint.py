@@ -92,16 +92,45 @@ def test_wrong_variant_names_the_shapes(tmp_path):
     assert 'layers.0.mixer.in_proj.weight: checkpoint (192, 48) vs model (128, 32)' in str(err.value)
 
 
-def _hand_resample(pos, old_grid, new_grid):
-    """Patch rows (class row at index M // 2 removed) bicubically resized as an image; class row re-inserted."""
+def _hand_resample(pos, old_grid, new_grid, antialias=False):
+    """Patch rows (class row at index M // 2 removed) resized as an image with plain ``F.interpolate`` (bicubic,
+    align_corners=False: the official DeiT/Vim fine-tuning code; ``antialias=True``: timm's default); class row
+    re-inserted at the new M' // 2."""
     m = old_grid[0] * old_grid[1]
     cls = pos[:, m // 2]
     patches = torch.cat([pos[:, :m // 2], pos[:, m // 2 + 1:]], 1)
     img = patches.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
-    img = F.interpolate(img, size=new_grid, mode='bicubic', antialias=True, align_corners=False)
+    img = F.interpolate(img, size=new_grid, mode='bicubic', antialias=antialias, align_corners=False)
     patches = img.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1)
     n = new_grid[0] * new_grid[1]
     return torch.cat([patches[:, :n // 2], cls[:, None], patches[:, n // 2:]], 1)
+
+
+def _sincos_pos_embed(grid, dim):
+    """A smooth (1, M + 1, dim) table like a trained one (2-D sin-cos), class row M // 2 set apart."""
+    ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float32), torch.arange(grid[1], dtype=torch.float32),
+                            indexing='ij')
+    freqs = 1.0 / 100.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    table = torch.cat([f(c.reshape(-1, 1) * freqs) for c in (ys, xs) for f in (torch.sin, torch.cos)], dim=1)
+    m = grid[0] * grid[1]
+    return torch.cat([table[:m // 2], torch.full((1, dim), 7.0), table[m // 2:]])[None]
+
+
+@pytest.mark.parametrize('old_grid, new_grid', [
+    ((14, 14), (24, 24)),  # ImageNet fine-tuning at 384²
+    ((14, 14), (27, 27)),  # stride 16 -> 8 at 224² (the "finer granularity" fine-tune)
+    ((14, 14), (64, 64)),  # detection at 1024²
+    ((14, 14), (32, 20)),  # non-square
+    ((27, 27), (12, 12)),  # down
+])
+def test_resample_is_the_official_plain_bicubic(old_grid, new_grid):
+    """The resampling used for checkpoints at another size is plain bicubic (no antialias), not timm's default."""
+    pos = _sincos_pos_embed(old_grid, 64)
+    out = resample_pos_embed(pos, new_grid, old_grid)
+    torch.testing.assert_close(out, _hand_resample(pos, old_grid, new_grid))
+    assert out[0, new_grid[0] * new_grid[1] // 2].eq(7.0).all()  # the class row, carried over exactly
+    # the two conventions really differ on this table (else the test above could not tell them apart)
+    assert (out - _hand_resample(pos, old_grid, new_grid, antialias=True)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize('kwargs, grid', [
@@ -119,6 +148,32 @@ def test_load_into_other_resolution_or_stride(tmp_path, kwargs, grid):
     torch.testing.assert_close(model.pos_embed[0, (grid[0] * grid[1]) // 2], src.pos_embed[0, 32].detach(),
                                rtol=0, atol=0)
     torch.testing.assert_close(resample_pos_embed(src.pos_embed.detach(), grid), expected)
+
+
+def test_fine_tune_at_384_loads_the_official_resampling(tmp_path):
+    """``create_model(..., img_size=384, pretrained=True)``: the 224² release resampled 14x14 -> 24x24, plainly."""
+    src = timm.create_model('vim_tiny_patch16_224', depth=1)
+    with torch.no_grad():
+        src.pos_embed.copy_(_sincos_pos_embed((14, 14), 192))
+    _official_training_pickle(tmp_path / 'ckpt.pth', src, src)
+    model = timm.create_model('vim_tiny_patch16_224', depth=1, img_size=384, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'ckpt.pth')))
+    torch.testing.assert_close(model.pos_embed.detach(), _hand_resample(src.pos_embed.detach(), (14, 14), (24, 24)))
+
+
+def test_set_input_size_official_but_dynamic_forward_timm():
+    """set_input_size (a new fixed size) resamples like a checkpoint load; a dynamic_img_size forward at another size
+    resamples per input as timm's ViTs do (resample_abs_pos_embed's default, antialiased)."""
+    model = timm.create_model('test_vim', dynamic_img_size=True).eval()
+    with torch.no_grad():
+        model.pos_embed.copy_(_sincos_pos_embed((8, 8), 32))
+        model.cls_token.zero_()
+    pos = model.pos_embed.detach().clone()
+    with torch.no_grad():  # zero tokens: _pos_embed returns the position embedding it adds
+        per_forward = model._pos_embed(torch.zeros(1, 12 * 6, 32), (12, 6))
+    torch.testing.assert_close(per_forward, _hand_resample(pos, (8, 8), (12, 6), antialias=True))
+    model.set_input_size((96, 48))
+    torch.testing.assert_close(model.pos_embed.detach(), _hand_resample(pos, (8, 8), (12, 6)))
 
 
 def test_other_num_classes_keeps_new_head(tmp_path):

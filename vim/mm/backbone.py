@@ -37,7 +37,9 @@ class VimBackbone(VisionMamba, BaseModule):
 
     The position embedding is sized for ``img_size`` (the training resolution, to which pretrained weights are
     resampled around the middle class token) and resampled per input for other sizes, so test images need not be
-    square. The class token stays in the sequence (the pretrained model was trained with it) and is dropped from the
+    square. Both resamplings are plain bicubic (``align_corners=False``, no antialias): the official recipes' for
+    the checkpoint, and mmseg's ViT / ViTDet's per input (timm's antialiased one is for timm's own models). The
+    class token stays in the sequence (the pretrained model was trained with it) and is dropped from the
     outputs.
 
     Args:
@@ -57,6 +59,8 @@ class VimBackbone(VisionMamba, BaseModule):
             :func:`vim.mm.pretrained.resolve_checkpoint` for what ``checkpoint`` may be); anything else or None keeps
             the official random initialisation.
     """
+
+    dynamic_pos_embed_antialias = False  # per-input resampling as mmseg's ViT and ViTDet do it
 
     def __init__(
             self,

@@ -137,13 +137,25 @@ def resample_pos_embed(
         new_grid: Sequence[int],
         old_grid: Sequence[int] | None = None,
         interpolation: str = 'bicubic',
-        antialias: bool = True,
+        antialias: bool = False,
 ) -> torch.Tensor:
     """Resample a Vim position embedding whose class-token row sits in the middle of the sequence.
 
     pos_embed: (1, M + 1, C), class row at index M // 2 -> (1, M' + 1, C), class row at index M' // 2, with
-    M' = new_grid[0] * new_grid[1]. Only the M patch rows are interpolated (as a 2-D grid); the class row is
-    carried over unchanged.
+    M' = new_grid[0] * new_grid[1]. Only the M patch rows are interpolated, as a (C, *old_grid) image, in fp32
+    (returned in the input dtype); the class row is carried over unchanged.
+
+    Two conventions, both bicubic with ``align_corners=False``:
+
+    * ``antialias=False`` (the default): plain ``F.interpolate``, what the official DeiT and Vim recipes use when
+      they load a checkpoint at another size (ImageNet fine-tuning at 384², the stride-8 fine-tune, detection and
+      segmentation initialisation). Checkpoint loading (:func:`vim.models.checkpoint_filter_fn`) and
+      ``VisionMamba.set_input_size`` use it, so downstream numbers start from the same weights as the paper's.
+    * ``antialias=True``: timm's ``resample_abs_pos_embed`` default (PIL-style bicubic kernel, also when
+      upsampling), which timm models apply per forward with ``dynamic_img_size=True``; ``VisionMamba`` keeps it
+      there so that it behaves like timm's ViTs.
+
+    The two differ by ~1e-2 (14x14 -> 64x64 on a trained table).
     """
     num_patches = pos_embed.shape[1] - 1
     old_grid = tuple(old_grid) if old_grid is not None else _square_grid(num_patches)
@@ -157,7 +169,7 @@ def resample_pos_embed(
     patches = torch.cat([pos_embed[:, :cls_idx], pos_embed[:, cls_idx + 1:]], dim=1)
     patches = resample_abs_pos_embed(
         patches, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=0,
-        interpolation=interpolation, antialias=antialias)
+        interpolation=interpolation, antialias=antialias, align_corners=False)
     new_idx = (new_grid[0] * new_grid[1]) // 2
     return torch.cat([patches[:, :new_idx], cls_row, patches[:, new_idx:]], dim=1)
 

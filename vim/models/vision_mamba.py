@@ -50,6 +50,10 @@ class VisionMamba(nn.Module):
             resampling the position embedding per input.
     """
 
+    # Per-forward resampling (dynamic_img_size): timm's antialiased bicubic, as timm's ViTs do. Checkpoints loaded at
+    # another size get the official plain bicubic instead (see vim.models.checkpoint.resample_pos_embed).
+    dynamic_pos_embed_antialias: bool = True
+
     def __init__(
             self,
             img_size: int | tuple[int, int] = 224,
@@ -159,7 +163,8 @@ class VisionMamba(nn.Module):
         """x: (batch, M, C) patch tokens -> (batch, M + 1, C) with the class token at index M // 2."""
         pos_embed = self.pos_embed
         if grid != self.patch_embed.grid_size:
-            pos_embed = resample_pos_embed(pos_embed, grid, self.patch_embed.grid_size)
+            pos_embed = resample_pos_embed(
+                pos_embed, grid, self.patch_embed.grid_size, antialias=self.dynamic_pos_embed_antialias)
         mid = x.shape[1] // 2
         x = torch.cat([x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x[:, mid:]], dim=1)
         return self.pos_drop(x + pos_embed.to(x.dtype))
