@@ -97,7 +97,7 @@ def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
         out, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states=store_states)
     if states is None:
         states = u.new_empty(0, dtype=torch.float32)
-    return out.to(u.dtype), states
+    return out, states
 
 
 @_scan_op.register_fake
