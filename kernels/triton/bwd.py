@@ -66,7 +66,7 @@ def _bidirectional_scan_bwd_kernel(
     u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr = input_rows(
         u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, s_u_b, s_u_k, s_u_d, s_dt_b, s_dt_k, s_dt_d, s_B_b, s_B_k, s_B_n,
         s_C_b, s_C_k, s_C_n, s_z_b, s_z_d, b, k, offs_d, offs_n)
-    gout_ptr += b * s_go_b + offs_d[None, :] * s_go_d
+    gout_ptr += b * s_go_b + offs_d.to(tl.int64)[None, :] * s_go_d
     # gradient buffers are contiguous: gu, gdelta (batch, 2, dim, seqlen); gB, gC (batch, 2, dstate, seqlen) fp32;
     # gz (batch, dim, seqlen) fp32; gA (batch, 2, dim, dstate), gD and gbias (batch, 2, dim) fp32 partials
     gu_ptr += (b * 2 + k) * dim * seqlen + offs_d64[None, :] * seqlen

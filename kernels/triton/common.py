@@ -117,11 +117,11 @@ def load_direction_params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_
 def input_rows(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, s_u_b, s_u_k, s_u_d, s_dt_b, s_dt_k, s_dt_d,
                s_B_b, s_B_k, s_B_n, s_C_b, s_C_k, s_C_n, s_z_b, s_z_d, b, k, offs_d, offs_n):
     """Pointers to this program's rows of u, delta, z (1, BLOCK_D) and B, C (1, BLOCK_N); add token * stride."""
-    return (u_ptr + b * s_u_b + k * s_u_k + offs_d[None, :] * s_u_d,
-            delta_ptr + b * s_dt_b + k * s_dt_k + offs_d[None, :] * s_dt_d,
+    return (u_ptr + b * s_u_b + k * s_u_k + offs_d.to(tl.int64)[None, :] * s_u_d,
+            delta_ptr + b * s_dt_b + k * s_dt_k + offs_d.to(tl.int64)[None, :] * s_dt_d,
             B_ptr + b * s_B_b + k * s_B_k + offs_n[None, :] * s_B_n,
             C_ptr + b * s_C_b + k * s_C_k + offs_n[None, :] * s_C_n,
-            z_ptr + b * s_z_b + offs_d[None, :] * s_z_d)
+            z_ptr + b * s_z_b + offs_d.to(tl.int64)[None, :] * s_z_d)
 
 
 def tensor_strides(x, ndim: int) -> tuple[int, ...]:

@@ -136,8 +136,8 @@ def _segment_state_kernel(
     offs_d, n3, d3, mask_d, mask3 = _tile(dim, dstate, (pid % n_dblocks).to(tl.int32), BLOCK_D, BLOCK_N, STATE_J)
     A2, _, bias = _params(A_ptr, A_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, 0, 0, s_bias_k, s_bias_d, k, offs_d,
                           n3, d3, mask_d, mask3)
-    u_row = u_ptr + b * s_u_b + k * s_u_k + offs_d * s_u_d
-    dt_row = delta_ptr + b * s_dt_b + k * s_dt_k + offs_d * s_dt_d
+    u_row = u_ptr + b * s_u_b + k * s_u_k + offs_d.to(tl.int64) * s_u_d
+    dt_row = delta_ptr + b * s_dt_b + k * s_dt_k + offs_d.to(tl.int64) * s_dt_d
     B_row = bc_ptr + bk * seqlen * (2 * BLOCK_N) + n3 + d3 * 0  # packed B of token t at + t * 2 * BLOCK_N
     seg = e + k
     t_lo = seg * seg_len
@@ -253,7 +253,7 @@ def _scan_output_kernel(
     # out, y1: (batch, dim, seqlen); states (batch, 2, n_chunks - 1, dstate, dim); hseg (batch, 2, n_seg - 1, ...)
     out_row = out_ptr + (b * dim + offs_d) * seqlen
     y1_row = y1_ptr + (b * dim + offs_d) * seqlen
-    z_row = z_ptr + b * s_z_b + offs_d * s_z_d
+    z_row = z_ptr + b * s_z_b + offs_d.to(tl.int64) * s_z_d
     chunk_stride = dim * dstate
 
     for kk in tl.static_range(2):
@@ -266,8 +266,8 @@ def _scan_output_kernel(
         h = tl.load(hseg_ptr + ((b * 2 + k) * (n_seg - 1) + e) * chunk_stride + n3 * s_h_n + d3 * s_h_d,
                     mask=mask3 & has_prev, other=0.0)
         scan_lo = t_lo if k == 0 else seqlen - t_lo - n_tok  # the segment's first position in scan order
-        _scan_direction(u_ptr + b * s_u_b + k * s_u_k + offs_d * s_u_d,
-                        delta_ptr + b * s_dt_b + k * s_dt_k + offs_d * s_dt_d,
+        _scan_direction(u_ptr + b * s_u_b + k * s_u_k + offs_d.to(tl.int64) * s_u_d,
+                        delta_ptr + b * s_dt_b + k * s_dt_k + offs_d.to(tl.int64) * s_dt_d,
                         bc_ptr + (b * 2 + k) * seqlen * (2 * BLOCK_N) + n3 + d3 * 0,
                         s_u_l, s_dt_l, t_lo + k * (n_tok - 1), 1 - 2 * k, n_tok, h, A2, Dk, bias, mask_d, mask3,
                         y1_row, z_row, s_z_l, out_row, states_ptr + (b * 2 + k) * (n_chunks - 1) * chunk_stride,
