@@ -123,4 +123,5 @@ def sass_of(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
         f.write(cubin)
         f.flush()
-        return subprocess.check_output([triton.knobs.nvidia.cuobjdump.path, '-sass', f.name], text=True)
+        return subprocess.check_output([triton.knobs.nvidia.cuobjdump.path, '-sass', f.name], text=True,
+                                       stderr=subprocess.DEVNULL)
