@@ -1,6 +1,9 @@
 """Backward kernel of the fused bidirectional selective scan.
 
-Same grid and tiles as the forward (fwd.py). A program walks its direction's chunks from the last to the first,
+Not yet redesigned like the forward (issue 9; the static report, report.py, predicts it 16-21x above its floor): a
+program is one (dim block, direction, batch element) on a flat grid, with (CHUNK, BLOCK_D, BLOCK_N) tiles whose state
+axis is spread across lanes. It reads the chunk states the forward stores, (batch, 2, n_chunks - 1, dstate, dim).
+A program walks its direction's chunks from the last to the first,
 carrying G_next, the gradient of the hidden state at the first position of the chunk after the current one. Per chunk:
 
 1. The chunk is read backwards (addresses only) and the gradient recurrence ``G_t = C_t dy_t + dA_{t+1} G_{t+1}``
@@ -78,6 +81,7 @@ def _bidirectional_scan_bwd_kernel(
     A, Dk, bias = load_direction_params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k,
                                         s_bias_d, k, offs_d, offs_n, mask_d, mask_dn)
 
+    A2 = A * 1.4426950408889634  # exp(dt A) = exp2(dt A log2 e)
     n_chunks = tl.cdiv(seqlen, CHUNK)
     # states: (batch, 2, n_chunks - 1, dstate, dim), the forward's state after each chunk
     states_ptr += (b * 2 + k) * (n_chunks - 1) * dim * dstate + offs_n[None, :] * dim + offs_d[:, None]
@@ -108,7 +112,7 @@ def _bidirectional_scan_bwd_kernel(
         gout = tl.load(gout_ptr + tok * s_go_l, mask=mask, other=0.0).to(tl.float32)
         dy = gout * silu(z) * 0.5  # gradient of this direction's y (before the gate and the average)
         decay, G = tl.associative_scan(
-            (tl.exp(dt_next[:, :, None] * A[None, :, :]), dy[:, :, None] * Cc[:, None, :]), 0, affine_combine)
+            (tl.exp2(dt_next[:, :, None] * A2[None, :, :]), dy[:, :, None] * Cc[:, None, :]), 0, affine_combine)
         G = decay * G_next[None, :, :] + G  # gradient of the hidden states
         G_next = tl.sum(tl.where(is_first, G, 0.0), axis=0)
         G = tl.flip(G, 0)
@@ -133,7 +137,7 @@ def _bidirectional_scan_bwd_kernel(
         h0 = tl.load(states_ptr + (c - 1).to(tl.int64) * dim * dstate, mask=mask_dn & (c > 0), other=0.0)
         du = dt * u
         decay, H = tl.associative_scan(
-            (tl.exp(dt[:, :, None] * A[None, :, :]), du[:, :, None] * Bc[:, None, :]), 0, affine_combine)
+            (tl.exp2(dt[:, :, None] * A2[None, :, :]), du[:, :, None] * Bc[:, None, :]), 0, affine_combine)
         H = decay * h0[None, :, :] + H
         y = tl.sum(H * Cc[:, None, :], axis=2) + u * Dk[None, :]
         gC = tl.sum(H * dy[:, :, None], axis=1)
