@@ -296,7 +296,7 @@ def format_report(report: dict) -> str:
                              f" {lp['shfl_in_loop']:>5} {lp['bar_in_loop']:>4}")
             else:
                 lines.append(f"{head}    - (no token loop: {r['total_instructions']} instructions a thread)")
-    lines += ['', 'case                 op        predicted us   floor us   ratio   segments']
+    lines += ['', 'case                 op        predicted us   floor us   ratio   forward segments']
     for c in report['cases']:
         for op, v in c['ops'].items():
             lines.append(f"{c['case']:<20} {op:<9} {v['predicted_us']:>12.2f} {v['floor_us']:>10.2f} "
