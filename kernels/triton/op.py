@@ -101,7 +101,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states):
     batch, _, dim, seqlen = u.shape
     if not store_states:
         return u.new_empty(batch, dim, seqlen), u.new_empty(0, dtype=torch.float32)
-    states = u.new_empty(batch, 2, -(-seqlen // chunk) - 1, dim, A.shape[-1], dtype=torch.float32)
+    states = u.new_empty(batch, 2, -(-seqlen // chunk) - 1, A.shape[-1], dim, dtype=torch.float32)
     return u.new_empty(batch, dim, seqlen), states
 
 

@@ -210,3 +210,15 @@ def test_rejects_bad_inputs():
         bidirectional_scan_triton(*[a.double() for a in args])
     with pytest.raises(ValueError, match='power of two'):
         bidirectional_scan_triton(*args, chunk_size=6)
+
+
+def test_fake_impls_match_the_kernels():
+    """torch.compile traces the ops through their fake implementations: shapes, dtypes and strides must match."""
+    x = make_inputs(1, 8, 9, 4, torch.float32, seed=2)
+    args = [x[n].detach() for n in NAMES]
+    torch.library.opcheck(torch.ops.vim.triton_bidirectional_scan, (*args, True, 4, True),
+                          test_utils=('test_faketensor',))
+    _, states = torch.ops.vim.triton_bidirectional_scan(*args, True, 4, True)
+    gout = torch.randn(1, 8, 9)
+    torch.library.opcheck(torch.ops.vim.triton_bidirectional_scan_bwd, (gout, *args, states, True, 4),
+                          test_utils=('test_faketensor',))
