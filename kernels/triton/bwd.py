@@ -1,6 +1,6 @@
 """Backward kernel of the fused bidirectional selective scan.
 
-Not yet redesigned like the forward (issue 9; the static report, report.py, predicts it 16-21x above its floor): a
+Not yet redesigned like the forward (issue 9; the static report, report.py, predicts it 15-20x above its floor): a
 program is one (dim block, direction, batch element) on a flat grid, with (CHUNK, BLOCK_D, BLOCK_N) tiles whose state
 axis is spread across lanes. It reads the chunk states the forward stores, (batch, 2, n_chunks - 1, dstate, dim).
 A program walks its direction's chunks from the last to the first,
