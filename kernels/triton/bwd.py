@@ -1,6 +1,9 @@
 """Backward kernel of the fused bidirectional selective scan.
 
-Same grid and tiles as the forward (fwd.py). A program walks its direction's chunks from the last to the first,
+Not yet redesigned like the forward (issue 9; the static report, report.py, predicts it 15-20x above its floor): a
+program is one (dim block, direction, batch element) on a flat grid, with (CHUNK, BLOCK_D, BLOCK_N) tiles whose state
+axis is spread across lanes. It reads the chunk states the forward stores, (batch, 2, n_chunks - 1, dstate, dim).
+A program walks its direction's chunks from the last to the first,
 carrying G_next, the gradient of the hidden state at the first position of the chunk after the current one. Per chunk:
 
 1. The chunk is read backwards (addresses only) and the gradient recurrence ``G_t = C_t dy_t + dA_{t+1} G_{t+1}``
@@ -42,13 +45,13 @@ __all__ = ['scan_bwd']
 _CONFIGS = [(8, 8, 1), (4, 4, 1), (4, 8, 1)]
 
 
-@triton.autotune(configs=autotune_configs(_CONFIGS), key=['dim', 'dstate'],
+@triton.autotune(configs=autotune_configs(_CONFIGS), key=['dim', 'dstate', 'batch'],
                  reset_to_zero=['gB_ptr', 'gC_ptr', 'gz_ptr'])
 @triton.jit(do_not_specialize=['seqlen'])
 def _bidirectional_scan_bwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gout_ptr, states_ptr,
         gu_ptr, gdelta_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, gz_ptr,
-        seqlen, dim, dstate,
+        batch, seqlen, dim, dstate,
         s_u_b, s_u_k, s_u_d, s_u_l,
         s_dt_b, s_dt_k, s_dt_d, s_dt_l,
         s_A_k, s_A_d, s_A_n,
@@ -62,23 +65,26 @@ def _bidirectional_scan_bwd_kernel(
 ):
     k, b, offs_d, offs_n, mask_d, mask_n, mask_dn = program_slab(dim, dstate, BLOCK_D, BLOCK_N)
     offs_p = tl.arange(0, CHUNK)
+    offs_d64 = offs_d.to(tl.int64)  # channel * seqlen may pass 2**31
     u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr = input_rows(
         u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, s_u_b, s_u_k, s_u_d, s_dt_b, s_dt_k, s_dt_d, s_B_b, s_B_k, s_B_n,
         s_C_b, s_C_k, s_C_n, s_z_b, s_z_d, b, k, offs_d, offs_n)
-    gout_ptr += b * s_go_b + offs_d[None, :] * s_go_d
+    gout_ptr += b * s_go_b + offs_d.to(tl.int64)[None, :] * s_go_d
     # gradient buffers are contiguous: gu, gdelta (batch, 2, dim, seqlen); gB, gC (batch, 2, dstate, seqlen) fp32;
     # gz (batch, dim, seqlen) fp32; gA (batch, 2, dim, dstate), gD and gbias (batch, 2, dim) fp32 partials
-    gu_ptr += (b * 2 + k) * dim * seqlen + offs_d[None, :] * seqlen
-    gdelta_ptr += (b * 2 + k) * dim * seqlen + offs_d[None, :] * seqlen
+    gu_ptr += (b * 2 + k) * dim * seqlen + offs_d64[None, :] * seqlen
+    gdelta_ptr += (b * 2 + k) * dim * seqlen + offs_d64[None, :] * seqlen
     gB_ptr += (b * 2 + k) * dstate * seqlen + offs_n[None, :] * seqlen
     gC_ptr += (b * 2 + k) * dstate * seqlen + offs_n[None, :] * seqlen
-    gz_ptr += b * dim * seqlen + offs_d[None, :] * seqlen
+    gz_ptr += b * dim * seqlen + offs_d64[None, :] * seqlen
 
     A, Dk, bias = load_direction_params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k,
                                         s_bias_d, k, offs_d, offs_n, mask_d, mask_dn)
 
+    A2 = A * 1.4426950408889634  # exp(dt A) = exp2(dt A log2 e)
     n_chunks = tl.cdiv(seqlen, CHUNK)
-    states_ptr += (b * 2 + k) * (n_chunks - 1) * dim * dstate + offs_d[:, None] * dstate + offs_n[None, :]
+    # states: (batch, 2, n_chunks - 1, dstate, dim), the forward's state after each chunk
+    states_ptr += (b * 2 + k) * (n_chunks - 1) * dim * dstate + offs_n[None, :] * dim + offs_d[:, None]
     first = k * (seqlen - 1)
     step = 1 - 2 * k
     is_first = (offs_p == CHUNK - 1)[:, None, None]  # the chunk's first position, at the end of the reversed tile
@@ -106,7 +112,7 @@ def _bidirectional_scan_bwd_kernel(
         gout = tl.load(gout_ptr + tok * s_go_l, mask=mask, other=0.0).to(tl.float32)
         dy = gout * silu(z) * 0.5  # gradient of this direction's y (before the gate and the average)
         decay, G = tl.associative_scan(
-            (tl.exp(dt_next[:, :, None] * A[None, :, :]), dy[:, :, None] * Cc[:, None, :]), 0, affine_combine)
+            (tl.exp2(dt_next[:, :, None] * A2[None, :, :]), dy[:, :, None] * Cc[:, None, :]), 0, affine_combine)
         G = decay * G_next[None, :, :] + G  # gradient of the hidden states
         G_next = tl.sum(tl.where(is_first, G, 0.0), axis=0)
         G = tl.flip(G, 0)
@@ -128,10 +134,10 @@ def _bidirectional_scan_bwd_kernel(
         z = tl.load(z_ptr + tok * s_z_l, mask=mask, other=0.0).to(tl.float32)
         gout = tl.load(gout_ptr + tok * s_go_l, mask=mask, other=0.0).to(tl.float32)
         dy = gout * silu(z) * 0.5
-        h0 = tl.load(states_ptr + (c - 1) * dim * dstate, mask=mask_dn & (c > 0), other=0.0)
+        h0 = tl.load(states_ptr + (c - 1).to(tl.int64) * dim * dstate, mask=mask_dn & (c > 0), other=0.0)
         du = dt * u
         decay, H = tl.associative_scan(
-            (tl.exp(dt[:, :, None] * A[None, :, :]), du[:, :, None] * Bc[:, None, :]), 0, affine_combine)
+            (tl.exp2(dt[:, :, None] * A2[None, :, :]), du[:, :, None] * Bc[:, None, :]), 0, affine_combine)
         H = decay * h0[None, :, :] + H
         y = tl.sum(H * Cc[:, None, :], axis=2) + u * Dk[None, :]
         gC = tl.sum(H * dy[:, :, None], axis=1)
@@ -175,11 +181,12 @@ def scan_bwd(
     gA = torch.empty(batch, 2, dim, dstate, device=dev, dtype=torch.float32)
     gD = torch.empty(batch, 2, dim, device=dev, dtype=torch.float32)
     gbias = torch.empty(batch, 2, dim, device=dev, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(dim, meta['BLOCK_D']), 2, batch)  # noqa: E731
+    # flat grid: programs (channel block, direction, batch element), batch-major (no 65,535 limit on batch)
+    grid = lambda meta: (triton.cdiv(dim, meta['BLOCK_D']) * 2 * batch,)  # noqa: E731
     _bidirectional_scan_bwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, gout, states,
         gu, gdelta, gA, gB, gC, gD, gbias, gz,
-        seqlen, dim, dstate,
+        batch, seqlen, dim, dstate,
         *tensor_strides(u, 4), *tensor_strides(delta, 4), *tensor_strides(A, 3),
         *tensor_strides(B, 4), *tensor_strides(C, 4), *tensor_strides(D, 2), *tensor_strides(delta_bias, 2),
         *tensor_strides(z, 3), *tensor_strides(gout, 3),

@@ -5,7 +5,8 @@ causally, which in natural order is ``a1[t] = b1 + sum_j w1[j] x[t + (W-1) - j]`
 of x (its W shifted tiles come from cache) writes both branches, where PyTorch needs a concatenated copy, a grouped
 conv, a slice-and-stack copy and a silu pass.
 
-Grid: one program per (token block, channel block, batch element), tiles (BLOCK_D, BLOCK_L). The backward needs the
+Grid: one program per (token block, channel block, batch element), flat; tiles (BLOCK_D, BLOCK_L); token and
+channel offsets times strides are int64. The backward needs the
 pre-activation gradient ``ga_k = du_k * silu'(a_k)`` at the W - 1 tokens beyond its tile too; Triton has no register
 shift, so those are recomputed from x (W more tile loads per shift, all cache hits) instead of a second kernel and
 an fp32 round trip through memory. Weight and bias gradients are per-program fp32 partials summed afterwards
@@ -34,7 +35,7 @@ _BWD_CONFIGS = [(16, 8, 1), (8, 4, 1), (8, 8, 1)]
 def _load_tokens(ptr, s_l, tokens, mask_d, seqlen):
     """(BLOCK_D, BLOCK_L) fp32 tile of rows ``ptr`` (BLOCK_D, 1) at ``tokens`` (BLOCK_L,); zero outside the sequence."""
     ok = mask_d[:, None] & ((tokens >= 0) & (tokens < seqlen))[None, :]
-    return tl.load(ptr + tokens[None, :] * s_l, mask=ok, other=0.0).to(tl.float32)
+    return tl.load(ptr + tokens.to(tl.int64)[None, :] * s_l, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -54,12 +55,18 @@ def _preactivation(x_ptr, s_x_l, tokens, mask_d, seqlen, w_ptr, s_w_j, bias, WID
 
 @triton.jit
 def _program_tile(seqlen, dim, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's batch element, token and channel offsets, and masks (channels; channels x tokens)."""
-    b = tl.program_id(2).to(tl.int64)
-    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    """This program's batch element, (batch, token block) index, token and channel offsets, and masks (channels;
+    channels x tokens), from a flat grid of (token block, channel block, batch element), batch-major: no 65,535
+    limit on the batch."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_lblocks = tl.cdiv(seqlen, BLOCK_L)
+    n_dblocks = tl.cdiv(dim, BLOCK_D)
+    lblock = pid % n_lblocks
+    b = pid // (n_lblocks * n_dblocks)
+    offs_l = lblock.to(tl.int32) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = ((pid // n_lblocks) % n_dblocks).to(tl.int32) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
-    return b, offs_l, offs_d, mask_d, mask_d[:, None] & (offs_l < seqlen)[None, :]
+    return b, b * n_lblocks + lblock, offs_l, offs_d, mask_d, mask_d[:, None] & (offs_l < seqlen)[None, :]
 
 
 @triton.jit
@@ -69,43 +76,43 @@ def _load_biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d):
     return b0, b1
 
 
-@triton.autotune(configs=autotune_configs(_FWD_CONFIGS), key=['dim', 'WIDTH'])
+@triton.autotune(configs=autotune_configs(_FWD_CONFIGS), key=['dim', 'WIDTH', 'batch'])
 @triton.jit(do_not_specialize=['seqlen'])
 def _bidirectional_conv_fwd_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr,
-        seqlen, dim,
+        batch, seqlen, dim,
         s_x_b, s_x_d, s_x_l,
         s_w_k, s_w_d, s_w_j,
         s_b_k, s_b_d,
         WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b, offs_l, offs_d, mask_d, mask = _program_tile(seqlen, dim, BLOCK_L, BLOCK_D)
-    x_ptr += b * s_x_b + offs_d[:, None] * s_x_d
+    b, _, offs_l, offs_d, mask_d, mask = _program_tile(seqlen, dim, BLOCK_L, BLOCK_D)
+    x_ptr += b * s_x_b + offs_d.to(tl.int64)[:, None] * s_x_d
     w0_ptr = w_ptr + offs_d[:, None] * s_w_d
     b0, b1 = _load_biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d)
     a0 = _preactivation(x_ptr, s_x_l, offs_l, mask_d, seqlen, w0_ptr, s_w_j, b0, WIDTH, False)
     a1 = _preactivation(x_ptr, s_x_l, offs_l, mask_d, seqlen, w0_ptr + s_w_k, s_w_j, b1, WIDTH, True)
 
     # out: (batch, 2, dim, seqlen) contiguous
-    out_ptr += b * 2 * dim * seqlen + offs_d[:, None] * seqlen + offs_l[None, :]
+    out_ptr += b * 2 * dim * seqlen + offs_d.to(tl.int64)[:, None] * seqlen + offs_l[None, :]
     tl.store(out_ptr, silu(a0).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(out_ptr + dim * seqlen, silu(a1).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=['dim', 'WIDTH'])
+@triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=['dim', 'WIDTH', 'batch'])
 @triton.jit(do_not_specialize=['seqlen'])
 def _bidirectional_conv_bwd_kernel(
         x_ptr, w_ptr, b_ptr, gout_ptr, gx_ptr, gw_ptr, gb_ptr,
-        seqlen, dim,
+        batch, seqlen, dim,
         s_x_b, s_x_d, s_x_l,
         s_w_k, s_w_d, s_w_j,
         s_b_k, s_b_d,
         s_go_b, s_go_k, s_go_d, s_go_l,
         WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b, offs_l, offs_d, mask_d, mask = _program_tile(seqlen, dim, BLOCK_L, BLOCK_D)
-    x_ptr += b * s_x_b + offs_d[:, None] * s_x_d
-    gout_ptr += b * s_go_b + offs_d[:, None] * s_go_d
+    b, b_lblock, offs_l, offs_d, mask_d, mask = _program_tile(seqlen, dim, BLOCK_L, BLOCK_D)
+    x_ptr += b * s_x_b + offs_d.to(tl.int64)[:, None] * s_x_d
+    gout_ptr += b * s_go_b + offs_d.to(tl.int64)[:, None] * s_go_d
     w0_ptr = w_ptr + offs_d[:, None] * s_w_d
     w1_ptr = w0_ptr + s_w_k
     b0, b1 = _load_biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d)
@@ -116,7 +123,7 @@ def _bidirectional_conv_bwd_kernel(
     ga0 = _load_tokens(gout_ptr, s_go_l, offs_l, mask_d, seqlen) * silu_grad(a0)
     ga1 = _load_tokens(gout_ptr + s_go_k, s_go_l, offs_l, mask_d, seqlen) * silu_grad(a1)
     # partials: gw (batch, n_blocks_l, 2, dim, WIDTH), gb (batch, n_blocks_l, 2, dim), contiguous fp32
-    part = (b * tl.num_programs(0) + tl.program_id(0)) * 2 * dim + offs_d
+    part = b_lblock * 2 * dim + offs_d
     tl.store(gb_ptr + part, tl.sum(ga0, axis=1), mask=mask_d)
     tl.store(gb_ptr + part + dim, tl.sum(ga1, axis=1), mask=mask_d)
     for j in tl.static_range(WIDTH):
@@ -142,12 +149,12 @@ def _bidirectional_conv_bwd_kernel(
             g0 = _load_tokens(gout_ptr, s_go_l, later, mask_d, seqlen)
             g1 = _load_tokens(gout_ptr + s_go_k, s_go_l, earlier, mask_d, seqlen)
             gx += w0 * (g0 * silu_grad(a0s)) + w1 * (g1 * silu_grad(a1s))
-    tl.store(gx_ptr + b * dim * seqlen + offs_d[:, None] * seqlen + offs_l[None, :],
+    tl.store(gx_ptr + b * dim * seqlen + offs_d.to(tl.int64)[:, None] * seqlen + offs_l[None, :],
              gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 def _grid(seqlen: int, dim: int, batch: int):
-    return lambda meta: (triton.cdiv(seqlen, meta['BLOCK_L']), triton.cdiv(dim, meta['BLOCK_D']), batch)
+    return lambda meta: (triton.cdiv(seqlen, meta['BLOCK_L']) * triton.cdiv(dim, meta['BLOCK_D']) * batch,)
 
 
 def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -156,7 +163,7 @@ def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch
     batch, dim, seqlen = x.shape
     out = torch.empty(batch, 2, dim, seqlen, device=x.device, dtype=x.dtype)
     _bidirectional_conv_fwd_kernel[_grid(seqlen, dim, batch)](
-        x, weight, bias, out, seqlen, dim,
+        x, weight, bias, out, batch, seqlen, dim,
         *tensor_strides(x, 3), *tensor_strides(weight, 3), *tensor_strides(bias, 2),
         WIDTH=weight.shape[2], BLOCK_L=CONV_BLOCK_L,
     )
@@ -173,7 +180,7 @@ def conv_bwd(gout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: to
     gw = torch.empty(batch, n_blocks, 2, dim, width, device=x.device, dtype=torch.float32)
     gb = torch.empty(batch, n_blocks, 2, dim, device=x.device, dtype=torch.float32)
     _bidirectional_conv_bwd_kernel[_grid(seqlen, dim, batch)](
-        x, weight, bias, gout, gx, gw, gb, seqlen, dim,
+        x, weight, bias, gout, gx, gw, gb, batch, seqlen, dim,
         *tensor_strides(x, 3), *tensor_strides(weight, 3), *tensor_strides(bias, 2), *tensor_strides(gout, 4),
         WIDTH=width, BLOCK_L=CONV_BLOCK_L,
     )

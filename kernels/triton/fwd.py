@@ -1,16 +1,26 @@
-"""Forward kernel of the fused bidirectional selective scan.
+"""Forward pass of the fused bidirectional selective scan: a sequential token loop in which each thread owns whole
+channels, their 16 states in its own registers.
 
-Grid: one program per (dim block, direction, batch element). A program walks its direction's scan order in chunks of
-CHUNK tokens. Each chunk is loaded as (CHUNK, BLOCK_D) / (CHUNK, BLOCK_N) tiles, the backward direction reading its
-chunk at decreasing token indices (the sequence is reversed by address arithmetic, never copied); the tiles are
-discretised in registers into a (CHUNK, BLOCK_D, BLOCK_N) tile of decays exp(dt A) and inputs dt B u and scanned
-along the chunk with ``tl.associative_scan``, seeded by the (BLOCK_D, BLOCK_N) state carried in registers from the
-previous chunk. Position is the tile's first axis, so each thread holds whole columns of the chunk and the scan runs
-inside a thread, with no shuffles.
+Per token and channel the loop computes ``dt = softplus(delta + bias)`` once, then for each state one exp2 (A comes
+pre-scaled by log2 e), ``h = exp2(dt A) h + dt u B`` and ``y += C h``: the sum over states runs inside the thread,
+so the token loop has no shuffles and no barriers (the static report, :mod:`vim.kernels.triton.report`, checks the
+compiled code). B and C come packed token-major in fp32 (pack.py): a token's 2 x 16 values are 8 vector loads. The
+next token's inputs are loaded one iteration ahead (software prefetch).
 
-Each direction adds ``y * silu(z) / 2`` into one fp32 output: two addends onto zero, so the sum is exact and
-independent of their order (deterministic). When a backward pass will follow, the state after each chunk is stored;
-the backward kernel recomputes the hidden states inside a chunk from it.
+To fill the GPU at small batch the sequence is split into segments of whole chunks (``plan_segments``); then the
+scan runs in three launches, as chunked scans do (mamba_ssm's chunked state passing, flash-linear-attention):
+
+1. ``_segment_state_kernel``: per (channel block, direction, batch element, segment) the state at the segment's
+   end from a zero start, and the segment's sum of dt (its total decay is exp2(A sum dt)); the last segment of
+   each scan order is not needed.
+2. ``_segment_boundary_kernel``: per (channel block, direction, batch element) a walk over the segments that turns
+   those local states into the true state after each segment, in place.
+3. ``_scan_output_kernel``: per (channel block, batch element, segment) both directions from their true start
+   states; the backward direction first, its ungated y kept in a private fp32 row that the forward direction reads
+   back to write ``(y0 + y1) silu(z) / 2`` once, in the output's dtype (no zero fill, no atomics, no cast kernel).
+   With a backward pass to follow it also stores the state after every CHUNK tokens of each scan order.
+
+Without a split (enough batch elements) only launch 3 runs. Every tensor offset is int64 (batch and token terms).
 """
 from __future__ import annotations
 
@@ -18,86 +28,251 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    affine_combine,
-    autotune_configs,
-    input_rows,
-    load_direction_params,
-    program_slab,
-    silu,
-    softplus,
-    tensor_strides,
-)
+from .common import autotune_configs, silu, softplus, tensor_strides
+from .pack import pack_bc
 
-__all__ = ['scan_fwd']
+__all__ = ['scan_fwd', 'plan_segments', 'MIN_SEGMENT']
 
-# (BLOCK_D, num_warps, num_stages). A (32, 8, 16) fp32 tile is 32 registers a thread at 4 warps; all compile for
-# sm_90 without spills (tests/kernels/test_triton_compile.py).
-_CONFIGS = [(8, 4, 1), (4, 4, 1), (8, 8, 1), (16, 8, 1)]
+# (BLOCK_D, num_warps, num_stages): one channel a thread, whose registers hold its 16 states, 16 A, and the packed
+# B and C of the current and the prefetched token.
+_OUTPUT_CONFIGS = [(64, 2, 1), (32, 1, 1), (128, 4, 1)]
+_STATE_CONFIGS = [(64, 2, 1), (32, 1, 1), (128, 4, 1)]
+_BOUNDARY_CONFIGS = [(64, 2, 1), (128, 4, 1)]
+
+# The sequence split: segments are whole chunks and at least MIN_SEGMENT tokens; SM_SUBPARTITIONS (4 per SM) are
+# the warp slots the planner fills, the H100's 132 SMs unless the device says otherwise.
+MIN_SEGMENT = 64
+SUBPARTITIONS_PER_SM = 4
+H100_SMS = 132
+# the segment-state pass's work per token relative to the output pass's, per direction (no C, no y: 4 of its 5
+# operations per state, from the static report)
+_STATE_PASS_COST = 0.8
+
+# Strides along channels and states are runtime values, never specialised: a stride known to be 1 would let Triton
+# vectorise that load along channels or states, giving it a layout other than the loop's (a thread owns whole
+# channels), and the conversion between the two costs shuffles and barriers inside the token loop.
+_CHANNEL_STRIDES = ['s_u_d', 's_dt_d', 's_A_d', 's_A_n', 's_D_d', 's_bias_d', 's_z_d', 's_h_n', 's_h_d']
 
 
-@triton.autotune(configs=autotune_configs(_CONFIGS), key=['dim', 'dstate'], reset_to_zero=['out_ptr'])
-@triton.jit(do_not_specialize=['seqlen'])
-def _bidirectional_scan_fwd_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
-        seqlen, dim, dstate,
+def plan_segments(batch: int, dim: int, seqlen: int, chunk: int, sms: int = H100_SMS) -> tuple[int, int]:
+    """(segment length, a multiple of ``chunk``; number of segments) for the forward's sequence split.
+
+    Picks the count that minimises a simple issue-time model in warps of 32 channels, each warp on one of the
+    ``4 * sms`` sub-partitions: the output pass costs ``waves(batch x channel warps x segments) x 2 x segment``
+    (both directions), the state pass ``waves(2 x batch x channel warps x (segments - 1)) x 0.8 x segment``.
+    Splitting doubles the exp work, so it pays only where the batch alone leaves sub-partitions idle.
+    """
+    units = batch * triton.cdiv(dim, 32)
+    slots = SUBPARTITIONS_PER_SM * sms
+    best = None
+    for seg in range(triton.cdiv(seqlen, chunk) * chunk, 0, -chunk):
+        n_seg = triton.cdiv(seqlen, seg)
+        if n_seg > 1 and seg < MIN_SEGMENT:
+            break
+        cost = triton.cdiv(units * n_seg, slots) * 2 * seg
+        if n_seg > 1:
+            cost += triton.cdiv(units * 2 * (n_seg - 1), slots) * _STATE_PASS_COST * seg
+        if best is None or cost < best[0]:
+            best = (cost, seg, n_seg)
+    return best[1], best[2]
+
+
+@triton.jit
+def _tile(dim, dstate, pid_d, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr):
+    """Channel offsets (BLOCK_D,), state indices (G, J, 1) and channels (1, 1, BLOCK_D) of a (G, J, BLOCK_D) state
+    tile, G * J = BLOCK_N, and masks. States are split (G, J) so that a token's J states are one 16-byte load:
+    Triton keeps that load's layout (J states a thread) in the loop, and G, J and all 32 lanes along channels mean
+    a thread holds its channel's whole state."""
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n3 = tl.arange(0, BLOCK_N // STATE_J)[:, None, None] * STATE_J + tl.arange(0, STATE_J)[None, :, None]
+    d3 = offs_d[None, None, :]
+    mask_d = offs_d < dim
+    return offs_d, n3, d3, mask_d, (n3 < dstate) & (d3 < dim)
+
+
+@triton.jit
+def _params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k, s_bias_d, k, offs_d, n3, d3,
+            mask_d, mask3):
+    """Direction k's A * log2(e) as a (G, J, BLOCK_D) tile, D and delta bias (BLOCK_D,), fp32."""
+    A2 = tl.load(A_ptr + k * s_A_k + n3 * s_A_n + d3 * s_A_d, mask=mask3, other=0.0).to(tl.float32)
+    Dk = tl.load(D_ptr + k * s_D_k + offs_d * s_D_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + k * s_bias_k + offs_d * s_bias_d, mask=mask_d, other=0.0).to(tl.float32)
+    return A2 * 1.4426950408889634, Dk, bias
+
+
+@triton.jit
+def _step_dt(dt_raw, bias, mask_d, DELTA_SOFTPLUS: tl.constexpr):
+    """dt of one token (BLOCK_D,), fp32; 0 on padding channels (decay 1, input 0)."""
+    dt = dt_raw.to(tl.float32) + bias
+    if DELTA_SOFTPLUS:
+        dt = softplus(dt)
+    return tl.where(mask_d, dt, 0.0)
+
+
+@triton.jit
+def _bcast(x):
+    """(BLOCK_D,) -> (1, 1, BLOCK_D)."""
+    return x[None, None, :]
+
+
+@triton.autotune(configs=autotune_configs(_STATE_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'])
+@triton.jit(do_not_specialize=['seqlen', 'seg_len', 'n_seg', *_CHANNEL_STRIDES])
+def _segment_state_kernel(
+        u_ptr, delta_ptr, A_ptr, bc_ptr, bias_ptr, hseg_ptr, dtsum_ptr,
+        batch, seqlen, dim, dstate, seg_len, n_seg, s_h_n, s_h_d,
         s_u_b, s_u_k, s_u_d, s_u_l,
         s_dt_b, s_dt_k, s_dt_d, s_dt_l,
         s_A_k, s_A_d, s_A_n,
-        s_B_b, s_B_k, s_B_n, s_B_l,
-        s_C_b, s_C_k, s_C_n, s_C_l,
+        s_bias_k, s_bias_d,
+        DELTA_SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # program -> (channel block, entry e of (batch, direction)); entry e is segment e (direction 0) or e + 1 (1)
+    pid = tl.program_id(0).to(tl.int64)
+    n_dblocks = tl.cdiv(dim, BLOCK_D)
+    e = (pid // n_dblocks) % (n_seg - 1)
+    bk = pid // (n_dblocks * (n_seg - 1))
+    b = bk // 2
+    k = bk % 2
+    offs_d, n3, d3, mask_d, mask3 = _tile(dim, dstate, (pid % n_dblocks).to(tl.int32), BLOCK_D, BLOCK_N, STATE_J)
+    A2, _, bias = _params(A_ptr, A_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, 0, 0, s_bias_k, s_bias_d, k, offs_d,
+                          n3, d3, mask_d, mask3)
+    u_row = u_ptr + b * s_u_b + k * s_u_k + offs_d.to(tl.int64) * s_u_d
+    dt_row = delta_ptr + b * s_dt_b + k * s_dt_k + offs_d.to(tl.int64) * s_dt_d
+    B_row = bc_ptr + bk * seqlen * (2 * BLOCK_N) + n3 + d3 * 0  # packed B of token t at + t * 2 * BLOCK_N
+    seg = e + k
+    t_lo = seg * seg_len
+    n_tok = tl.minimum(seqlen - t_lo, seg_len)
+    # scan position i -> token t_lo + i (direction 0) or t_lo + n_tok - 1 - i (direction 1)
+    first = t_lo + k * (n_tok - 1)
+    step = 1 - 2 * k
+
+    h = tl.zeros((BLOCK_N // STATE_J, STATE_J, BLOCK_D), dtype=tl.float32)
+    dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    u_n = tl.load(u_row + first * s_u_l, mask=mask_d, other=0.0)
+    dt_n = tl.load(dt_row + first * s_dt_l, mask=mask_d, other=0.0)
+    B_n = tl.load(B_row + first * (2 * BLOCK_N))
+    for i in range(n_tok):
+        u, dt_raw, Bt = u_n, dt_n, B_n
+        t_next = first + step * tl.minimum(i + 1, n_tok - 1)  # the last iteration re-reads its own token
+        u_n = tl.load(u_row + t_next * s_u_l, mask=mask_d, other=0.0)
+        dt_n = tl.load(dt_row + t_next * s_dt_l, mask=mask_d, other=0.0)
+        B_n = tl.load(B_row + t_next * (2 * BLOCK_N))
+        dt = _step_dt(dt_raw, bias, mask_d, DELTA_SOFTPLUS)
+        dtsum += dt
+        h = tl.exp2(_bcast(dt) * A2) * h + _bcast(dt * u.to(tl.float32)) * Bt
+
+    # hseg: (batch, 2, n_seg - 1, dstate, dim) fp32; dtsum: (batch, 2, n_seg - 1, dim) fp32
+    row = (bk * (n_seg - 1) + e) * dim
+    tl.store(hseg_ptr + row * dstate + n3 * s_h_n + d3 * s_h_d, h, mask=mask3)
+    tl.store(dtsum_ptr + row + offs_d * s_h_d, dtsum, mask=mask_d)
+
+
+@triton.autotune(configs=autotune_configs(_BOUNDARY_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'])
+@triton.jit(do_not_specialize=['n_seg', *_CHANNEL_STRIDES])
+def _segment_boundary_kernel(
+        A_ptr, hseg_ptr, dtsum_ptr,
+        batch, dim, dstate, n_seg, s_h_n, s_h_d,
+        s_A_k, s_A_d, s_A_n,
+        BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n_dblocks = tl.cdiv(dim, BLOCK_D)
+    bk = pid // n_dblocks
+    k = bk % 2
+    offs_d, n3, d3, mask_d, mask3 = _tile(dim, dstate, (pid % n_dblocks).to(tl.int32), BLOCK_D, BLOCK_N, STATE_J)
+    A2 = tl.load(A_ptr + k * s_A_k + n3 * s_A_n + d3 * s_A_d, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
+    h = tl.zeros((BLOCK_N // STATE_J, STATE_J, BLOCK_D), dtype=tl.float32)
+    for j in range(n_seg - 1):
+        e = j + k * (n_seg - 2 - 2 * j)  # entries in scan order: increasing (direction 0), decreasing (1)
+        row = (bk * (n_seg - 1) + e) * dim
+        ptrs = hseg_ptr + row * dstate + n3 * s_h_n + d3 * s_h_d
+        dtsum = tl.load(dtsum_ptr + row + offs_d * s_h_d, mask=mask_d, other=0.0)
+        h = tl.exp2(_bcast(dtsum) * A2) * h + tl.load(ptrs, mask=mask3, other=0.0)
+        tl.store(ptrs, h, mask=mask3)
+
+
+@triton.jit
+def _scan_direction(u_row, dt_row, bc_row, s_u_l, s_dt_l, first, step, n_tok, h, A2, Dk, bias, mask_d, mask3,
+                    y1_row, z_row, s_z_l, out_row, states_row, chunk_stride, s_h_n, s_h_d, n3, d3, seqlen, scan_lo,
+                    DIRECTION: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
+                    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One direction over one segment: n_tok tokens from token ``first`` by ``step``, from state h. Direction 1
+    stores its ungated y to ``y1_row``; direction 0 reads it back and writes the gated mean to ``out_row``.
+    ``scan_lo`` is the segment's first position in this direction's scan order (for the chunk states)."""
+    u_n = tl.load(u_row + first * s_u_l, mask=mask_d, other=0.0)
+    dt_n = tl.load(dt_row + first * s_dt_l, mask=mask_d, other=0.0)
+    B_n = tl.load(bc_row + first * (2 * BLOCK_N))
+    C_n = tl.load(bc_row + first * (2 * BLOCK_N) + BLOCK_N)
+    for i in tl.range(n_tok, loop_unroll_factor=2):  # unrolled: the prefetched tiles alternate, no copies
+        t = first + step * i
+        u, dt_raw, Bt, Ct = u_n, dt_n, B_n, C_n
+        t_next = first + step * tl.minimum(i + 1, n_tok - 1)  # the last iteration re-reads its own token
+        u_n = tl.load(u_row + t_next * s_u_l, mask=mask_d, other=0.0)
+        dt_n = tl.load(dt_row + t_next * s_dt_l, mask=mask_d, other=0.0)
+        B_n = tl.load(bc_row + t_next * (2 * BLOCK_N))
+        C_n = tl.load(bc_row + t_next * (2 * BLOCK_N) + BLOCK_N)
+        u = u.to(tl.float32)
+        dt = _step_dt(dt_raw, bias, mask_d, DELTA_SOFTPLUS)
+        h = tl.exp2(_bcast(dt) * A2) * h + _bcast(dt * u) * Bt
+        y = tl.sum(tl.sum(h * Ct, axis=0), axis=0) + u * Dk
+        if DIRECTION == 1:
+            tl.store(y1_row + t, y, mask=mask_d)
+        else:
+            z = tl.load(z_row + t * s_z_l, mask=mask_d, other=0.0).to(tl.float32)
+            y = (y + tl.load(y1_row + t, mask=mask_d, other=0.0)) * silu(z) * 0.5
+            tl.store(out_row + t, y.to(out_row.dtype.element_ty), mask=mask_d)
+        if STORE_STATES:
+            p = scan_lo + i + 1  # positions scanned so far in this direction
+            if (p % CHUNK == 0) & (p < seqlen):
+                tl.store(states_row + (p // CHUNK - 1) * chunk_stride + n3 * s_h_n + d3 * s_h_d, h, mask=mask3)
+
+
+@triton.autotune(configs=autotune_configs(_OUTPUT_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'])
+@triton.jit(do_not_specialize=['seqlen', 'seg_len', 'n_seg', *_CHANNEL_STRIDES])
+def _scan_output_kernel(
+        u_ptr, delta_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, y1_ptr, hseg_ptr, states_ptr,
+        batch, seqlen, dim, dstate, seg_len, n_seg, s_h_n, s_h_d,
+        s_u_b, s_u_k, s_u_d, s_u_l,
+        s_dt_b, s_dt_k, s_dt_d, s_dt_l,
+        s_A_k, s_A_d, s_A_n,
         s_D_k, s_D_d,
         s_bias_k, s_bias_d,
         s_z_b, s_z_d, s_z_l,
         DELTA_SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        STATE_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    k, b, offs_d, offs_n, mask_d, mask_n, mask_dn = program_slab(dim, dstate, BLOCK_D, BLOCK_N)
-    offs_p = tl.arange(0, CHUNK)
-    u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr = input_rows(
-        u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, s_u_b, s_u_k, s_u_d, s_dt_b, s_dt_k, s_dt_d, s_B_b, s_B_k, s_B_n,
-        s_C_b, s_C_k, s_C_n, s_z_b, s_z_d, b, k, offs_d, offs_n)
-    out_ptr += b * dim * seqlen + offs_d[None, :] * seqlen
-
-    A, Dk, bias = load_direction_params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k,
-                                        s_bias_d, k, offs_d, offs_n, mask_d, mask_dn)
-
+    # program -> (channel block, segment, batch element)
+    pid = tl.program_id(0).to(tl.int64)
+    n_dblocks = tl.cdiv(dim, BLOCK_D)
+    seg = (pid // n_dblocks) % n_seg
+    b = pid // (n_dblocks * n_seg)
+    offs_d, n3, d3, mask_d, mask3 = _tile(dim, dstate, (pid % n_dblocks).to(tl.int32), BLOCK_D, BLOCK_N, STATE_J)
+    t_lo = seg * seg_len
+    n_tok = tl.minimum(seqlen - t_lo, seg_len)
     n_chunks = tl.cdiv(seqlen, CHUNK)
-    # states: (batch, 2, n_chunks - 1, dim, dstate), the state after each chunk but the last
-    states_ptr += (b * 2 + k) * (n_chunks - 1) * dim * dstate + offs_d[:, None] * dstate + offs_n[None, :]
-    # token index of scan position s: s forwards, seqlen - 1 - s backwards
-    first = k * (seqlen - 1)
-    step = 1 - 2 * k
-    is_last = (offs_p == CHUNK - 1)[:, None, None]
+    # out, y1: (batch, dim, seqlen); states (batch, 2, n_chunks - 1, dstate, dim); hseg (batch, 2, n_seg - 1, ...)
+    out_row = out_ptr + (b * dim + offs_d) * seqlen
+    y1_row = y1_ptr + (b * dim + offs_d) * seqlen
+    z_row = z_ptr + b * s_z_b + offs_d.to(tl.int64) * s_z_d
+    chunk_stride = dim * dstate
 
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    for c in range(n_chunks):
-        # tiles are (CHUNK, BLOCK_D[, BLOCK_N]), position first: the scan then runs inside each thread
-        s = c * CHUNK + offs_p
-        mask_l = s < seqlen
-        tok = (first + step * s)[:, None]
-        mask = mask_l[:, None] & mask_d[None, :]
-        mask_ln = mask_l[:, None] & mask_n[None, :]
-        # upcast right after each load: everything below is fp32
-        u = tl.load(u_ptr + tok * s_u_l, mask=mask, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + tok * s_dt_l, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
-        if DELTA_SOFTPLUS:
-            dt = softplus(dt)
-        dt = tl.where(mask, dt, 0.0)  # padding then has decay 1 and input 0: the state passes through unchanged
-        Bc = tl.load(B_ptr + tok * s_B_l, mask=mask_ln, other=0.0).to(tl.float32)
-        Cc = tl.load(C_ptr + tok * s_C_l, mask=mask_ln, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + tok * s_z_l, mask=mask, other=0.0).to(tl.float32)
-
-        decay = tl.exp(dt[:, :, None] * A[None, :, :])  # (CHUNK, BLOCK_D, BLOCK_N)
-        inp = (dt * u)[:, :, None] * Bc[:, None, :]
-        decay, inp = tl.associative_scan((decay, inp), 0, affine_combine)
-        H = decay * h[None, :, :] + inp  # hidden states of the chunk
-        y = tl.sum(H * Cc[:, None, :], axis=2) + u * Dk[None, :]
-        tl.atomic_add(out_ptr + tok, y * silu(z) * 0.5, mask=mask, sem='relaxed')
-
-        h = tl.sum(tl.where(is_last, H, 0.0), axis=0)
-        if STORE_STATES:
-            tl.store(states_ptr + c * dim * dstate, h, mask=mask_dn & (c < n_chunks - 1))
+    for kk in tl.static_range(2):
+        k = 1 - kk  # direction 1 first: direction 0 reads its y back
+        A2, Dk, bias = _params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k, s_bias_d, k,
+                               offs_d, n3, d3, mask_d, mask3)
+        # the state before this segment: the boundary pass's state after the previous segment in scan order
+        e = seg - 1 + k  # hseg entry of that segment (entry e holds segment e + k)
+        has_prev = (e >= 0) & (e < n_seg - 1)
+        h = tl.load(hseg_ptr + ((b * 2 + k) * (n_seg - 1) + e) * chunk_stride + n3 * s_h_n + d3 * s_h_d,
+                    mask=mask3 & has_prev, other=0.0)
+        scan_lo = t_lo if k == 0 else seqlen - t_lo - n_tok  # the segment's first position in scan order
+        _scan_direction(u_ptr + b * s_u_b + k * s_u_k + offs_d.to(tl.int64) * s_u_d,
+                        delta_ptr + b * s_dt_b + k * s_dt_k + offs_d.to(tl.int64) * s_dt_d,
+                        bc_ptr + (b * 2 + k) * seqlen * (2 * BLOCK_N) + n3 + d3 * 0,
+                        s_u_l, s_dt_l, t_lo + k * (n_tok - 1), 1 - 2 * k, n_tok, h, A2, Dk, bias, mask_d, mask3,
+                        y1_row, z_row, s_z_l, out_row, states_ptr + (b * 2 + k) * (n_chunks - 1) * chunk_stride,
+                        chunk_stride, s_h_n, s_h_d, n3, d3, seqlen, scan_lo,
+                        k, DELTA_SOFTPLUS, STORE_STATES, CHUNK, BLOCK_N)
 
 
 def scan_fwd(
@@ -105,26 +280,44 @@ def scan_fwd(
         D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool, chunk: int,
         store_states: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the forward kernel. Shapes as ``bidirectional_scan_ref``; inputs may be strided views.
+    """Launch the forward pass. Shapes as ``bidirectional_scan_ref``; inputs may be strided views.
 
     Returns:
-        out: (batch, dim, seqlen) fp32. states: (batch, 2, n_chunks - 1, dim, dstate) fp32, the state after each
-        chunk but the last, in each direction's own scan order; None unless ``store_states`` (inference needs none).
+        out: (batch, dim, seqlen) in u's dtype. states: (batch, 2, n_chunks - 1, dstate, dim) fp32, the state after
+        each chunk of ``chunk`` tokens but the last, in each direction's own scan order; None unless
+        ``store_states`` (inference needs none).
     """
     batch, _, dim, seqlen = u.shape
     dstate = A.shape[-1]
+    dev = u.device
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == 'cuda' else H100_SMS
+    seg_len, n_seg = plan_segments(batch, dim, seqlen, chunk, sms)
     n_chunks = triton.cdiv(seqlen, chunk)
-    out = torch.zeros(batch, dim, seqlen, device=u.device, dtype=torch.float32)
-    states = torch.empty(batch, 2, n_chunks - 1 if store_states else 0, dim, dstate, device=u.device,
-                         dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(dim, meta['BLOCK_D']), 2, batch)  # noqa: E731
-    _bidirectional_scan_fwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, out, states,
-        seqlen, dim, dstate,
-        *tensor_strides(u, 4), *tensor_strides(delta, 4), *tensor_strides(A, 3),
-        *tensor_strides(B, 4), *tensor_strides(C, 4), *tensor_strides(D, 2), *tensor_strides(delta_bias, 2),
-        *tensor_strides(z, 3),
-        DELTA_SOFTPLUS=delta_softplus, STORE_STATES=store_states, CHUNK=chunk,
-        BLOCK_N=triton.next_power_of_2(dstate),
+    block_n = triton.next_power_of_2(dstate)
+    out = torch.empty(batch, dim, seqlen, device=dev, dtype=u.dtype)
+    y1 = torch.empty(batch, dim, seqlen, device=dev, dtype=torch.float32)
+    states = torch.empty(batch, 2, n_chunks - 1 if store_states else 0, dstate, dim, device=dev, dtype=torch.float32)
+    hseg = torch.empty(batch, 2, n_seg - 1, dstate, dim, device=dev, dtype=torch.float32)
+    dtsum = torch.empty(batch, 2, n_seg - 1, dim, device=dev, dtype=torch.float32)
+    block_j = min(block_n, 4)
+    bc = pack_bc(B, C, block_n)
+    strides = dict(u=tensor_strides(u, 4), delta=tensor_strides(delta, 4), A=tensor_strides(A, 3),
+                   D=tensor_strides(D, 2), bias=tensor_strides(delta_bias, 2), z=tensor_strides(z, 3))
+    blocks = lambda meta: triton.cdiv(dim, meta['BLOCK_D'])  # noqa: E731
+    if n_seg > 1:
+        _segment_state_kernel[lambda meta: (blocks(meta) * batch * 2 * (n_seg - 1),)](
+            u, delta, A, bc, delta_bias, hseg, dtsum,
+            batch, seqlen, dim, dstate, seg_len, n_seg, dim, 1,
+            *strides['u'], *strides['delta'], *strides['A'], *strides['bias'],
+            DELTA_SOFTPLUS=delta_softplus, BLOCK_N=block_n, STATE_J=block_j,
+        )
+        _segment_boundary_kernel[lambda meta: (blocks(meta) * batch * 2,)](
+            A, hseg, dtsum, batch, dim, dstate, n_seg, dim, 1, *strides['A'], BLOCK_N=block_n, STATE_J=block_j,
+        )
+    _scan_output_kernel[lambda meta: (blocks(meta) * n_seg * batch,)](
+        u, delta, A, bc, D, z, delta_bias, out, y1, hseg, states,
+        batch, seqlen, dim, dstate, seg_len, n_seg, dim, 1,
+        *strides['u'], *strides['delta'], *strides['A'], *strides['D'], *strides['bias'], *strides['z'],
+        DELTA_SOFTPLUS=delta_softplus, STORE_STATES=store_states, CHUNK=chunk, BLOCK_N=block_n, STATE_J=block_j,
     )
     return out, states if store_states else None

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip('triton')
 
 from vim.kernels import bidirectional_conv_silu_ref  # noqa: E402
-from vim.kernels.triton import bidirectional_conv_silu_triton, conv  # noqa: E402
+from vim.kernels.triton import CONFIGS, bidirectional_conv_silu_triton, conv  # noqa: E402
 
 from tests.kernels.test_triton_interpreter import DEVICE, TOL, _assert_close, _NaNEmptyTorch  # noqa: E402
 
@@ -71,6 +71,18 @@ def test_matches_reference(case):
     batch, dim, seqlen, width, dtype, layout = case
     check_conv_against_reference(*make_conv_inputs(batch, dim, seqlen, width, dtype, layout, seed=seqlen),
                                  seed=seqlen)
+
+
+CONV_CONFIGS = [(k, i) for k in (conv._bidirectional_conv_fwd_kernel, conv._bidirectional_conv_bwd_kernel)
+                for i in range(len(CONFIGS[k.fn.__name__]))]
+
+
+@pytest.mark.parametrize('kernel, config', CONV_CONFIGS, ids=[f'{k.fn.__name__}-{i}' for k, i in CONV_CONFIGS])
+def test_every_autotune_config(kernel, config, monkeypatch):
+    """Each config on its own (the autotuner runs a lone config without benchmarking): partial channel blocks
+    (dim 36) and two token blocks."""
+    monkeypatch.setattr(kernel, 'configs', [CONFIGS[kernel.fn.__name__][config]])
+    check_conv_against_reference(*make_conv_inputs(1, 36, 70, 4, torch.float32, 'mixer', seed=config), seed=config)
 
 
 def test_inference_needs_no_autograd():

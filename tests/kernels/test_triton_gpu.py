@@ -19,7 +19,7 @@ pytest.importorskip('triton')
 
 import timm  # noqa: E402
 import triton  # noqa: E402
-from vim.kernels.triton import bidirectional_scan_triton, bwd, conv, fwd  # noqa: E402
+from vim.kernels.triton import AUTOTUNED_KERNELS, bidirectional_scan_triton, bwd, conv, fwd  # noqa: E402
 
 import vim  # noqa: E402,F401  (registers the models)
 from tests.kernels.test_triton_conv_interpreter import check_conv_against_reference, make_conv_inputs  # noqa: E402
@@ -31,7 +31,8 @@ from tests.kernels.test_triton_interpreter import (  # noqa: E402,F401  (nan_fil
 )
 
 pytestmark = pytest.mark.gpu
-KERNELS = (fwd._bidirectional_scan_fwd_kernel, bwd._bidirectional_scan_bwd_kernel)
+KERNELS = (fwd._segment_state_kernel, fwd._segment_boundary_kernel, fwd._scan_output_kernel,
+           bwd._bidirectional_scan_bwd_kernel)
 CONV_KERNELS = (conv._bidirectional_conv_fwd_kernel, conv._bidirectional_conv_bwd_kernel)
 SEQLENS = [1, 2, 3, 31, 32, 33, 64, 97, 197, 256, 730, 1025, 4097]
 
@@ -89,14 +90,36 @@ def test_every_conv_autotune_config_is_correct(which, monkeypatch):
             check_conv_against_reference(*make_conv_inputs(*args, seed=args[2], device='cuda'), seed=args[2])
 
 
-@pytest.mark.parametrize('which', ['fwd', 'bwd'])
-def test_every_autotune_config_is_correct(which, monkeypatch):
-    kernel = KERNELS[0] if which == 'fwd' else KERNELS[1]
+@pytest.mark.parametrize('kernel', KERNELS, ids=lambda k: k.fn.__name__)
+def test_every_autotune_config_is_correct(kernel, monkeypatch):
+    assert set(KERNELS) | set(CONV_KERNELS) == set(AUTOTUNED_KERNELS)
     for config in list(kernel.configs):
         monkeypatch.setattr(kernel, 'configs', [config])  # one config: the autotuner runs it without benchmarking
-        for args in [(2, 384, 197, 16, torch.bfloat16, 'mixer'), (1, 40, 33, 5, torch.float32, 'contiguous')]:
+        # (1, 384, 1100): the split forward (segment states, boundaries, outputs); the others one segment
+        for args in [(2, 384, 197, 16, torch.bfloat16, 'mixer'), (1, 40, 33, 5, torch.float32, 'contiguous'),
+                     (1, 384, 1100, 16, torch.bfloat16, 'mixer')]:
             x = make_inputs(*args[:5], layout=args[5], seed=args[2], device='cuda')
             check_against_reference(x, seed=args[2])
+
+
+def test_offsets_past_2_31_elements():
+    """dim * seqlen > 2**31 (int32 offsets would wrap): the last channels of a (1, 2, 2**15 + 64, 2**16 + 3) scan
+    equal the same channels scanned alone (channels are independent). About 45 GB of GPU memory."""
+    dim, seqlen, dstate = 2**15 + 64, 2**16 + 3, 2
+    assert dim * seqlen > 2**31
+    g = torch.Generator(device='cuda').manual_seed(0)
+    r = lambda *s: torch.randn(*s, device='cuda', generator=g, dtype=torch.bfloat16)  # noqa: E731
+    u, delta, z = r(1, 2, dim, seqlen), r(1, 2, dim, seqlen) * 0.5, r(1, dim, seqlen)
+    B, C = r(1, 2, dstate, seqlen), r(1, 2, dstate, seqlen)
+    A = -torch.rand(2, dim, dstate, device='cuda', generator=g) - 0.1
+    D, bias = torch.randn(2, dim, device='cuda', generator=g), torch.randn(2, dim, device='cuda', generator=g)
+    with torch.no_grad():
+        y = bidirectional_scan_triton(u, delta, A, B, C, D, z, bias)
+        last = slice(dim - 64, dim)
+        y_last = bidirectional_scan_triton(u[:, :, last].contiguous(), delta[:, :, last].contiguous(), A[:, last],
+                                           B, C, D[:, last], z[:, last].contiguous(), bias[:, last])
+    # the split (and so rounding) depends on dim: bf16 tolerance; wrapped offsets would read other channels
+    torch.testing.assert_close(y[:, last].float(), y_last.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_deterministic():
@@ -122,7 +145,7 @@ def test_new_sequence_length_does_not_recompile(monkeypatch):
         compiles.append(kwargs.get('repr'))
         return False  # True would skip the compilation
 
-    for kernel in KERNELS:
+    for kernel in AUTOTUNED_KERNELS:
         monkeypatch.setattr(kernel, 'configs', kernel.configs[:1])
     for seqlen in (197, 199, 211):  # same divisibility of every stride by 16: only seqlen itself changes
         if seqlen == 199:

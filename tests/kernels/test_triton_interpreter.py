@@ -14,7 +14,7 @@ pytest.importorskip('triton')
 
 import vim.kernels.triton.op as triton_op  # noqa: E402
 from vim.kernels import bidirectional_scan_ref  # noqa: E402
-from vim.kernels.triton import bidirectional_scan_triton, bwd, fwd  # noqa: E402
+from vim.kernels.triton import CONFIGS, bidirectional_scan_triton, bwd, fwd, pack  # noqa: E402
 from vim.kernels.triton.common import INTERPRET  # noqa: E402
 
 DEVICE = 'cpu' if INTERPRET else 'cuda'
@@ -38,8 +38,14 @@ class _NaNEmptyTorch:
 
 @pytest.fixture(autouse=True)
 def nan_filled_empty(monkeypatch):
-    for module in (fwd, bwd):
+    for module in (fwd, bwd, pack):
         monkeypatch.setattr(module, 'torch', _NaNEmptyTorch())
+
+
+@pytest.fixture
+def split(monkeypatch):
+    """Segments as short as one chunk: tiny test sequences then run the three-pass split forward."""
+    monkeypatch.setattr(fwd, 'MIN_SEGMENT', 1)
 
 
 def make_inputs(batch: int, dim: int, seqlen: int, dstate: int, dtype: torch.dtype, *, layout: str = 'contiguous',
@@ -117,6 +123,8 @@ CASES = [  # (batch, dim, seqlen, dstate, chunk_size, dtype, layout)
     (1, 8, 8, 4, 4, torch.float32, 'contiguous'),   # length a multiple of the chunk
     (1, 12, 9, 3, 8, torch.float32, 'contiguous'),  # dim not a multiple of BLOCK_D, dstate not a power of two
     (1, 16, 20, 8, 8, torch.float32, 'contiguous'),
+    (1, 8, 13, 16, 4, torch.float32, 'contiguous'),  # Vim's 16 states: four 16-byte groups a token
+    (1, 8, 9, 5, 4, torch.float32, 'mixer'),        # 5 states padded to 8
     (2, 8, 9, 4, 4, torch.float32, 'mixer'),        # the strided views the model passes
     (1, 8, 7, 4, 4, torch.float32, 'strided'),      # token stride 2
     (1, 8, 13, 4, None, torch.float32, 'contiguous'),  # the default chunk: one partial chunk
@@ -132,10 +140,35 @@ def _id(case):
 
 
 @pytest.mark.parametrize('case', CASES, ids=[_id(c) for c in CASES])
-def test_matches_reference(case):
+def test_matches_reference(case, split):
     batch, dim, seqlen, dstate, chunk, dtype, layout = case
     x = make_inputs(batch, dim, seqlen, dstate, dtype, layout=layout, seed=seqlen)
+    if chunk is not None:
+        assert seqlen <= chunk or fwd.plan_segments(batch, dim, seqlen, chunk)[1] > 1  # the split runs
     check_against_reference(x, chunk_size=chunk, seed=seqlen)
+
+
+@pytest.mark.parametrize('case', [CASES[1], CASES[5]], ids=[_id(CASES[1]), _id(CASES[5])])
+def test_matches_reference_without_split(case):
+    batch, dim, seqlen, dstate, chunk, dtype, layout = case
+    assert fwd.plan_segments(batch, dim, seqlen, chunk)[1] == 1
+    x = make_inputs(batch, dim, seqlen, dstate, dtype, layout=layout, seed=seqlen)
+    check_against_reference(x, chunk_size=chunk, seed=seqlen)
+
+
+SCAN_KERNELS = (fwd._segment_state_kernel, fwd._segment_boundary_kernel, fwd._scan_output_kernel,
+                bwd._bidirectional_scan_bwd_kernel)
+SCAN_CONFIGS = [(k, i) for k in SCAN_KERNELS for i in range(len(CONFIGS[k.fn.__name__]))]
+
+
+@pytest.mark.parametrize('kernel, config', SCAN_CONFIGS, ids=[f'{k.fn.__name__}-{i}' for k, i in SCAN_CONFIGS])
+def test_every_autotune_config(kernel, config, split, monkeypatch):
+    """Each config of each scan kernel on its own (the autotuner runs a lone config without benchmarking), on a
+    case with partial chunks, a partial channel block of every config, the split forward and both directions."""
+    monkeypatch.setattr(kernel, 'configs', [CONFIGS[kernel.fn.__name__][config]])
+    dstate = 4 if kernel is bwd._bidirectional_scan_bwd_kernel else 16  # its (chunk, channel, state) tiles are slow
+    x = make_inputs(1, 36, 9, dstate, torch.float32, seed=config)
+    check_against_reference(x, chunk_size=4, seed=config)
 
 
 def test_without_softplus():
@@ -177,3 +210,15 @@ def test_rejects_bad_inputs():
         bidirectional_scan_triton(*[a.double() for a in args])
     with pytest.raises(ValueError, match='power of two'):
         bidirectional_scan_triton(*args, chunk_size=6)
+
+
+def test_fake_impls_match_the_kernels():
+    """torch.compile traces the ops through their fake implementations: shapes, dtypes and strides must match."""
+    x = make_inputs(1, 8, 9, 4, torch.float32, seed=2)
+    args = [x[n].detach() for n in NAMES]
+    torch.library.opcheck(torch.ops.vim.triton_bidirectional_scan, (*args, True, 4, True),
+                          test_utils=('test_faketensor',))
+    _, states = torch.ops.vim.triton_bidirectional_scan(*args, True, 4, True)
+    gout = torch.randn(1, 8, 9)
+    torch.library.opcheck(torch.ops.vim.triton_bidirectional_scan_bwd, (gout, *args, states, True, 4),
+                          test_utils=('test_faketensor',))

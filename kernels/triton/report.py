@@ -1,0 +1,330 @@
+"""Static performance report of the Triton kernels, from their compiled code: no GPU needed.
+
+Every autotune config of every kernel the ops launch is compiled for the H100 (sm_90, bf16, the model's input
+views). From ptxas and the SASS it reports registers, spills, occupancy, and in the token loops the instructions,
+MUFU (exp2), SHFL and BAR per (token, channel, state). It then predicts each op's time for Vim-Ti and Vim-S shapes
+with an issue model and compares it with the floor ``max(bytes / 3.0 TB/s, exps / (16 x 132 x 1.98 GHz))``.
+
+The issue model, per kernel launch: each warp runs on one of the 528 sub-partitions (4 per SM), which issue one
+instruction per clock and one MUFU instruction every 8 clocks (16 lanes per SM per clock); the warps spread evenly,
+so a launch takes ``ceil(warps / 528) x max(instructions, 8 x MUFU instructions)`` per warp, or its bytes at
+3.0 TB/s if that is longer. Instructions outside the loops count once per warp. Memory latency, cache misses and
+launch gaps are ignored: this is a proxy, a prediction; a GPU run decides.
+
+    vim-kernel-report --json report.json            # or: python -m vim.kernels.triton.report
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ['build_report', 'format_report', 'main', 'CASES', 'PEAK_BYTES_PER_S', 'EXP_PER_S']
+
+SMS = 132
+SLOTS = 4 * SMS  # warp schedulers (sub-partitions)
+CLOCK_HZ = 1.98e9
+PEAK_BYTES_PER_S = 3.0e12
+EXP_PER_S = 16 * SMS * CLOCK_HZ
+MUFU_CLOCKS = 8  # a warp's MUFU instruction occupies its sub-partition's 4 special-function lanes for 8 clocks
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+DSTATE, CHUNK, WIDTH, RANK = 16, 32, 4, 12
+DTYPE_BYTES = 2  # bf16
+
+# (name, d_inner, seqlen, batch): Vim-Ti and Vim-S at 224 px (197 tokens, batch 64) and 1248 px (6,085 tokens)
+CASES = [('Vim-Ti 224px b64', 384, 197, 64), ('Vim-Ti 1248px b1', 384, 6085, 1), ('Vim-Ti 1248px b8', 384, 6085, 8),
+         ('Vim-S 224px b64', 768, 197, 64), ('Vim-S 1248px b1', 768, 6085, 1), ('Vim-S 1248px b8', 768, 6085, 8)]
+
+
+@dataclass
+class Launch:
+    """One kernel launch of an op for a case: its warps and what each does."""
+    kernel: str
+    warps: int
+    loop_iterations: float  # per warp, over all its token loops (or segment / chunk loops)
+    bytes: float
+
+
+def _ceil(a: float, b: float) -> int:
+    return int(-(-a // b))
+
+
+def occupancy(registers: int, num_warps: int, shared: int) -> float:
+    """Resident warps per SM / 64 (registers allocated per warp in units of 256, 32 blocks, 227 KiB shared)."""
+    per_warp = _ceil(registers * 32, 256) * 256
+    blocks = min(REGISTERS_PER_SM // (per_warp * num_warps), 32, MAX_WARPS_PER_SM // num_warps,
+                 (227 * 1024) // shared if shared else 32)
+    return blocks * num_warps / MAX_WARPS_PER_SM
+
+
+def _specs():
+    """(kernel name, autotuner or jit function, configs, loop kind, tokens per loop iteration, constexprs)."""
+    import triton
+
+    from . import bwd, conv, fwd, pack
+    from .aot import KernelSpec
+    from .common import all_configs
+    scan = dict(DELTA_SOFTPLUS=True, STORE_STATES=True, CHUNK=CHUNK, BLOCK_N=DSTATE, STATE_J=4)
+
+    class _Plain:  # a kernel without autotuning, seen as an autotuner of its one launch config
+        def __init__(self, fn):
+            self.fn = fn
+
+    return [
+        (KernelSpec('pack_bc', _Plain(pack._pack_bc_kernel), [triton.Config({}, num_warps=4)], 'none',
+                    dict(BLOCK_L=pack.PACK_BLOCK_L, BLOCK_N=DSTATE)), 1),
+        (KernelSpec('segment_state', fwd._segment_state_kernel, all_configs(fwd._STATE_CONFIGS), 'token', scan), 1),
+        (KernelSpec('segment_boundary', fwd._segment_boundary_kernel, all_configs(fwd._BOUNDARY_CONFIGS),
+                    'segment', scan), 1),
+        (KernelSpec('scan_output', fwd._scan_output_kernel, all_configs(fwd._OUTPUT_CONFIGS), 'token', scan), 2),
+        (KernelSpec('scan_bwd', bwd._bidirectional_scan_bwd_kernel, all_configs(bwd._CONFIGS), 'chunk', scan),
+         CHUNK),
+        (KernelSpec('conv_fwd', conv._bidirectional_conv_fwd_kernel, all_configs(conv._FWD_CONFIGS), 'none',
+                    dict(WIDTH=WIDTH, BLOCK_L=conv.CONV_BLOCK_L)), 1),
+        (KernelSpec('conv_bwd', conv._bidirectional_conv_bwd_kernel, all_configs(conv._BWD_CONFIGS), 'none',
+                    dict(WIDTH=WIDTH, BLOCK_L=conv.CONV_BLOCK_L)), 1),
+    ]
+
+
+def _analyse(spec, tokens_per_iteration: int, config, compiled: dict) -> dict:
+    """Per-config numbers from the compiled code: registers, occupancy, token-loop counts per element."""
+    from .sass import parse_sass, straight_line, token_loops
+    instructions = parse_sass(compiled['sass'])
+    loops = token_loops(instructions) if spec.loop != 'none' else []
+    threads = 32 * config.num_warps
+    block_d = config.kwargs.get('BLOCK_D', 1)
+    # elements (token, channel, state) a thread handles per loop iteration
+    if spec.loop == 'token':
+        per_iteration = tokens_per_iteration * max(block_d / threads, 1) * DSTATE
+    elif spec.loop == 'chunk':
+        per_iteration = CHUNK * block_d * DSTATE / threads
+    else:  # one segment boundary per iteration, or the straight-line tile of (token, channel) for the conv
+        per_iteration = max(block_d / threads, 1) * DSTATE
+    rows = []
+    for lp in loops:
+        main, cond = lp.main_path, lp.conditional
+        # conditional code in a token loop is the chunk-state store: it runs for one token in CHUNK
+        weight = 1 / CHUNK if spec.loop == 'token' else 1.0
+        executed = {c: main[c] + weight * cond[c] for c in ('all', 'mufu', 'ex2', 'shfl', 'bar', 'global_load',
+                                                            'global_store', 'shared', 'fp32')}
+        rows.append(dict(start=hex(lp.start), end=hex(lp.end), body=lp.instructions,
+                         conditional=cond['all'],
+                         per_iteration={c: round(v, 2) for c, v in executed.items()},
+                         per_element={c: round(v / per_iteration, 3) for c, v in executed.items()},
+                         shfl_in_loop=lp.counts['shfl'], bar_in_loop=lp.counts['bar']))
+    outside = straight_line(instructions, loops)
+    return dict(kernel=spec.name, config=dict(config.kwargs, num_warps=config.num_warps,
+                                              num_stages=config.num_stages),
+                registers=compiled['registers'], spill_stores=compiled['spill_stores'],
+                spill_loads=compiled['spill_loads'], shared=compiled['shared'],
+                occupancy=round(occupancy(compiled['registers'], config.num_warps, compiled['shared']), 3),
+                total_instructions=len(instructions), outside_loops=outside['all'],
+                outside_mufu=outside['mufu'], loops=rows, elements_per_iteration=per_iteration)
+
+
+def _warp_clocks(row: dict, iterations_per_loop: float) -> tuple[float, float]:
+    """(issue clocks, MUFU clocks) of one warp doing ``iterations_per_loop`` iterations of each of its loops."""
+    issue = row['outside_loops'] + sum(lp['per_iteration']['all'] for lp in row['loops']) * iterations_per_loop
+    mufu = row['outside_mufu'] + sum(lp['per_iteration']['mufu'] for lp in row['loops']) * iterations_per_loop
+    return issue, MUFU_CLOCKS * mufu
+
+
+def _launch_time(row: dict, warps: int, iterations_per_loop: float, nbytes: float) -> float:
+    issue, mufu = _warp_clocks(row, iterations_per_loop)
+    return max(_ceil(warps, SLOTS) * max(issue, mufu) / CLOCK_HZ, nbytes / PEAK_BYTES_PER_S)
+
+
+def _floors(dim: int, seqlen: int, batch: int) -> dict:
+    """The floor of each op: compulsory bytes at 3.0 TB/s vs one exp per (token, channel, state, direction)."""
+    e, tokens = DTYPE_BYTES, batch * seqlen
+    exps = 2 * tokens * dim * DSTATE
+    fwd_bytes = tokens * (dim * e * (2 * 2 + 1 + 1) + 2 * 2 * DSTATE * e)  # u, delta (2 dirs), z, out; B, C
+    bwd_bytes = tokens * (dim * e * (2 * 2 + 2 + 2 * 2 + 1) + 2 * 2 * DSTATE * e * 2)  # + gout; gu, gdelta, gz; gB, gC
+    conv_bytes = tokens * dim * e * (1 + 2)
+    exp_time = exps / EXP_PER_S
+    return dict(scan_fwd=max(fwd_bytes / PEAK_BYTES_PER_S, exp_time), scan_bwd=max(bwd_bytes / PEAK_BYTES_PER_S,
+                                                                                    exp_time),
+                conv_fwd=conv_bytes / PEAK_BYTES_PER_S, conv_bwd=2 * conv_bytes / PEAK_BYTES_PER_S, exps=exps,
+                exp_time=exp_time)
+
+
+def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -> list[tuple[dict, Launch]]:
+    """The launches of ``op`` for a case, each with the config row it runs (row_of(kernel) -> best row)."""
+    from .fwd import plan_segments
+    e, tokens = DTYPE_BYTES, batch * seqlen
+    seg, n_seg = plan_segments(batch, dim, seqlen, CHUNK)
+    n_chunks = _ceil(seqlen, CHUNK)
+
+    def warps(row, programs_per_block_d):
+        cfg = row['config']
+        return programs_per_block_d(_ceil(dim, cfg.get('BLOCK_D', 1))) * cfg['num_warps']
+
+    out = []
+    if op == 'scan_fwd':
+        r = row_of('pack_bc')
+        out.append((r, Launch('pack_bc', _ceil(seqlen, 64) * batch * 2 * 4, 0, tokens * 2 * 2 * DSTATE * (e + 8))))
+        if n_seg > 1:
+            r = row_of('segment_state')
+            st_tokens = batch * 2 * (seqlen - seg)
+            out.append((r, Launch('segment_state', warps(r, lambda nb: nb * batch * 2 * (n_seg - 1)), seg,
+                                  st_tokens * (2 * dim * e + DSTATE * 4) + batch * 2 * n_seg * dim * (DSTATE + 1) * 4)))
+            r = row_of('segment_boundary')
+            out.append((r, Launch('segment_boundary', warps(r, lambda nb: nb * batch * 2), n_seg - 1,
+                                  batch * 2 * n_seg * dim * (2 * DSTATE + 1) * 4)))
+        r = row_of('scan_output')
+        # per warp: seg tokens in each direction; the loops are unrolled by 2 tokens
+        out.append((r, Launch('scan_output', warps(r, lambda nb: nb * n_seg * batch), seg / 2,
+                              tokens * (dim * (4 * e + e + e + 8) + 2 * 2 * DSTATE * 4)
+                              + batch * 2 * n_chunks * DSTATE * dim * 4)))
+    elif op == 'scan_bwd':
+        r = row_of('scan_bwd')
+        out.append((r, Launch('scan_bwd', warps(r, lambda nb: nb * 2 * batch), n_chunks,
+                              tokens * (dim * e * 9 + dim * 4 * 2 + 2 * 2 * DSTATE * (e + 8)))))
+    elif op in ('conv_fwd', 'conv_bwd'):
+        r = row_of(op)
+        block_d = r['config']['BLOCK_D']
+        programs = _ceil(seqlen, 64) * _ceil(dim, block_d) * batch
+        nbytes = tokens * dim * e * (3 if op == 'conv_fwd' else 6)
+        out.append((r, Launch(op, programs * r['config']['num_warps'], 0, nbytes)))
+    return out
+
+
+def _best_row(by_kernel: dict, op: str, kernel: str, dim: int, seqlen: int, batch: int) -> dict:
+    """The config of ``kernel`` the autotuner should pick if the model were right: the fastest for this case."""
+    def time_of(row):
+        launches = _op_launches(op, lambda k: row if k == kernel else by_kernel[k][0], dim, seqlen, batch)
+        return sum(_launch_time(r, la.warps, la.loop_iterations, la.bytes) for r, la in launches
+                   if la.kernel == kernel)
+    return min(by_kernel[kernel], key=time_of)
+
+
+def _predict(rows: list[dict]) -> list[dict]:
+    from .fwd import plan_segments
+    by_kernel: dict[str, list[dict]] = {}
+    for r in rows:
+        if 'error' not in r:
+            by_kernel.setdefault(r['kernel'], []).append(r)
+    results = []
+    for name, dim, seqlen, batch in CASES:
+        floors = _floors(dim, seqlen, batch)
+        seg, n_seg = plan_segments(batch, dim, seqlen, CHUNK)
+        case = dict(case=name, dim=dim, seqlen=seqlen, batch=batch, dstate=DSTATE, dtype='bf16', segments=n_seg,
+                    segment_length=seg, exps=floors['exps'], ops={})
+        for op in ('scan_fwd', 'scan_bwd', 'conv_fwd', 'conv_bwd'):
+            def best_row(kernel, op=op, dim=dim, seqlen=seqlen, batch=batch):
+                return _best_row(by_kernel, op, kernel, dim, seqlen, batch)
+            launches = _op_launches(op, best_row, dim, seqlen, batch)
+            parts = [dict(kernel=la.kernel, config=r['config'], warps=la.warps,
+                          predicted_us=round(1e6 * _launch_time(r, la.warps, la.loop_iterations, la.bytes), 2),
+                          bytes=int(la.bytes)) for r, la in launches]
+            predicted = sum(p['predicted_us'] for p in parts)
+            floor_us = 1e6 * floors[op]
+            case['ops'][op] = dict(predicted_us=round(predicted, 2), floor_us=round(floor_us, 2),
+                                   ratio=round(predicted / floor_us, 2), launches=parts)
+        results.append(case)
+    return results
+
+
+def compile_all(layouts=(('bf16', 'mixer'),), progress: bool = False) -> list[dict]:
+    """Compile every config of every kernel for sm_90 (each dtype/layout pair) and analyse it."""
+    import torch
+
+    from .aot import compile_kernel, conv_arguments, scan_arguments
+    dtypes = {'bf16': torch.bfloat16, 'fp32': torch.float32, 'fp16': torch.float16}
+    rows = []
+    for spec, tokens_per_iteration in _specs():
+        for config in spec.configs:
+            for dtype, layout in layouts:
+                row = dict(kernel=spec.name, function=spec.autotuner.fn.__name__, dtype=dtype, layout=layout,
+                           config=dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages))
+                start = time.perf_counter()
+                try:
+                    if spec.name.startswith('conv'):
+                        values = conv_arguments(dtypes[dtype], layout, 8, 384, 197, WIDTH)
+                    else:
+                        values = scan_arguments(dtypes[dtype], layout, 8, 384, DSTATE, 197, 64, 4, RANK)
+                    compiled = compile_kernel(spec, config, values)
+                    row.update(_analyse(spec, tokens_per_iteration, config, compiled))
+                except Exception as e:  # reported; the tests fail on it
+                    row['error'] = f'{type(e).__name__}: {e}'[-3000:]
+                row['compile_s'] = round(time.perf_counter() - start, 2)
+                if progress:
+                    print(f"compiled {spec.name} {row['config']} {dtype}/{layout} in {row['compile_s']} s",
+                          file=sys.stderr, flush=True)
+                rows.append(row)
+    return rows
+
+
+def build_report(layouts=(('bf16', 'mixer'),), progress: bool = False) -> dict:
+    """The whole report: device model, per-config compiled numbers, and per-case predictions (bf16 rows)."""
+    import torch
+    import triton
+    rows = compile_all(layouts, progress)
+    return dict(kind='prediction from compiled code (no GPU run)', target='sm_90 (H100 SXM)',
+                date=datetime.date.today().isoformat(), triton=triton.__version__, torch=torch.__version__,
+                model=dict(sms=SMS, clock_hz=CLOCK_HZ, bytes_per_s=PEAK_BYTES_PER_S, exp_per_s=EXP_PER_S,
+                           mufu_clocks_per_warp_instruction=MUFU_CLOCKS, issue_per_clock_per_subpartition=1),
+                kernels=rows,
+                cases=_predict([r for r in rows if r['dtype'] == 'bf16' and r['layout'] == 'mixer']))
+
+
+def format_report(report: dict) -> str:
+    """A readable table: kernels and configs, then predictions per case."""
+    lines = [f"Static report ({report['kind']}), target {report['target']}, triton {report['triton']}", '',
+             'kernel            config                        regs spill occ   loop instr/elem  ex2/elem  mufu/elem'
+             '  shfl  bar']
+    for r in report['kernels']:
+        if r.get('dtype') != 'bf16':
+            continue
+        cfg = ','.join(f'{k}={v}' for k, v in r['config'].items() if k != 'num_stages')
+        if 'error' in r:
+            lines.append(f"{r['kernel']:<17} {cfg:<29} ERROR {r['error'][:80]}")
+            continue
+        loops = r['loops'] or [dict(per_element={}, shfl_in_loop=0, bar_in_loop=0)]
+        for i, lp in enumerate(loops):
+            pe = lp['per_element']
+            head = (f"{r['kernel']:<17} {cfg:<29} {r['registers']:>4} {r['spill_stores']:>5} {r['occupancy']:>4.2f}"
+                    if i == 0 else ' ' * 62)
+            if pe:
+                lines.append(f"{head}  {i:>3} {pe['all']:>11.2f} {pe['ex2']:>9.3f} {pe['mufu']:>10.3f}"
+                             f" {lp['shfl_in_loop']:>5} {lp['bar_in_loop']:>4}")
+            else:
+                lines.append(f"{head}    - (no token loop: {r['total_instructions']} instructions a thread)")
+    lines += ['', 'case                 op        predicted us   floor us   ratio   forward segments']
+    for c in report['cases']:
+        for op, v in c['ops'].items():
+            lines.append(f"{c['case']:<20} {op:<9} {v['predicted_us']:>12.2f} {v['floor_us']:>10.2f} "
+                         f"{v['ratio']:>7.2f}   {c['segments']}")
+    return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='vim-kernel-report', description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument('--json', help='write the report as JSON here (atomically)')
+    parser.add_argument('--all-layouts', action='store_true',
+                        help='also compile fp32 contiguous inputs (the compile test does; the predictions use bf16)')
+    parser.add_argument('--quiet', action='store_true', help='no progress lines')
+    args = parser.parse_args(argv)
+    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+        parser.error('unset TRITON_INTERPRET: the report compiles the kernels, the interpreter cannot')
+    layouts = (('bf16', 'mixer'), ('fp32', 'contiguous')) if args.all_layouts else (('bf16', 'mixer'),)
+    report = build_report(layouts, progress=not args.quiet)
+    print(format_report(report))
+    if args.json:
+        tmp = f'{args.json}.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, args.json)
+    failed = [r for r in report['kernels'] if 'error' in r]
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

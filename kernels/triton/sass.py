@@ -1,0 +1,112 @@
+"""Reading SASS (cuobjdump -sass text): instructions, loops, and what the token loops issue.
+
+A loop is the address range from a backward branch's target to the branch. The token loops are the innermost loops
+that issue MUFU.EX2 (the decays). Inside a loop, code that a branch jumps forward over is counted apart as
+conditional (in the scan's token loop: the store of a chunk state, once every CHUNK tokens).
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ['Instruction', 'Loop', 'parse_sass', 'token_loops', 'straight_line']
+
+_LINE = re.compile(r'/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);')
+_TARGET = re.compile(r'0x([0-9a-f]+)')
+
+
+@dataclass
+class Instruction:
+    address: int
+    opcode: str  # with modifiers, e.g. MUFU.EX2, LDG.E.128
+    operands: str
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split('.')[0]
+
+
+@dataclass
+class Loop:
+    start: int
+    end: int  # address of the backward branch
+    counts: Counter = field(default_factory=Counter)  # by category, every instruction of the body
+    conditional: Counter = field(default_factory=Counter)  # the part inside forward-branch-skipped regions
+
+    @property
+    def instructions(self) -> int:
+        return self.counts['all']
+
+    @property
+    def main_path(self) -> Counter:
+        return self.counts - self.conditional
+
+
+def parse_sass(sass: str) -> list[Instruction]:
+    """Instructions of the (single) kernel in ``sass``, in address order; NOPs dropped."""
+    out = []
+    for line in sass.splitlines():
+        m = _LINE.search(line)
+        if m and m.group(3) != 'NOP':
+            out.append(Instruction(int(m.group(1), 16), m.group(3), m.group(4)))
+    return out
+
+
+def categorize(ins: Instruction) -> list[str]:
+    cats = ['all']
+    if ins.opcode.startswith('MUFU'):
+        cats.append('mufu')
+        if ins.opcode == 'MUFU.EX2':
+            cats.append('ex2')
+    if ins.base == 'SHFL':
+        cats.append('shfl')
+    if ins.base == 'BAR':
+        cats.append('bar')
+    if ins.base in ('LDG', 'LD'):
+        cats.append('global_load')
+    if ins.base in ('STG', 'ST', 'RED', 'ATOM', 'ATOMG'):
+        cats.append('global_store')
+    if ins.base in ('LDS', 'STS', 'LDSM'):
+        cats.append('shared')
+    if ins.base in ('FFMA', 'FMUL', 'FADD', 'FMNMX', 'FSEL', 'FSETP'):
+        cats.append('fp32')
+    return cats
+
+
+def _count(instructions: list[Instruction]) -> Counter:
+    c = Counter()
+    for ins in instructions:
+        c.update(categorize(ins))
+    return c
+
+
+def _branches(instructions):
+    for ins in instructions:
+        if ins.base == 'BRA':
+            m = _TARGET.search(ins.operands)
+            if m:
+                yield ins, int(m.group(1), 16)
+
+
+def token_loops(instructions: list[Instruction]) -> list[Loop]:
+    """Innermost loops that issue MUFU.EX2, each with its instruction counts (see the module docstring)."""
+    loops = [(target, ins.address) for ins, target in _branches(instructions) if target < ins.address]
+    with_exp = [(s, e) for s, e in loops
+                if any(i.opcode == 'MUFU.EX2' and s <= i.address <= e for i in instructions)]
+    innermost = [(s, e) for s, e in with_exp
+                 if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in with_exp)]
+    result = []
+    for s, e in sorted(set(innermost)):
+        body = [i for i in instructions if s <= i.address <= e]
+        skipped = set()
+        for ins, target in _branches(body):
+            if ins.address < target <= e:  # a forward branch inside the body: the code it jumps over
+                skipped.update(i.address for i in body if ins.address < i.address < target)
+        result.append(Loop(s, e, _count(body), _count([i for i in body if i.address in skipped])))
+    return result
+
+
+def straight_line(instructions: list[Instruction], loops: list[Loop]) -> Counter:
+    """Counts of the instructions outside ``loops`` (prologue, epilogue; an upper bound on what runs once)."""
+    return _count([i for i in instructions if not any(lp.start <= i.address <= lp.end for lp in loops)])

@@ -1,0 +1,81 @@
+"""Budgets on the static report of the Triton kernels (vim.kernels.triton.report, compiled once per session for sm_90
+by the ``sm90_report`` fixture; skipped only where triton's sm_90 toolchain is missing).
+
+The report's numbers are predictions from the compiled code (an issue model, no GPU). Issue 9's budgets are the
+targets: forward predicted <= 1.5x its floor, backward <= 2.5x, no SHFL or BAR in a token loop, no spills. Where the
+current kernels miss a target, the case is an expected failure (strict: it fails once the target is met, so the
+marker gets removed) and the reason says why; the design's own properties are asserted exactly.
+"""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip('triton')
+
+FWD_BUDGET, BWD_BUDGET = 1.5, 2.5
+FORWARD_KERNELS = ('segment_state', 'scan_output')
+# the forward's design per (token, channel, state) in its token loops: one exp2 (+ softplus and silu per token), and
+# few enough instructions that the exp unit, not issue, is the limit within 1.5x (8 issue slots per MUFU op)
+MAX_MUFU_PER_ELEMENT = 1.25
+MAX_INSTRUCTIONS_PER_ELEMENT = 1.5 * 8 * MAX_MUFU_PER_ELEMENT
+
+
+def _rows(report, kernel):
+    return [r for r in report['kernels'] if r['kernel'] == kernel and r['dtype'] == 'bf16' and 'error' not in r]
+
+
+@pytest.mark.parametrize('kernel', FORWARD_KERNELS)
+def test_forward_token_loops_have_no_shuffles_or_barriers(sm90_report, kernel):
+    rows = _rows(sm90_report, kernel)
+    assert rows
+    for r in rows:
+        assert r['loops'], f"{kernel} {r['config']}: no token loop found in the SASS"
+        for lp in r['loops']:
+            assert lp['shfl_in_loop'] == 0 and lp['bar_in_loop'] == 0, (kernel, r['config'], lp)
+
+
+@pytest.mark.parametrize('kernel', FORWARD_KERNELS)
+def test_forward_token_loops_issue_one_exp_per_element(sm90_report, kernel):
+    for r in _rows(sm90_report, kernel):
+        for lp in r['loops']:
+            pe = lp['per_element']
+            assert 1.0 <= pe['ex2'] <= MAX_MUFU_PER_ELEMENT, (kernel, r['config'], pe)
+            assert pe['mufu'] <= MAX_MUFU_PER_ELEMENT, (kernel, r['config'], pe)
+            assert pe['all'] <= MAX_INSTRUCTIONS_PER_ELEMENT, (kernel, r['config'], pe)
+
+
+def _ratios(report, op):
+    return {c['case']: c['ops'][op]['ratio'] for c in report['cases']}
+
+
+@pytest.mark.xfail(strict=True, reason='predicted 1.7-3.2x: warps of 32 channels leave waves part-empty at batch 64 '
+                   '(768 or 1536 warps on 528 sub-partitions), the sequence split at batch 1-8 computes each decay '
+                   'twice (segment states, then outputs), and the loops issue ~10-12 instructions per element '
+                   'against 9 issue slots per exp')
+def test_forward_within_budget(sm90_report):
+    ratios = _ratios(sm90_report, 'scan_fwd')
+    assert all(r <= FWD_BUDGET for r in ratios.values()), ratios
+
+
+@pytest.mark.xfail(strict=True, reason='the backward is still the chunk-tile design (bwd.py): state axis across '
+                   'lanes, shuffles and barriers in its chunk loop, two exps per element; predicted 15-20x')
+def test_backward_within_budget(sm90_report):
+    ratios = _ratios(sm90_report, 'scan_bwd')
+    assert all(r <= BWD_BUDGET for r in ratios.values()), ratios
+
+
+def test_forward_fills_the_gpu_at_batch_one(sm90_report):
+    """At 1248 px batch 1 the forward splits the sequence: programs for all 132 SMs in each of its passes."""
+    for c in sm90_report['cases']:
+        if c['batch'] == 1 and c['seqlen'] > 1000:
+            assert c['segments'] > 1, c
+            for la in c['ops']['scan_fwd']['launches']:
+                if la['kernel'] in ('segment_state', 'scan_output'):
+                    assert la['warps'] // la['config']['num_warps'] >= 132, (c['case'], la)
+
+
+def test_report_is_a_prediction_with_its_floor(sm90_report):
+    assert 'prediction' in sm90_report['kind']
+    for c in sm90_report['cases']:
+        for op, v in c['ops'].items():
+            assert v['floor_us'] > 0 and v['predicted_us'] > 0 and v['launches'], (c['case'], op)
