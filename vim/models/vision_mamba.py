@@ -149,6 +149,7 @@ class VisionMamba(nn.Module):
             self.global_pool = global_pool
         dd = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)  # where the model is now
         self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def set_input_size(self, img_size: int | tuple[int, int] | None = None, **kwargs: Any) -> None:
         """Change the default input size, resampling the position embedding around the middle class token."""
