@@ -69,6 +69,18 @@ def test_fx_feature_extraction_follows_the_input_size():
             torch.testing.assert_close(out['tokens'], model.forward_features(x), rtol=0, atol=0)
 
 
+def test_timm_fx_feature_extractor():
+    """timm's own wrapper (which applies its notrace registry itself) traces the model too."""
+    model = timm.create_model('test_vim', dynamic_img_size=True).eval()
+    extractor = timm.models.create_feature_extractor(model, return_nodes={'layers.2.mixer.out_proj': 'mixed'})
+    x = torch.randn(1, 3, 48, 56)
+    captured = {}
+    model.layers[2].mixer.out_proj.register_forward_hook(lambda m, i, o: captured.setdefault('mixed', o))
+    with torch.no_grad():
+        model(x)
+        torch.testing.assert_close(extractor(x)['mixed'], captured['mixed'], rtol=0, atol=0)
+
+
 def test_fx_trace_still_checks_inputs():
     model = timm.create_model('test_vim').eval()
     tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
