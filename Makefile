@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-mm features test lint clean
+.PHONY: install install-mm peer-sdists features test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,14 @@ install-mm: $(VENV)/.mm-installed
 features: install
 	$(BIN)/python tools/extract_features.py
 
-test: install install-mm
-	$(BIN)/python -m pytest
+# The released sources of timm (the installed version) and mamba_ssm that tests/peers runs timm's model suite and
+# mamba_ssm's reference from: downloaded once (nothing is built) into ~/.cache/vim-backbones/sdists and verified.
+# Fails when a download fails and nothing is cached; `make test` then requires them (no silent skip).
+peer-sdists: install
+	$(BIN)/python -m tests.peers.sdists
+
+test: install install-mm peer-sdists
+	VIM_REQUIRE_PEER_SDISTS=1 $(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .

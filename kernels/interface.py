@@ -196,13 +196,27 @@ def _implementation(registry: dict[str, Callable], name: str, op: str) -> Callab
     return registry[name]
 
 
+# selective_scan backends that can return the last hidden state
+_SELECTIVE_LAST_STATE = {'reference', 'mamba_ssm'}
+
+
 def selective_scan(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor | None = None, z: torch.Tensor | None = None,
-        delta_bias: torch.Tensor | None = None, delta_softplus: bool = False, *, backend: str | None = None,
-) -> torch.Tensor:
-    """Selective scan, first token to last. Shapes and semantics: :func:`vim.kernels.selective_scan_ref`."""
-    fn = _implementation(_SELECTIVE, resolve_backend(backend, u), 'selective_scan')
+        delta_bias: torch.Tensor | None = None, delta_softplus: bool = False, return_last_state: bool = False, *,
+        backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Selective scan, first token to last; with ``return_last_state``, ``(out, last_state (batch, dim, dstate))``.
+
+    Shapes and semantics: :func:`vim.kernels.selective_scan_ref` (mamba_ssm's ``selective_scan_fn``, real A).
+    """
+    name = resolve_backend(backend, u)
+    fn = _implementation(_SELECTIVE, name, 'selective_scan')
+    if return_last_state:
+        if name not in _SELECTIVE_LAST_STATE:
+            raise NotImplementedError(f'scan backend {name!r} cannot return the last state; use one of '
+                                      f'{sorted(_SELECTIVE_LAST_STATE)}')
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 

@@ -44,10 +44,10 @@ def _causal_conv1d_fn():
 def selective_scan_mamba(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor | None = None, z: torch.Tensor | None = None,
-        delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
-) -> torch.Tensor:
+        delta_bias: torch.Tensor | None = None, delta_softplus: bool = False, return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """mamba_ssm's ``selective_scan_fn`` as it is. Shapes: :func:`vim.kernels.selective_scan_ref`."""
-    return _selective_scan_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _selective_scan_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def _direction(selective_scan_fn, k: int, reverse: bool, u, delta, A, B, C, D, z, delta_bias, delta_softplus):

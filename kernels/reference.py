@@ -6,7 +6,8 @@ Recurrence, per batch b, channel d and state n (mamba_ssm's ``selective_scan_fn`
     y_t = <C_t, h_t> + D * u_t,    out_t = y_t * silu(z_t)
 
 Shapes: ``u, delta, z: (batch, dim, seqlen)``, ``A: (dim, dstate)``, ``B, C: (batch, dstate, seqlen)`` or
-``(batch, groups, dstate, seqlen)`` with ``dim`` split evenly into ``groups``, ``D, delta_bias: (dim,)``.
+``(batch, groups, dstate, seqlen)`` with ``dim`` split evenly into ``groups``, or ``(dim, dstate)`` time-invariant,
+``D, delta_bias: (dim,)``. Real A only (mamba_ssm's complex mode is refused with an error).
 Dtype policy: inputs in the activation dtype, everything computed and accumulated in fp32, output cast back.
 
 Speed on CPU comes from doing every elementwise step on whole time-chunks at once, so that the only Python-level
@@ -16,6 +17,8 @@ for strong decay and long sequences. Backward recomputes the hidden states chunk
 states instead of storing them (the same plan the Triton kernels follow).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +72,8 @@ def _contract(H: torch.Tensor, Ct: torch.Tensor) -> torch.Tensor:
 # The core recurrence is a pair of torch custom ops (forward, backward): opaque to torch.compile (no unrolled
 # per-token graph), countable by torch.utils.flop_counter, and the same code on every device.
 # Shapes, time-major: u, delta: (L, b, dim); A: (dim, N); B, C: (L, b, G, N); y: (L, b, dim);
-# states: (num_chunks - 1, b, dim, N), the state entering each chunk after the first.
+# states: (num_chunks, b, dim, N), the state after each chunk: the backward pass starts chunk c + 1 from states[c],
+# and states[-1] is the last state (its gradient, the only one of the states used, flows back).
 
 
 @torch.library.custom_op('vim::selective_scan_fwd', mutates_args=())
@@ -79,7 +83,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     N = B.shape[3]
     du = delta * u
     y = u.new_empty(L, b, dim)
-    states = u.new_empty(_num_chunks(L, T) - 1, b, dim, N)
+    states = u.new_empty(_num_chunks(L, T), b, dim, N)
     dA_buf, H_buf = u.new_empty(2, T, b, dim, N)
     h = None
     for ci, s in enumerate(range(0, L, T)):
@@ -88,25 +92,24 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
         _chunk_inputs(delta[s:e], du[s:e], A, B[s:e], dA, H)
         _recurrence_(H, dA, h)
         y[s:e] = _contract(H, C[s:e])
-        if ci < len(states):
-            h = states[ci].copy_(H[-1])
+        h = states[ci].copy_(H[-1])
     return y, states
 
 
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, T):
     L, b, dim = u.shape
-    return u.new_empty(L, b, dim), u.new_empty(_num_chunks(L, T) - 1, b, dim, B.shape[3])
+    return u.new_empty(L, b, dim), u.new_empty(_num_chunks(L, T), b, dim, B.shape[3])
 
 
 @torch.library.custom_op('vim::selective_scan_bwd', mutates_args=())
 def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-              states: torch.Tensor, gy: torch.Tensor, T: int
+              states: torch.Tensor, gy: torch.Tensor, g_last: Optional[torch.Tensor], T: int  # noqa: UP045
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     L, b, dim = u.shape
     G, N = B.shape[2], B.shape[3]
     gy = gy.contiguous()
-    starts = [None] + list(states.unbind(0))
+    starts = [None] + list(states[:-1].unbind(0))
     du = delta * u
     g_du = torch.empty_like(u)
     g_ddelta_decay = torch.empty_like(u)
@@ -114,7 +117,7 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     gB = torch.empty_like(B)
     gC = torch.empty_like(C)
     dA_buf, H_buf, gH_buf = u.new_empty(3, T, b, dim, N)
-    carry = None  # dA_{e} * gH_{e}: the gradient reaching the last state of the previous chunk
+    carry = g_last  # the gradient reaching the last state of the chunk: dA_{e} * gH_{e} from the next one
     for ci in reversed(range(len(starts))):
         s = ci * T
         e = min(s + T, L)
@@ -151,7 +154,7 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 
 
 @_scan_bwd.register_fake
-def _(u, delta, A, B, C, states, gy, T):
+def _(u, delta, A, B, C, states, gy, g_last, T):
     return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
         torch.empty_like(C))
 
@@ -164,7 +167,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, gy, g_states):
     u, delta, A, B, C, states = ctx.saved_tensors
-    return (*_scan_bwd(u, delta, A, B, C, states, gy.contiguous(), ctx.chunk), None)
+    g_last = None if g_states is None else g_states[-1]
+    return (*_scan_bwd(u, delta, A, B, C, states, gy.contiguous(), g_last, ctx.chunk), None)
 
 
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -194,6 +198,46 @@ def _to_time_major(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).movedim(-1, 0).contiguous()
 
 
+def _check_scan_inputs(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None) -> None:
+    """One clear error for inputs mamba_ssm's selective scan would refuse, or whose meaning we do not implement."""
+    if any(t is not None and t.is_complex() for t in (u, delta, A, B, C, D, z, delta_bias)):
+        raise NotImplementedError(
+            "complex inputs (mamba_ssm's complex-A mode, with B/C as interleaved real/imaginary pairs) are not "
+            'supported: vim implements the real selective scan only')
+    if u.dim() != 3:
+        raise ValueError(f'u must be (batch, dim, seqlen), got {tuple(u.shape)}')
+    batch, dim, seqlen = u.shape
+    for name, t in (('delta', delta), ('z', z)):
+        if t is not None and t.shape != u.shape:
+            raise ValueError(f'{name} must have the shape of u {tuple(u.shape)}, got {tuple(t.shape)}')
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f'A must be (dim={dim}, dstate), got {tuple(A.shape)}')
+    dstate = A.shape[1]
+    for name, t in (('D', D), ('delta_bias', delta_bias)):
+        if t is not None and tuple(t.shape) != (dim,):
+            raise ValueError(f'{name} must be (dim={dim},), got {tuple(t.shape)}')
+    for name, t in (('B', B), ('C', C)):
+        if t.dim() == 2:
+            ok = tuple(t.shape) == (dim, dstate)
+        elif t.dim() in (3, 4):
+            groups = 1 if t.dim() == 3 else t.shape[1]
+            ok = (t.shape[0], t.shape[-2], t.shape[-1]) == (batch, dstate, seqlen) and groups > 0 and not dim % groups
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f'{name} must be (batch={batch}, dstate={dstate}, seqlen={seqlen}), (batch, groups, dstate, seqlen) '
+                f'with dim={dim} divisible by groups, or time-invariant (dim, dstate); got {tuple(t.shape)}')
+
+
+def _per_group(x: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """B or C as (batch, groups, dstate, seqlen); time-invariant (dim, dstate) becomes one group per channel."""
+    if x.dim() == 2:
+        return x[None, :, :, None].expand(batch, -1, -1, seqlen)
+    return x.unsqueeze(1) if x.dim() == 3 else x
+
+
 def selective_scan_ref(
         u: torch.Tensor,
         delta: torch.Tensor,
@@ -204,28 +248,33 @@ def selective_scan_ref(
         z: torch.Tensor | None = None,
         delta_bias: torch.Tensor | None = None,
         delta_softplus: bool = False,
-) -> torch.Tensor:
-    """Selective scan over the sequence, first token to last.
+        return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Selective scan over the sequence, first token to last (mamba_ssm's ``selective_scan_fn``, real A).
 
     Args:
         u: (batch, dim, seqlen) input.
         delta: (batch, dim, seqlen) step sizes, before ``delta_bias`` and softplus.
         A: (dim, dstate) state matrix (negative for a stable scan).
-        B, C: (batch, dstate, seqlen) or (batch, groups, dstate, seqlen) input/output projections.
+        B, C: (batch, dstate, seqlen) or (batch, groups, dstate, seqlen) input/output projections, or (dim, dstate)
+            time-invariant. B and C with different group counts (or one time-invariant) run with one group per
+            channel, i.e. with (batch, dim, dstate, seqlen) copies.
         D: (dim,) skip connection. z: (batch, dim, seqlen) gate, applied as ``y * silu(z)``.
         delta_bias: (dim,) added to delta before softplus.
         delta_softplus: apply softplus to delta.
+        return_last_state: also return the hidden state after the last token.
     Returns:
-        (batch, dim, seqlen) in u's dtype.
+        (batch, dim, seqlen) in u's dtype; with ``return_last_state``, also the last state (batch, dim, dstate) in
+        the compute dtype (fp32, or fp64 for fp64 inputs), differentiable.
+    Raises:
+        ValueError for shapes that do not fit together; NotImplementedError for complex inputs.
     """
+    _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
     batch, dim, seqlen = u.shape
-    if B.dim() == 3:
-        B = B.unsqueeze(1)
-    if C.dim() == 3:
-        C = C.unsqueeze(1)
-    if dim % B.shape[1] or B.shape[1] != C.shape[1]:
-        raise ValueError(f'dim {dim} must split evenly into B/C groups, got B {tuple(B.shape)}, C {tuple(C.shape)}')
+    B, C = _per_group(B, batch, seqlen), _per_group(C, batch, seqlen)
+    if B.shape[1] != C.shape[1]:
+        B, C = (x.repeat_interleave(dim // x.shape[1], dim=1) for x in (B, C))
     dtype = _compute_dtype(u)
     delta = delta.to(dtype)
     if delta_bias is not None:
@@ -235,14 +284,15 @@ def selective_scan_ref(
     u_t = _to_time_major(u, dtype)
     # an exported graph keeps the batch size symbolic: its chunk length must not depend on it
     T = _chunk_len(1 if torch.compiler.is_exporting() else batch, dim, A.shape[1], seqlen)
-    y, _ = _scan_fwd(u_t, _to_time_major(delta, dtype), A.to(dtype).contiguous(), _to_time_major(B, dtype),
-                     _to_time_major(C, dtype), T)
+    y, states = _scan_fwd(u_t, _to_time_major(delta, dtype), A.to(dtype).contiguous(), _to_time_major(B, dtype),
+                          _to_time_major(C, dtype), T)
     y = y.permute(1, 2, 0)
     if D is not None:
         y = y + u.to(dtype) * D.to(dtype)[:, None]
     if z is not None:
         y = y * F.silu(z.to(dtype))
-    return y.to(dtype_in)
+    y = y.to(dtype_in)
+    return (y, states[-1]) if return_last_state else y
 
 
 def _merge_directions(x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from vim.kernels import (
     bidirectional_scan_ref,
     resolve_backend,
     selective_scan,
+    selective_scan_ref,
 )
 from vim.kernels.mamba_ssm import bidirectional_conv_silu_mamba, bidirectional_scan_mamba
 from vim.kernels.selfcheck import SCAN_NAMES, CheckCase, case_inputs
@@ -217,3 +218,25 @@ def test_triton_matches_the_official_kernels(real_packages, case, dtype):
                            (bidirectional_conv_silu_mamba(*conv_args), bidirectional_conv_silu_triton(*conv_args))]:
         scale = official.abs().max().item()
         torch.testing.assert_close(ours.float(), official.float(), rtol=tol, atol=tol * scale)
+
+
+def test_selective_scan_passes_return_last_state_to_mamba(monkeypatch):
+    """selective_scan(..., return_last_state=True) on the mamba_ssm backend is mamba's own (out, last_state)."""
+    seen = []
+
+    def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False):
+        seen.append(return_last_state)
+        out = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True)
+        return out if return_last_state else out[0]
+
+    monkeypatch.setattr(interface, 'resolve_backend', lambda backend, x: backend)
+    monkeypatch.setattr('vim.kernels.mamba_ssm._selective_scan_fn', lambda: selective_scan_fn)
+    g = torch.Generator().manual_seed(0)
+    u, delta = torch.randn(2, 3, 7, generator=g), torch.rand(2, 3, 7, generator=g)
+    A, B, C = -torch.rand(3, 4, generator=g), torch.randn(2, 4, 7, generator=g), torch.randn(2, 4, 7, generator=g)
+    out, last = selective_scan(u, delta, A, B, C, return_last_state=True, backend='mamba_ssm')
+    ref_out, ref_last = selective_scan_ref(u, delta, A, B, C, return_last_state=True)
+    assert seen == [True]
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(last, ref_last)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, RmsNorm
 
-from .mixer import BidirectionalMamba
+from .mixer import BidirectionalMamba, widened_dtype
 
 __all__ = ['Block']
 
@@ -21,17 +21,19 @@ class Block(nn.Module):
     Args:
         dim: width. drop_path: rate applied to the incoming hidden state. norm_eps: RMSNorm epsilon.
         mixer_kwargs: keyword arguments of :class:`BidirectionalMamba`.
+        device, dtype: factory arguments of the parameters.
     """
 
-    def __init__(self, dim: int, *, drop_path: float = 0.0, norm_eps: float = 1e-5, **mixer_kwargs) -> None:
+    def __init__(self, dim: int, *, drop_path: float = 0.0, norm_eps: float = 1e-5,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, **mixer_kwargs) -> None:
         super().__init__()
-        self.norm = RmsNorm(dim, eps=norm_eps)
-        self.mixer = BidirectionalMamba(dim, **mixer_kwargs)
+        self.norm = RmsNorm(dim, eps=norm_eps, device=device, dtype=dtype)
+        self.mixer = BidirectionalMamba(dim, device=device, dtype=dtype, **mixer_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden, residual: (batch, seqlen, dim) -> (mixer output, fp32 residual stream)."""
-        stream_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        stream_dtype = widened_dtype(hidden)
         if residual is None:
             residual = hidden.to(stream_dtype)
         else:

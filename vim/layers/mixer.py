@@ -5,10 +5,22 @@ import math
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function
 
 from vim.kernels import bidirectional_conv_silu, bidirectional_scan
 
-__all__ = ['BidirectionalMamba']
+__all__ = ['BidirectionalMamba', 'widened_dtype']
+
+# The ops choose their backend from the tensors' device in Python: torch.fx keeps them as calls (timm's and
+# torchvision's FX feature extractors trace through the mixer otherwise).
+register_notrace_function(bidirectional_conv_silu)
+register_notrace_function(bidirectional_scan)
+
+
+@register_notrace_function  # a dtype is no tensor: torch.fx keeps this a call evaluated per input
+def widened_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision x, x's dtype for fp32 / fp64: the dtype of Vim's residual stream and SSM parameters."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 class BidirectionalMamba(nn.Module):
@@ -23,6 +35,7 @@ class BidirectionalMamba(nn.Module):
         dim: model width. d_state: SSM state size N. d_conv: conv kernel size. expand: d_inner = expand * dim.
         dt_rank: rank of the dt projection, ``ceil(dim / 16)`` by default.
         dt_min, dt_max, dt_init_floor: range of the initial step sizes (Mamba's initialisation).
+        device, dtype: factory arguments of the parameters.
     """
 
     def __init__(
@@ -36,6 +49,8 @@ class BidirectionalMamba(nn.Module):
             dt_min: float = 0.001,
             dt_max: float = 0.1,
             dt_init_floor: float = 1e-4,
+            device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -45,15 +60,16 @@ class BidirectionalMamba(nn.Module):
         self.dt_rank = dt_rank = dt_rank or math.ceil(dim / 16)
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
 
-        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
-        self.conv_weight = nn.Parameter(torch.empty(2, d_inner, d_conv))
-        self.conv_bias = nn.Parameter(torch.empty(2, d_inner))
-        self.x_proj_weight = nn.Parameter(torch.empty(2, dt_rank + 2 * d_state, d_inner))
-        self.dt_proj_weight = nn.Parameter(torch.empty(2, d_inner, dt_rank))
-        self.dt_proj_bias = nn.Parameter(torch.empty(2, d_inner))
-        self.A_log = nn.Parameter(torch.empty(2, d_inner, d_state))
-        self.D = nn.Parameter(torch.empty(2, d_inner))
-        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+        dd = dict(device=device, dtype=dtype)
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False, **dd)
+        self.conv_weight = nn.Parameter(torch.empty(2, d_inner, d_conv, **dd))
+        self.conv_bias = nn.Parameter(torch.empty(2, d_inner, **dd))
+        self.x_proj_weight = nn.Parameter(torch.empty(2, dt_rank + 2 * d_state, d_inner, **dd))
+        self.dt_proj_weight = nn.Parameter(torch.empty(2, d_inner, dt_rank, **dd))
+        self.dt_proj_bias = nn.Parameter(torch.empty(2, d_inner, **dd))
+        self.A_log = nn.Parameter(torch.empty(2, d_inner, d_state, **dd))
+        self.D = nn.Parameter(torch.empty(2, d_inner, **dd))
+        self.out_proj = nn.Linear(d_inner, dim, bias=False, **dd)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -67,23 +83,28 @@ class BidirectionalMamba(nn.Module):
         dt_std = self.dt_rank ** -0.5
         nn.init.uniform_(self.dt_proj_weight, -dt_std, dt_std)
         # dt_proj bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max]
+        # drawn in fp32 on the CPU whatever the parameters' device and dtype: the same values everywhere
         dt = torch.exp(
-            torch.rand(2, self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
+            torch.rand(2, self.d_inner, device='cpu') * (math.log(self.dt_max) - math.log(self.dt_min))
+            + math.log(self.dt_min)
         ).clamp(min=self.dt_init_floor)
         self.dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        A = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device='cpu')
         self.A_log.copy_(torch.log(A).expand(2, self.d_inner, -1))
         self.D.fill_(1.0)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (batch, seqlen, dim) -> (batch, seqlen, dim)."""
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, seqlen) each
+        xz = self.in_proj(hidden).transpose(1, 2)
+        # slices rather than chunk/split: torch.fx cannot unpack the tuple those return
+        x, z = xz[:, :self.d_inner], xz[:, self.d_inner:]  # (batch, d_inner, seqlen) each
         # both branches' causal conv + silu, in natural token order: (batch, 2, d_inner, seqlen)
         u = bidirectional_conv_silu(x, self.conv_weight, self.conv_bias)
         x_dbl = torch.einsum('bgdl,gkd->bgkl', u, self.x_proj_weight.to(u.dtype))
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=2)
+        r, n = self.dt_rank, self.d_state
+        dt, B, C = x_dbl[:, :, :r], x_dbl[:, :, r:r + n], x_dbl[:, :, r + n:]
         delta = torch.einsum('bgrl,gdr->bgdl', dt, self.dt_proj_weight.to(u.dtype))
-        ssm_dtype = torch.promote_types(u.dtype, torch.float32)  # A, D and dt bias stay fp32 (or wider)
+        ssm_dtype = widened_dtype(u)  # A, D and dt bias stay fp32 (or wider)
         y = bidirectional_scan(
             u, delta, -torch.exp(self.A_log.to(ssm_dtype)), B, C, self.D.to(ssm_dtype), z,
             self.dt_proj_bias.to(ssm_dtype), delta_softplus=True)

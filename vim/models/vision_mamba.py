@@ -13,12 +13,13 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, RmsNorm, trunc_normal_
+from timm.layers import DropPath, RmsNorm, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import named_apply
 
-from vim.layers import Block, PatchEmbed
+from vim.layers import BidirectionalMamba, Block, PatchEmbed
+from vim.layers.patch_embed import token_grid
 
 from .checkpoint import (
     is_official_layout,
@@ -29,6 +30,20 @@ from .checkpoint import (
 )
 
 __all__ = ['VisionMamba', 'checkpoint_filter_fn']
+
+
+@register_notrace_function  # shape-dependent (middle index, resampling): torch.fx keeps it a call evaluated per input
+def insert_cls_token_and_pos_embed(x: torch.Tensor, cls_token: torch.Tensor, pos_embed: torch.Tensor,
+                                   grid: tuple[int, int], pos_grid: tuple[int, int], antialias: bool = True
+                                   ) -> torch.Tensor:
+    """x: (batch, M, C) patch tokens on a ``grid`` -> (batch, M + 1, C) with the class token (1, 1, C) at index
+    M // 2, plus the position embedding (1, pos_grid rows * cols + 1, C), resampled to ``grid`` if it differs
+    (bicubic, ``antialias`` as :func:`vim.models.checkpoint.resample_pos_embed`)."""
+    if tuple(grid) != tuple(pos_grid):
+        pos_embed = resample_pos_embed(pos_embed, grid, pos_grid, antialias=antialias)
+    mid = x.shape[1] // 2
+    x = torch.cat([x[:, :mid], cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x[:, mid:]], dim=1)
+    return x + pos_embed.to(x.dtype)
 
 
 class VisionMamba(nn.Module):
@@ -48,6 +63,8 @@ class VisionMamba(nn.Module):
         drop_path_rate: stochastic depth, linear over the blocks.
         norm_eps: RMSNorm epsilon. dynamic_img_size: accept any input size that tiles with the patch stride,
             resampling the position embedding per input.
+        device, dtype: factory arguments of every parameter (e.g. ``device='meta'`` to build without memory,
+            then ``to_empty`` and :meth:`init_weights`).
     """
 
     # Per-forward resampling (dynamic_img_size): timm's antialiased bicubic, as timm's ViTs do. Checkpoints loaded at
@@ -73,30 +90,34 @@ class VisionMamba(nn.Module):
             drop_path_rate: float = 0.0,
             norm_eps: float = 1e-5,
             dynamic_img_size: bool = False,
+            device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.in_chans = in_chans
         self.num_prefix_tokens = 1
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, stride=stride, in_chans=in_chans, embed_dim=embed_dim,
-            strict_img_size=not dynamic_img_size)
+            strict_img_size=not dynamic_img_size, **dd)
         reduction = self.patch_embed.stride[0]
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim, **dd))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
         # Official stochastic depth: block i drops the output of block i - 1 with rate dpr[i - 1]; the final add
         # drops the last block's output with the full rate.
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
         self.layers = nn.ModuleList([
             Block(embed_dim, drop_path=([0.0] + dpr)[i], norm_eps=norm_eps, d_state=d_state, d_conv=d_conv,
-                  expand=expand, dt_rank=dt_rank)
+                  expand=expand, dt_rank=dt_rank, **dd)
             for i in range(depth)])
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-        self.norm = RmsNorm(embed_dim, eps=norm_eps)
+        self.norm = RmsNorm(embed_dim, eps=norm_eps, **dd)
         self.feature_info = [dict(module=f'layers.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.head_drop = nn.Dropout(drop_rate)
         self.reset_classifier(num_classes, global_pool)
@@ -104,6 +125,7 @@ class VisionMamba(nn.Module):
 
     # ---- initialisation and timm plumbing -------------------------------------------------------------------
     def init_weights(self) -> None:
+        """Initialise every parameter (also after ``to_empty``): the official scheme, Mamba's for the mixers."""
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         named_apply(partial(_init_weights, depth=len(self.layers)), self)
@@ -131,7 +153,9 @@ class VisionMamba(nn.Module):
             if global_pool not in ('token', 'avg', ''):
                 raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        dd = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)  # where the model is now
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def set_input_size(self, img_size: int | tuple[int, int] | None = None, **kwargs: Any) -> None:
         """Change the default input size, resampling the position embedding around the middle class token."""
@@ -143,7 +167,7 @@ class VisionMamba(nn.Module):
         self.patch_embed.set_input_size(img_size)
         with torch.no_grad():
             pos = resample_pos_embed(self.pos_embed.data, self.patch_embed.grid_size, old_grid)
-        self.pos_embed = nn.Parameter(pos)
+        self.pos_embed = nn.Parameter(pos, requires_grad=self.pos_embed.requires_grad)
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str | Path, prefix: str = '') -> None:
@@ -161,18 +185,15 @@ class VisionMamba(nn.Module):
     # ---- forward -------------------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """x: (batch, M, C) patch tokens -> (batch, M + 1, C) with the class token at index M // 2."""
-        pos_embed = self.pos_embed
-        if grid != self.patch_embed.grid_size:
-            pos_embed = resample_pos_embed(
-                pos_embed, grid, self.patch_embed.grid_size, antialias=self.dynamic_pos_embed_antialias)
-        mid = x.shape[1] // 2
-        x = torch.cat([x[:, :mid], self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x[:, mid:]], dim=1)
-        return self.pos_drop(x + pos_embed.to(x.dtype))
+        x = insert_cls_token_and_pos_embed(x, self.cls_token, self.pos_embed, grid, self.patch_embed.grid_size,
+                                           antialias=self.dynamic_pos_embed_antialias)
+        return self.pos_drop(x)
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        grid = self.patch_embed.feat_size((x.shape[-2], x.shape[-1])) if x.dim() == 4 else None
-        x = self.patch_embed(x)
-        return self._pos_embed(x, grid), grid
+        """images (batch, in_chans, H, W) -> (tokens (batch, M + 1, C), token grid (rows, cols))."""
+        tokens = self.patch_embed(x)  # checks x
+        grid = token_grid(x, self.patch_embed.patch_size, self.patch_embed.stride)
+        return self._pos_embed(tokens, grid), grid
 
     def _run_block(self, block: Block, hidden: torch.Tensor, residual: torch.Tensor | None):
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
@@ -291,6 +312,8 @@ def _init_weights(module: nn.Module, name: str = '', depth: int = 24) -> None:
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+    elif isinstance(module, (BidirectionalMamba, RmsNorm)):
+        module.reset_parameters()  # their own parameters only; the mixer's linears are handled above
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionMamba) -> dict[str, torch.Tensor]:
@@ -323,7 +346,9 @@ def _cfg(hf_hub_id: str = '', hf_hub_filename: str = '', **kwargs: Any) -> dict[
     return {
         'hf_hub_id': hf_hub_id, 'hf_hub_filename': hf_hub_filename, 'custom_load': 'hf' if hf_hub_id else True,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        # the models accept only their input size unless created with dynamic_img_size=True (as timm's ViTs)
+        'fixed_input_size': True,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj', 'classifier': 'head', 'license': 'apache-2.0',
         'paper_ids': 'arXiv:2401.09417', 'paper_name': 'Vision Mamba', 'origin_url': 'https://github.com/hustvl/Vim',
