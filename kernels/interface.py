@@ -2,7 +2,9 @@
 
 Backends: ``reference`` (plain PyTorch, any device; the specification) and ``triton`` (:mod:`vim.kernels.triton`:
 CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; ``bidirectional_scan`` and ``bidirectional_conv_silu``).
-``auto`` picks ``triton`` for CUDA tensors when triton is installed, else ``reference``. The environment variable
+``cpu`` (:mod:`vim.kernels.cpu`: fused C++ kernels for CPU tensors, compiled on first use). ``auto`` picks ``triton``
+for CUDA tensors when triton is installed, ``cpu`` for CPU tensors when its kernels build (else ``reference``, with
+one warning). The environment variable
 ``VIM_SCAN_BACKEND`` overrides ``auto`` process-wide; an explicit ``backend=`` argument overrides both.
 """
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from .cpu import bidirectional_conv_silu_cpu, bidirectional_scan_cpu, cpu_backend_status
+from .cpu.build import load_extension, warn_fallback_once
 from .reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, selective_scan_ref
 
 __all__ = ['selective_scan', 'bidirectional_scan', 'bidirectional_conv_silu', 'available_backends',
@@ -40,6 +44,33 @@ _SELECTIVE: dict[str, Callable] = {'reference': selective_scan_ref}
 _BIDIRECTIONAL: dict[str, Callable] = {'reference': bidirectional_scan_ref, 'triton': _bidirectional_scan_triton}
 _CONV: dict[str, Callable] = {'reference': bidirectional_conv_silu_ref, 'triton': _bidirectional_conv_silu_triton}
 
+# ---- backend 'cpu' (kernels/cpu: fused C++ kernels, compiled on first use) ----
+_BIDIRECTIONAL['cpu'] = bidirectional_scan_cpu
+_SELECTIVE['cpu'] = selective_scan_ref  # not fused: Vim's mixer runs only the bidirectional scan
+_CONV['cpu'] = bidirectional_conv_silu_cpu
+
+
+# evaluated once while tracing (assume_constant_result): no graph break, and no build inside a graph
+@torch.compiler.assume_constant_result
+def _cpu_kernels_built() -> bool:
+    """Whether the CPU kernels run here, building them on the first call."""
+    return cpu_backend_status()[0]
+
+
+@torch.compiler.assume_constant_result
+def _cpu_kernels_available() -> bool:
+    """As _cpu_kernels_built, with one warning per process when auto cannot use them."""
+    available = _cpu_kernels_built()
+    if not available:
+        warn_fallback_once()
+    return available
+
+
+def _auto_on_cpu() -> str:
+    # an exported graph keeps the reference op, the one export_decompositions knows how to rewrite
+    return 'cpu' if not torch.compiler.is_exporting() and _cpu_kernels_available() else 'reference'
+# ---- end of backend 'cpu' ----
+
 
 def available_backends() -> list[str]:
     """Names accepted by ``backend=`` besides ``auto``."""
@@ -63,6 +94,8 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
     """
     name = backend or os.environ.get(ENV_VAR) or 'auto'
     if name == 'auto':
+        if x.device.type == 'cpu':
+            return _auto_on_cpu()
         return 'triton' if x.is_cuda and TRITON_INSTALLED else 'reference'
     if name not in available_backends():
         source = 'backend argument' if backend else f'${ENV_VAR}'
@@ -70,6 +103,11 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
         raise ValueError(f'Unknown scan backend {name!r} ({source}); available: {choices}')
     if name == 'triton':
         _check_triton(x)
+    if name == 'cpu':
+        if x.device.type != 'cpu':
+            raise RuntimeError(f"scan backend 'cpu' runs on CPU tensors, got {x.device}")
+        if not _cpu_kernels_built():
+            load_extension()  # raises with the reason
     return name
 
 
