@@ -39,21 +39,28 @@ def _rows_contiguous(g: torch.Tensor) -> torch.Tensor:
     return g if g.stride(-1) == 1 or g.shape[-1] == 1 else g.contiguous()
 
 
-def _check(op: str, named: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
-    for name, t in named.items():
+_SCAN_NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
+_CONV_NAMES = ('x', 'weight', 'bias')
+
+
+def _check(op: str, tensors: tuple, shapes: tuple) -> None:
+    """Each input a CPU tensor of a supported dtype and the expected shape (names from the op's signature)."""
+    for i, (t, shape) in enumerate(zip(tensors, shapes)):
+        if isinstance(t, torch.Tensor) and t.device.type == 'cpu' and t.dtype in _DTYPES and t.shape == shape:
+            continue
+        name = (_SCAN_NAMES if op == 'scan' else _CONV_NAMES)[i]
         if not isinstance(t, torch.Tensor):
             raise TypeError(f'{name} must be a tensor, got {type(t).__name__}')
         if t.device.type != 'cpu':
             raise RuntimeError(f"scan backend 'cpu' runs on CPU tensors; {name} is on {t.device}")
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name}: the CPU {op} takes float32, float64, bf16 or fp16, got {t.dtype}")
-        if tuple(t.shape) != shapes[name]:
-            raise ValueError(f'{op}: {name} must have shape {shapes[name]}, got {tuple(t.shape)}')
+        raise ValueError(f'{op}: {name} must have shape {shape}, got {tuple(t.shape)}')
 
 
 # ---- bidirectional scan -------------------------------------------------------------------------------------------
-# Op-level layouts: u, delta (batch, 2, dim, L) and z (batch, dim, L) with channel stride 1; A (2, N, dim), D and
-# delta_bias (2, dim) contiguous; B, C (batch, 2, N, L) any strides. Outputs token-major (op's docstrings in csrc/).
+# Op-level layouts: u, delta (batch, 2, dim, L) and z (batch, dim, L) with channel stride 1; D and delta_bias (2, dim)
+# contiguous; A (2, dim, N), B, C (batch, 2, N, L) any strides. Outputs token-major (documented in csrc/).
 
 @torch.library.custom_op('vim::cpu_bidirectional_scan', mutates_args=())
 def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -71,7 +78,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, save):
     out = u.new_empty(batch, seqlen, dim)
     if not save:
         return out, u.new_empty(0), u.new_empty(0)
-    states = u.new_empty(batch, 2, -(-seqlen // chunk) - 1, A.shape[1], dim)
+    states = u.new_empty(batch, 2, -(-seqlen // chunk) - 1, A.shape[2], dim)
     return out, u.new_empty(batch, seqlen, dim), states
 
 
@@ -115,13 +122,13 @@ _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 def _scan_flops(u_shape, delta_shape, A_shape, *args, **kwargs) -> int:
     """As the reference scan's ops (vim.kernels.reference): 9 per (token, channel, state) and direction."""
     batch, _, dim, seqlen = u_shape
-    return 9 * batch * 2 * dim * seqlen * A_shape[1]
+    return 9 * batch * 2 * dim * seqlen * A_shape[2]
 
 
 @register_flop_formula(torch.ops.vim.cpu_bidirectional_scan_bwd)
 def _scan_bwd_flops(gout_shape, u_shape, delta_shape, A_shape, *args, **kwargs) -> int:
     batch, _, dim, seqlen = u_shape
-    return 27 * batch * 2 * dim * seqlen * A_shape[1]
+    return 27 * batch * 2 * dim * seqlen * A_shape[2]
 
 
 def _needs_grad(*inputs: torch.Tensor) -> bool:
@@ -146,9 +153,9 @@ def bidirectional_scan_cpu(
                          f'{tuple(A.shape)}')
     batch, _, dim, seqlen = u.shape
     N = A.shape[2]
-    _check('scan', dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias),
-           dict(u=(batch, 2, dim, seqlen), delta=(batch, 2, dim, seqlen), A=(2, dim, N), B=(batch, 2, N, seqlen),
-                C=(batch, 2, N, seqlen), D=(2, dim), z=(batch, dim, seqlen), delta_bias=(2, dim)))
+    act, par = (batch, 2, dim, seqlen), (2, dim)
+    _check('scan', (u, delta, A, B, C, D, z, delta_bias),
+           (act, act, (2, dim, N), (batch, 2, N, seqlen), (batch, 2, N, seqlen), par, (batch, dim, seqlen), par))
     if chunk_size < 1:
         raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
     if u.numel() == 0 or N == 0:
@@ -156,14 +163,15 @@ def bidirectional_scan_cpu(
     dtype = _compute_dtype(u)
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     out, _, _ = _scan_op(
-        _channels_contiguous(u, dtype), _channels_contiguous(delta, dtype), A.to(dtype).transpose(1, 2).contiguous(),
+        _channels_contiguous(u, dtype), _channels_contiguous(delta, dtype), A.to(dtype),
         B.to(dtype), C.to(dtype), D.to(dtype).contiguous(), _channels_contiguous(z, dtype),
         delta_bias.to(dtype).contiguous(), bool(delta_softplus), int(chunk_size), _needs_grad(*inputs))
     return out.transpose(1, 2).to(u.dtype)
 
 
 # ---- two-branch causal conv + silu --------------------------------------------------------------------------------
-# Op-level layouts: x (batch, dim, L) with channel stride 1, weight (2, width, dim) and bias (2, dim) contiguous;
+# Op-level layouts: x (batch, dim, L) with channel stride 1, weight (2, dim, width) any strides, bias (2, dim)
+# contiguous;
 # y and the saved pre-activation token-major (batch, 2, L, dim).
 
 @torch.library.custom_op('vim::cpu_bidirectional_conv_silu', mutates_args=())
@@ -219,11 +227,10 @@ def bidirectional_conv_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: tor
         raise ValueError(f'expected x (batch, dim, seqlen), weight (2, dim, width), bias (2, dim); got '
                          f'{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(bias.shape)}')
     dim = x.shape[1]
-    _check('conv', dict(x=x, weight=weight, bias=bias),
-           dict(x=tuple(x.shape), weight=(2, dim, weight.shape[2]), bias=(2, dim)))
+    _check('conv', (x, weight, bias), (tuple(x.shape), (2, dim, weight.shape[2]), (2, dim)))
     if x.numel() == 0:
         return bidirectional_conv_silu_ref(x, weight, bias)
     dtype = _compute_dtype(x)
-    y, _ = _conv_op(_channels_contiguous(x, dtype), weight.to(dtype).transpose(1, 2).contiguous(),
+    y, _ = _conv_op(_channels_contiguous(x, dtype), weight.to(dtype),
                     bias.to(dtype).contiguous(), _needs_grad(x, weight, bias))
     return y.transpose(2, 3).to(x.dtype)

@@ -3,7 +3,9 @@
 // t - (width-1) + k); branch 1, the causal conv of the reversed sequence, reads token t + (width-1) - k with tap k.
 //
 // Layouts (op.py): x and gout with channel stride 1 (x (batch, dim, L), gout (batch, 2, dim, L)), weight
-// (2, width, dim) and bias (2, dim) contiguous. Outputs token-major: y (batch, 2, L, dim), gx (batch, L, dim).
+// (2, dim, width) any strides, bias (2, dim) contiguous. Outputs token-major: y (batch, 2, L, dim), gx (batch, L, dim).
+#include <torch/extension.h>
+
 #include "common.h"
 
 namespace vim_cpu {
@@ -15,7 +17,7 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   using Blk = Block<scalar_t>;
   using Vec = typename Blk::Vec;
   constexpr int64_t K = Blk::K;
-  const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(1);
+  const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(2);
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const int64_t sxb = x.stride(0), sxt = x.stride(2);
@@ -26,7 +28,10 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tens
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblocks, c0 = (task % nblocks) * Blk::C;
       const Blk blk(c0, dim);
-      for (int64_t i = 0; i < 2 * W; ++i) blk.load(weight.const_data_ptr<scalar_t>() + i * dim + c0, &w[i * K]);
+      for (int64_t g = 0; g < 2; ++g) {
+        load_strided_rows(blk, weight.const_data_ptr<scalar_t>() + g * weight.stride(0), W, weight.stride(2),
+                          weight.stride(1), c0, dim, &w[g * W * K]);
+      }
       for (int64_t g = 0; g < 2; ++g) {
         Vec bv[K];
         blk.load(bias.const_data_ptr<scalar_t>() + g * dim + c0, bv);
@@ -55,7 +60,7 @@ void conv_bwd_impl(const at::Tensor& gout, const at::Tensor& x, const at::Tensor
   using Blk = Block<scalar_t>;
   using Vec = typename Blk::Vec;
   constexpr int64_t K = Blk::K;
-  const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(1);
+  const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(2);
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gp = gout.const_data_ptr<scalar_t>();
@@ -68,7 +73,10 @@ void conv_bwd_impl(const at::Tensor& gout, const at::Tensor& x, const at::Tensor
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblocks, c0 = (task % nblocks) * Blk::C;
       const Blk blk(c0, dim);
-      for (int64_t i = 0; i < 2 * W; ++i) blk.load(weight.const_data_ptr<scalar_t>() + i * dim + c0, &w[i * K]);
+      for (int64_t g = 0; g < 2; ++g) {
+        load_strided_rows(blk, weight.const_data_ptr<scalar_t>() + g * weight.stride(0), W, weight.stride(2),
+                          weight.stride(1), c0, dim, &w[g * W * K]);
+      }
       std::fill(gw.begin(), gw.end(), Vec(0));
       for (int64_t g = 0; g < 2; ++g) {
         Vec gb[K];
@@ -120,7 +128,7 @@ at::Tensor sum_batch(const at::Tensor& parts) {
 // Returns y (batch, 2, L, dim) and, when save is set, the pre-activation of the same shape for the backward.
 std::vector<at::Tensor> conv_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, bool save) {
   check_channels_contiguous(x, "x");
-  TORCH_CHECK(weight.is_contiguous() && bias.is_contiguous(), "weight and bias must be contiguous");
+  TORCH_CHECK(bias.is_contiguous(), "bias must be contiguous");
   auto y = at::empty({x.size(0), 2, x.size(2), x.size(1)}, x.options());
   at::Tensor pre;
   if (save) pre = at::empty_like(y);
@@ -129,19 +137,19 @@ std::vector<at::Tensor> conv_fwd(const at::Tensor& x, const at::Tensor& weight, 
   return {y, pre};
 }
 
-// Returns gx (batch, L, dim), gweight (2, width, dim), gbias (2, dim).
+// Returns gx (batch, L, dim), gweight (2, dim, width), gbias (2, dim).
 std::vector<at::Tensor> conv_bwd(const at::Tensor& gout, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& pre) {
   check_channels_contiguous(x, "x");
   check_channels_contiguous(gout, "gout");
-  TORCH_CHECK(weight.is_contiguous() && pre.is_contiguous(), "weight and saved tensors must be contiguous");
-  const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(1);
+  TORCH_CHECK(pre.is_contiguous(), "saved tensors must be contiguous");
+  const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(2);
   auto gx = at::empty({batch, L, dim}, x.options());
   auto gw_part = at::empty({batch, 2, W, dim}, x.options()), gb_part = at::empty({batch, 2, dim}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vim_cpu_conv_bwd", [&] {
     conv_bwd_impl<scalar_t>(gout, x, weight, pre, gx, gw_part, gb_part);
   });
-  return {gx, sum_batch(gw_part), sum_batch(gb_part)};
+  return {gx, sum_batch(gw_part).transpose(1, 2).contiguous(), sum_batch(gb_part)};
 }
 
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,

@@ -3,7 +3,7 @@
 // SIMD across channels. Semantics: vim.kernels.bidirectional_scan_ref. Python side: kernels/cpu/op.py.
 //
 // Layouts (checked or produced by op.py): u, delta (batch, 2, dim, L), z and gout (batch, dim, L), each with
-// channel stride 1 and any other strides; B, C (batch, 2, N, L) any strides; A (2, N, dim), D and delta_bias
+// channel stride 1 and any other strides; B, C (batch, 2, N, L) and A (2, dim, N) any strides; D and delta_bias
 // (2, dim) contiguous. Outputs are token-major (batch, L, dim) or (batch, 2, L, dim) buffers, viewed back by op.py.
 // Every task owns its output rows; parameter gradients are written as per-task partials and summed afterwards in a
 // fixed order, so results do not depend on the number of threads.
@@ -52,7 +52,9 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
       const int64_t b = task / nblocks, c0 = (task % nblocks) * Blk::C;
       const Blk blk(c0, dim);
       for (int64_t g = 0; g < 2; ++g) {
-        for (int64_t n = 0; n < N; ++n) blk.load(in.A.const_data_ptr<scalar_t>() + (g * N + n) * dim + c0, &A[n * K]);
+        load_strided_rows(blk, in.A.const_data_ptr<scalar_t>() + g * in.A.stride(0), N, in.A.stride(2),
+                          in.A.stride(1), c0, dim, A.data());
+        for (auto& a : A) a = a * Vec(kLog2e);  // exp(x) = 2**(x log2 e)
         Vec Dv[K], bias[K];
         blk.load(in.D.const_data_ptr<scalar_t>() + g * dim + c0, Dv);
         blk.load(in.bias.const_data_ptr<scalar_t>() + g * dim + c0, bias);
@@ -76,14 +78,18 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
             Bt[n] = Bp[b * sB[0] + g * sB[1] + n * sB[2] + t * sB[3]];
             Ct[n] = Cp[b * sC[0] + g * sC[1] + n * sC[2] + t * sC[3]];
           }
+          Vec y2[K];  // a second accumulator over the states: half the dependency chain
+          for (int64_t k = 0; k < K; ++k) y2[k] = Vec(0);
           for (int64_t n = 0; n < N; ++n) {
             const Vec Bn(Bt[n]), Cn(Ct[n]);
+            Vec* acc = n % 2 ? y2 : y;
             for (int64_t k = 0; k < K; ++k) {
-              const Vec dA = fast_exp(dt[k] * A[n * K + k]);
+              const Vec dA = fast_exp2(dt[k] * A[n * K + k]);
               h[n * K + k] = at::vec::fmadd(dA, h[n * K + k], u[k] * Bn);
-              y[k] = at::vec::fmadd(h[n * K + k], Cn, y[k]);
+              acc[k] = at::vec::fmadd(h[n * K + k], Cn, acc[k]);
             }
           }
+          for (int64_t k = 0; k < K; ++k) y[k] = y[k] + y2[k];
           scalar_t* o = outp + (b * L + t) * dim + c0;
           if (g == 0) {
             blk.store(o, y);  // direction 0's y, until direction 1 reaches this token
@@ -147,7 +153,9 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
         blk.store(gzp + (b * L + t) * dim + c0, go);
       }
       for (int64_t g = 0; g < 2; ++g) {
-        for (int64_t n = 0; n < N; ++n) blk.load(in.A.const_data_ptr<scalar_t>() + (g * N + n) * dim + c0, &A[n * K]);
+        load_strided_rows(blk, in.A.const_data_ptr<scalar_t>() + g * in.A.stride(0), N, in.A.stride(2),
+                          in.A.stride(1), c0, dim, A.data());
+        for (auto& a : A) a = a * Vec(kLog2e);  // exp(x) = 2**(x log2 e)
         Vec Dv[K], bias[K], gD[K], gbias[K];
         blk.load(in.D.const_data_ptr<scalar_t>() + g * dim + c0, Dv);
         blk.load(in.bias.const_data_ptr<scalar_t>() + g * dim + c0, bias);
@@ -190,7 +198,7 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
             for (int64_t n = 0; n < N; ++n) {
               const Vec Bn(Bt[n]);
               for (int64_t k = 0; k < K; ++k) {
-                da[n * K + k] = fast_exp(DT[i * K + k] * A[n * K + k]);
+                da[n * K + k] = fast_exp2(DT[i * K + k] * A[n * K + k]);
                 hcur[n * K + k] = at::vec::fmadd(da[n * K + k], hprev[n * K + k], u[k] * Bn);
               }
             }
@@ -226,7 +234,7 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
                 S[k] = at::vec::fmadd(g_h, Bn, S[k]);
                 const Vec x = g_h * da[n * K + k] * hp[n * K + k];  // d loss / d (delta_t * A)
                 gA[n * K + k] = at::vec::fmadd(x, dt[k], gA[n * K + k]);
-                gdt[k] = at::vec::fmadd(x, A[n * K + k], gdt[k]);
+                gdt[k] = at::vec::fmadd(x, A[n * K + k], gdt[k]);  // times log2(e), undone below
                 g_h = g_h * da[n * K + k];
               }
               gB_row[n * L + t] = horizontal_sum(tmp, K);
@@ -235,7 +243,7 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
             Vec gu_v[K];
             for (int64_t k = 0; k < K; ++k) {
               gu_v[k] = at::vec::fmadd(gy[k], Dv[k], dt[k] * S[k]);
-              gdt[k] = at::vec::fmadd(u[k], S[k], gdt[k]);
+              gdt[k] = at::vec::fmadd(u[k], S[k], gdt[k] * Vec(1 / kLog2e));
               if (in.softplus) gdt[k] = gdt[k] * sigmoid(raw[k] + bias[k]);
               gD[k] = at::vec::fmadd(gy[k], u[k], gD[k]);
               gbias[k] = gbias[k] + gdt[k];
@@ -276,10 +284,10 @@ ScanInputs make_inputs(const at::Tensor& u, const at::Tensor& delta, const at::T
                        const at::Tensor& C, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias,
                        bool softplus) {
   for (auto* t : {&u, &delta, &z}) check_channels_contiguous(*t, "u, delta and z");
-  TORCH_CHECK(A.is_contiguous() && D.is_contiguous() && bias.is_contiguous(), "A, D, delta_bias must be contiguous");
+  TORCH_CHECK(D.is_contiguous() && bias.is_contiguous(), "D and delta_bias must be contiguous");
   const auto dtype = u.scalar_type();
   for (auto* t : {&delta, &A, &B, &C, &D, &z, &bias}) TORCH_CHECK(t->scalar_type() == dtype, "dtypes must match");
-  return ScanInputs{u, delta, A, B, C, D, z, bias, u.size(0), u.size(2), u.size(3), A.size(1), softplus};
+  return ScanInputs{u, delta, A, B, C, D, z, bias, u.size(0), u.size(2), u.size(3), A.size(2), softplus};
 }
 
 }  // namespace
@@ -304,7 +312,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   return {out, ysum, states};
 }
 
-// Returns gu, gdelta (batch, 2, L, dim), gz (batch, L, dim), gA (2, N, dim), gD, gbias (2, dim), gB, gC
+// Returns gu, gdelta (batch, 2, L, dim), gz (batch, L, dim), gA (2, dim, N), gD, gbias (2, dim), gB, gC
 // (batch, 2, N, L).
 std::vector<at::Tensor> scan_bwd(const at::Tensor& gout, const at::Tensor& u, const at::Tensor& delta,
                                  const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
@@ -326,7 +334,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& gout, const at::Tensor& u, co
     scan_bwd_impl<scalar_t>(in, chunk, gout, ysum, states, gu, gdelta, gz, gA_part, gD_part, gbias_part, gB_part,
                             gC_part);
   });
-  return {gu, gdelta, gz, sum_parts(gA_part), sum_parts(gD_part), sum_parts(gbias_part), sum_parts(gB_part),
+  return {gu, gdelta, gz, sum_parts(gA_part).transpose(1, 2).contiguous(), sum_parts(gD_part), sum_parts(gbias_part), sum_parts(gB_part),
           sum_parts(gC_part)};
 }
 
