@@ -6,6 +6,8 @@
 // (2, dim, width) any strides, bias (2, dim) contiguous. Outputs token-major: y (batch, 2, L, dim), gx (batch, L, dim).
 #include <torch/extension.h>
 
+#include <mutex>
+
 #include "common.h"
 
 namespace vim_cpu {
@@ -152,6 +154,31 @@ std::vector<at::Tensor> conv_bwd(const at::Tensor& gout, const at::Tensor& x, co
   return {gx, sum_batch(gw_part).transpose(1, 2).contiguous(), sum_batch(gb_part)};
 }
 
+// Throughput probe for the benchmarks' exp-bound floor: `reps` passes of the scan's fp32 decay exp (fast_exp2) over
+// x (small enough to stay in cache), split over the threads as the kernels are. Returns a sum so nothing is elided.
+double exp2_probe(const at::Tensor& x, int64_t reps) {
+  using Vec = at::vec::Vectorized<float>;
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.numel() % (4 * Vec::size()) == 0,
+              "x: contiguous float32 with a multiple of 4 vectors");
+  const float* p = x.const_data_ptr<float>();
+  const int64_t groups = x.numel() / (4 * Vec::size());
+  std::mutex mutex;
+  double total = 0;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    Vec acc[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+    for (int64_t r = 0; r < reps; ++r) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int j = 0; j < 4; ++j) acc[j] = acc[j] + fast_exp2(Vec::loadu(p + (4 * i + j) * Vec::size()));
+      }
+    }
+    Vec sum = acc[0] + acc[1] + acc[2] + acc[3];
+    const float part = horizontal_sum(&sum, 1);
+    std::lock_guard<std::mutex> lock(mutex);
+    total += part;
+  });
+  return total;
+}
+
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
                                  const at::Tensor& bias, bool softplus, int64_t chunk, bool save);
@@ -167,5 +194,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_bwd", &vim_cpu::scan_bwd, "bidirectional selective scan, backward");
   m.def("conv_fwd", &vim_cpu::conv_fwd, "two-branch causal depthwise conv + silu, forward");
   m.def("conv_bwd", &vim_cpu::conv_bwd, "two-branch causal depthwise conv + silu, backward");
+  m.def("exp2_probe", &vim_cpu::exp2_probe, "exp throughput probe (benchmarks)");
   m.def("capability", [] { return std::string(vim_cpu::kCapability); }, "SIMD implementation compiled in");
 }
