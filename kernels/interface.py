@@ -1,14 +1,17 @@
 """Public ops of Vim's mixer with backend dispatch. Models call only these.
 
 Backends: ``reference`` (plain PyTorch, any device; the specification), ``triton`` (:mod:`vim.kernels.triton`:
-CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; ``bidirectional_scan`` and ``bidirectional_conv_silu``) and,
-when installed, ``mamba_ssm`` (:mod:`vim.kernels.mamba_ssm`: the official CUDA kernels, CUDA tensors).
+CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; ``bidirectional_scan`` and ``bidirectional_conv_silu``),
+``cpu`` (:mod:`vim.kernels.cpu`: fused C++ kernels for CPU tensors, compiled on first use) and, when installed,
+``mamba_ssm`` (:mod:`vim.kernels.mamba_ssm`: the official CUDA kernels, CUDA tensors).
 
 ``auto`` (the default) picks, for tensor ``x``: on CUDA in fp32/bf16/fp16 with triton installed, ``triton`` once the
 Triton kernels passed their self-check (:mod:`vim.kernels.selfcheck`) for x's device and dtype, run once per process
 on the first call; if the check fails, ``reference`` with one warning (:class:`ScanBackendWarning`). A first call
 inside torch.compile tracing or CUDA-graph capture cannot run the check: it uses ``reference`` with one warning,
-until :func:`vim.kernels.warmup` (or an eager call) has run it. Everywhere else ``auto`` is ``reference``.
+until :func:`vim.kernels.warmup` (or an eager call) has run it. On CPU tensors ``auto`` is ``cpu`` when its kernels
+build on this machine (else ``reference``, with one warning; under torch.export always ``reference``, the op
+:func:`vim.kernels.export_decompositions` rewrites). Everywhere else ``auto`` is ``reference``.
 ``mamba_ssm`` is never picked by ``auto``; ask for it. ``VIM_SCAN_BACKEND`` overrides ``auto`` process-wide and an
 explicit ``backend=`` argument overrides both; an explicit backend skips the self-check and raises on errors.
 """
@@ -21,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from .cpu import bidirectional_conv_silu_cpu, bidirectional_scan_cpu, cpu_backend_status
+from .cpu.build import load_extension, warn_fallback_once
 from .mamba_ssm import (
     INSTALL_HINT,
     bidirectional_conv_silu_mamba,
@@ -76,6 +81,33 @@ _CONV: dict[str, Callable] = {'reference': bidirectional_conv_silu_ref, 'triton'
 
 def _registered() -> set[str]:
     return set(_SELECTIVE) | set(_BIDIRECTIONAL) | set(_CONV)
+
+# ---- backend 'cpu' (kernels/cpu: fused C++ kernels, compiled on first use) ----
+_BIDIRECTIONAL['cpu'] = bidirectional_scan_cpu
+_SELECTIVE['cpu'] = selective_scan_ref  # not fused: Vim's mixer runs only the bidirectional scan
+_CONV['cpu'] = bidirectional_conv_silu_cpu
+
+
+# evaluated once while tracing (assume_constant_result): no graph break, and no build inside a graph
+@torch.compiler.assume_constant_result
+def _cpu_kernels_built() -> bool:
+    """Whether the CPU kernels run here, building them on the first call."""
+    return cpu_backend_status()[0]
+
+
+@torch.compiler.assume_constant_result
+def _cpu_kernels_available() -> bool:
+    """As _cpu_kernels_built, with one warning per process when auto cannot use them."""
+    available = _cpu_kernels_built()
+    if not available:
+        warn_fallback_once()
+    return available
+
+
+def _auto_on_cpu() -> str:
+    # an exported graph keeps the reference op, the one export_decompositions knows how to rewrite
+    return 'cpu' if not torch.compiler.is_exporting() and _cpu_kernels_available() else 'reference'
+# ---- end of backend 'cpu' ----
 
 
 def available_backends() -> list[str]:
@@ -167,6 +199,8 @@ def _auto_backend(x: torch.Tensor) -> str:
         if _capturing(x):
             return _unchecked_choice(x.device.type, x.device.index, x.dtype, 'CUDA-graph capture')
         return run_self_check(x.device, x.dtype)
+    if x.device.type == 'cpu':
+        return _auto_on_cpu()
     return 'reference'
 
 
@@ -187,6 +221,11 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
         _check_triton(x)
     elif name == 'mamba_ssm':
         _check_mamba_ssm(x)
+    elif name == 'cpu':
+        if x.device.type != 'cpu':
+            raise RuntimeError(f"scan backend 'cpu' runs on CPU tensors, got {x.device}")
+        if not _cpu_kernels_built():
+            load_extension()  # raises with the reason
     return name
 
 

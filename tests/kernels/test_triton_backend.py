@@ -15,6 +15,7 @@ from vim.kernels import (  # noqa: E402
     resolve_backend,
     selective_scan,
 )
+from vim.kernels.cpu import cpu_backend_status  # noqa: E402
 from vim.kernels.triton import bidirectional_conv_silu_triton, bidirectional_scan_triton  # noqa: E402
 
 from tests.kernels.test_triton_interpreter import DEVICE, NAMES, make_inputs  # noqa: E402
@@ -29,10 +30,11 @@ def test_auto_picks_triton_for_cuda_tensors_only(monkeypatch):
     assert 'triton' in available_backends()
     u = torch.zeros(1, 2, 4, 3, device=DEVICE)
     monkeypatch.delenv('VIM_SCAN_BACKEND', raising=False)
-    auto = 'triton' if u.is_cuda else 'reference'
+    cpu_auto = 'cpu' if cpu_backend_status()[0] else 'reference'  # CPU tensors, even under the interpreter
+    auto = 'triton' if u.is_cuda else cpu_auto
     assert resolve_backend(None, u) == auto
     assert resolve_backend('auto', u) == auto
-    assert resolve_backend('auto', torch.zeros(1)) == 'reference'  # CPU tensors, even under the interpreter
+    assert resolve_backend('auto', torch.zeros(1)) == cpu_auto
     assert resolve_backend('auto', torch.zeros(1, device='meta')) == 'reference'
     assert resolve_backend('triton', u) == 'triton'
     monkeypatch.setenv('VIM_SCAN_BACKEND', 'triton')
@@ -70,7 +72,8 @@ def test_clear_error_without_triton(monkeypatch):
     monkeypatch.setattr(interface, 'TRITON_INSTALLED', False)
     with pytest.raises(RuntimeError, match='needs the triton package'):
         resolve_backend('triton', torch.zeros(1))
-    assert resolve_backend('auto', torch.zeros(1, device=DEVICE)) == 'reference'
+    cpu_auto = 'cpu' if cpu_backend_status()[0] and DEVICE == 'cpu' else 'reference'
+    assert resolve_backend('auto', torch.zeros(1, device=DEVICE)) == cpu_auto
 
 
 def test_clear_error_on_cpu_without_interpreter(monkeypatch):

@@ -46,8 +46,9 @@ def test_torch_compile_has_no_graph_break_and_matches_eager(model_and_input, bac
         torch.testing.assert_close(grads[n], p.grad, msg=n)
 
 
-def test_torch_export_keeps_the_scan_op(model_and_input):
+def test_torch_export_keeps_the_scan_op(model_and_input, monkeypatch):
     model, x = model_and_input
+    monkeypatch.setenv('VIM_SCAN_BACKEND', 'reference')  # the eager run to compare with: auto runs 'cpu' on CPU
     model.eval()
     exported = torch.export.export(model, (x,))
     scan_nodes = [n for n in exported.graph.nodes if n.target == torch.ops.vim.selective_scan_fwd.default]

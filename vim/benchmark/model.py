@@ -10,7 +10,7 @@ one AdamW step with bf16 autocast on CUDA (fp32 on CPU), images/s and peak memor
 at batch 1 (e.g. 4096 px, 65k tokens, where DeiT's quadratic attention is out of the comparison). A case that runs
 out of GPU memory is recorded as such and the run goes on. The JSON report is rewritten (atomically) after every
 case, so an interrupted run keeps what it measured; a PNG plot is written at the end if matplotlib is installed.
-The Vim scan backend (``--backend``, default auto: triton on CUDA) is recorded in the report.
+The Vim scan backend (``--backend``, default auto: triton on CUDA, the fused kernels on CPU) is recorded in the report.
 """
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--vim-only-sizes', nargs='*', type=int, default=[],
                    help='sizes to time Vim alone at, batch 1 (e.g. 4096)')
     p.add_argument('--backend', default=None, choices=['auto', *available_backends()],
-                   help='Vim scan backend ($VIM_SCAN_BACKEND; default auto: triton on CUDA)')
+                   help='Vim scan backend ($VIM_SCAN_BACKEND; default auto: triton on CUDA, the fused kernels on CPU)')
     p.add_argument('--dtypes', nargs='+', default=['fp32'], choices=sorted(DTYPES))
     p.add_argument('--batch-size', type=int, default=None, help='default: 1 on CPU, 64 (<=512 px) / 8 on CUDA')
     p.add_argument('--train', action='store_true', help='also time a training step at 224 px')

@@ -1,0 +1,341 @@
+// Vim's bidirectional selective scan on CPU, forward and backward, fused: one pass over the tokens per
+// (batch, block of 16 channels), both directions in turn, the state tile (dstate x 16 channels) in registers / L1,
+// SIMD across channels. Semantics: vim.kernels.bidirectional_scan_ref. Python side: kernels/cpu/op.py.
+//
+// Layouts (checked or produced by op.py): u, delta (batch, 2, dim, L), z and gout (batch, dim, L), each with
+// channel stride 1 and any other strides; B, C (batch, 2, N, L) and A (2, dim, N) any strides; D and delta_bias
+// (2, dim) contiguous. Outputs are token-major (batch, L, dim) or (batch, 2, L, dim) buffers, viewed back by op.py.
+// Every task owns its output rows; parameter gradients are written as per-task partials and summed afterwards in a
+// fixed order, so results do not depend on the number of threads.
+#include "common.h"
+
+namespace vim_cpu {
+namespace {
+
+struct ScanInputs {
+  at::Tensor u, delta, A, B, C, D, z, bias;
+  int64_t batch, dim, L, N;
+  bool softplus;
+};
+
+template <typename scalar_t>
+struct Ptrs {
+  // element (b, g, t, channel 0) of a (batch, 2, dim, L) tensor with channel stride 1
+  static const scalar_t* chan(const at::Tensor& x, int64_t b, int64_t g, int64_t t) {
+    return x.const_data_ptr<scalar_t>() + b * x.stride(0) + g * x.stride(1) + t * x.stride(3);
+  }
+  static const scalar_t* chan3(const at::Tensor& x, int64_t b, int64_t t) {
+    return x.const_data_ptr<scalar_t>() + b * x.stride(0) + t * x.stride(2);
+  }
+};
+
+template <typename scalar_t>
+void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Tensor& ysum, at::Tensor& states) {
+  using Blk = Block<scalar_t>;
+  using Vec = typename Blk::Vec;
+  using P = Ptrs<scalar_t>;
+  constexpr int64_t K = Blk::K;
+  const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
+  const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
+  const int64_t nstates = states.defined() ? states.size(2) : 0;
+  const auto sB = in.B.strides(), sC = in.C.strides();
+  const scalar_t* Bp = in.B.const_data_ptr<scalar_t>();
+  const scalar_t* Cp = in.C.const_data_ptr<scalar_t>();
+  scalar_t* outp = out.data_ptr<scalar_t>();
+  scalar_t* ysp = ysum.defined() ? ysum.data_ptr<scalar_t>() : nullptr;
+  scalar_t* stp = states.defined() ? states.data_ptr<scalar_t>() : nullptr;
+
+  at::parallel_for(0, batch * nblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Vec> h(N * K), A(N * K);
+    std::vector<scalar_t> Bt(N), Ct(N);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nblocks, c0 = (task % nblocks) * Blk::C;
+      const Blk blk(c0, dim);
+      for (int64_t g = 0; g < 2; ++g) {
+        load_strided_rows(blk, in.A.const_data_ptr<scalar_t>() + g * in.A.stride(0), N, in.A.stride(2),
+                          in.A.stride(1), c0, dim, A.data());
+        for (auto& a : A) a = a * Vec(kLog2e);  // exp(x) = 2**(x log2 e)
+        Vec Dv[K], bias[K];
+        blk.load(in.D.const_data_ptr<scalar_t>() + g * dim + c0, Dv);
+        blk.load(in.bias.const_data_ptr<scalar_t>() + g * dim + c0, bias);
+        std::fill(h.begin(), h.end(), Vec(0));
+        for (int64_t s = 0; s < L; ++s) {
+          const int64_t t = g == 0 ? s : L - 1 - s;
+          if (stp && s % chunk == 0 && s > 0) {
+            scalar_t* dst = stp + ((b * 2 + g) * nstates + s / chunk - 1) * N * dim + c0;
+            for (int64_t n = 0; n < N; ++n) blk.store(dst + n * dim, &h[n * K]);
+          }
+          Vec dt[K], u[K], y[K];
+          blk.load(P::chan(in.delta, b, g, t) + c0, dt);
+          blk.load(P::chan(in.u, b, g, t) + c0, u);
+          for (int64_t k = 0; k < K; ++k) {
+            dt[k] = dt[k] + bias[k];
+            if (in.softplus) dt[k] = softplus(dt[k]);
+            y[k] = Dv[k] * u[k];
+            u[k] = dt[k] * u[k];  // delta * u from here on
+          }
+          for (int64_t n = 0; n < N; ++n) {
+            Bt[n] = Bp[b * sB[0] + g * sB[1] + n * sB[2] + t * sB[3]];
+            Ct[n] = Cp[b * sC[0] + g * sC[1] + n * sC[2] + t * sC[3]];
+          }
+          Vec y2[K];  // a second accumulator over the states: half the dependency chain
+          for (int64_t k = 0; k < K; ++k) y2[k] = Vec(0);
+          for (int64_t n = 0; n < N; ++n) {
+            const Vec Bn(Bt[n]), Cn(Ct[n]);
+            Vec* acc = n % 2 ? y2 : y;
+            for (int64_t k = 0; k < K; ++k) {
+              const Vec dA = fast_exp2(dt[k] * A[n * K + k]);
+              h[n * K + k] = at::vec::fmadd(dA, h[n * K + k], u[k] * Bn);
+              acc[k] = at::vec::fmadd(h[n * K + k], Cn, acc[k]);
+            }
+          }
+          for (int64_t k = 0; k < K; ++k) y[k] = y[k] + y2[k];
+          scalar_t* o = outp + (b * L + t) * dim + c0;
+          if (g == 0) {
+            blk.store(o, y);  // direction 0's y, until direction 1 reaches this token
+            continue;
+          }
+          Vec prev[K], zv[K];
+          blk.load(o, prev);
+          blk.load(P::chan3(in.z, b, t) + c0, zv);
+          for (int64_t k = 0; k < K; ++k) {
+            y[k] = (prev[k] + y[k]) * Vec(0.5);
+            prev[k] = y[k] * zv[k] * sigmoid(zv[k]);
+          }
+          if (ysp) blk.store(ysp + (b * L + t) * dim + c0, y);
+          blk.store(o, prev);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, const at::Tensor& ysum,
+                   const at::Tensor& states, at::Tensor& gu, at::Tensor& gdelta, at::Tensor& gz,
+                   at::Tensor& gA_part, at::Tensor& gD_part, at::Tensor& gbias_part, at::Tensor& gB_part,
+                   at::Tensor& gC_part) {
+  using Blk = Block<scalar_t>;
+  using Vec = typename Blk::Vec;
+  using P = Ptrs<scalar_t>;
+  constexpr int64_t K = Blk::K;
+  const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
+  const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  const auto sB = in.B.strides(), sC = in.C.strides();
+  const scalar_t* Bp = in.B.const_data_ptr<scalar_t>();
+  const scalar_t* Cp = in.C.const_data_ptr<scalar_t>();
+  const scalar_t* ysp = ysum.const_data_ptr<scalar_t>();
+  const scalar_t* stp = states.const_data_ptr<scalar_t>();
+  scalar_t *gup = gu.data_ptr<scalar_t>(), *gdp = gdelta.data_ptr<scalar_t>(), *gzp = gz.data_ptr<scalar_t>();
+  scalar_t *gAp = gA_part.data_ptr<scalar_t>(), *gDp = gD_part.data_ptr<scalar_t>();
+  scalar_t *gbp = gbias_part.data_ptr<scalar_t>();
+  scalar_t *gBp = gB_part.data_ptr<scalar_t>(), *gCp = gC_part.data_ptr<scalar_t>();
+
+  at::parallel_for(0, batch * nblocks, 1, [&](int64_t begin, int64_t end) {
+    // one chunk's recomputed states and decays, token-major: (chunk, N, K) vectors each
+    std::vector<Vec> H(chunk * N * K), DA(chunk * N * K), DT(chunk * K);
+    std::vector<Vec> h0(N * K), gh(N * K), A(N * K), gA(N * K);
+    std::vector<scalar_t> Bt(N), Ct(N);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nblocks, blk_i = task % nblocks, c0 = blk_i * Blk::C;
+      const Blk blk(c0, dim);
+      // gate: out = silu(z) * ysum, with ysum the average of both directions' y
+      for (int64_t t = 0; t < L; ++t) {
+        Vec go[K], ys[K], zv[K];
+        blk.load(P::chan3(gout, b, t) + c0, go);
+        blk.load(ysp + (b * L + t) * dim + c0, ys);
+        blk.load(P::chan3(in.z, b, t) + c0, zv);
+        for (int64_t k = 0; k < K; ++k) {
+          const Vec sg = sigmoid(zv[k]);
+          go[k] = go[k] * ys[k] * sg * (Vec(1) + zv[k] * (Vec(1) - sg));
+        }
+        blk.store(gzp + (b * L + t) * dim + c0, go);
+      }
+      for (int64_t g = 0; g < 2; ++g) {
+        load_strided_rows(blk, in.A.const_data_ptr<scalar_t>() + g * in.A.stride(0), N, in.A.stride(2),
+                          in.A.stride(1), c0, dim, A.data());
+        for (auto& a : A) a = a * Vec(kLog2e);  // exp(x) = 2**(x log2 e)
+        Vec Dv[K], bias[K], gD[K], gbias[K];
+        blk.load(in.D.const_data_ptr<scalar_t>() + g * dim + c0, Dv);
+        blk.load(in.bias.const_data_ptr<scalar_t>() + g * dim + c0, bias);
+        for (int64_t k = 0; k < K; ++k) gD[k] = gbias[k] = Vec(0);
+        std::fill(gh.begin(), gh.end(), Vec(0));
+        std::fill(gA.begin(), gA.end(), Vec(0));
+        auto B_C_at = [&](int64_t t) {
+          for (int64_t n = 0; n < N; ++n) {
+            Bt[n] = Bp[b * sB[0] + g * sB[1] + n * sB[2] + t * sB[3]];
+            Ct[n] = Cp[b * sC[0] + g * sC[1] + n * sC[2] + t * sC[3]];
+          }
+        };
+        // partial sums over this block's channels, per (token, state): (nblocks, batch, 2, N, L)
+        scalar_t* gB_row = gBp + ((blk_i * batch + b) * 2 + g) * N * L;
+        scalar_t* gC_row = gCp + ((blk_i * batch + b) * 2 + g) * N * L;
+        for (int64_t ci = nchunks - 1; ci >= 0; --ci) {
+          const int64_t s0 = ci * chunk, s1 = std::min(L, s0 + chunk);
+          if (ci == 0) {
+            std::fill(h0.begin(), h0.end(), Vec(0));
+          } else {
+            const scalar_t* src = stp + ((b * 2 + g) * (nchunks - 1) + ci - 1) * N * dim + c0;
+            for (int64_t n = 0; n < N; ++n) blk.load(src + n * dim, &h0[n * K]);
+          }
+          // recompute the chunk's states and decays
+          const Vec* hprev = h0.data();
+          for (int64_t s = s0; s < s1; ++s) {
+            const int64_t t = g == 0 ? s : L - 1 - s, i = s - s0;
+            Vec dt[K], u[K];
+            blk.load(P::chan(in.delta, b, g, t) + c0, dt);
+            blk.load(P::chan(in.u, b, g, t) + c0, u);
+            for (int64_t k = 0; k < K; ++k) {
+              dt[k] = dt[k] + bias[k];
+              if (in.softplus) dt[k] = softplus(dt[k]);
+              DT[i * K + k] = dt[k];
+              u[k] = dt[k] * u[k];
+            }
+            B_C_at(t);
+            Vec* hcur = &H[i * N * K];
+            Vec* da = &DA[i * N * K];
+            for (int64_t n = 0; n < N; ++n) {
+              const Vec Bn(Bt[n]);
+              for (int64_t k = 0; k < K; ++k) {
+                da[n * K + k] = fast_exp2(DT[i * K + k] * A[n * K + k]);
+                hcur[n * K + k] = at::vec::fmadd(da[n * K + k], hprev[n * K + k], u[k] * Bn);
+              }
+            }
+            hprev = hcur;
+          }
+          // walk the chunk backwards; gh holds d loss / d h_t, carried through the decays
+          for (int64_t s = s1 - 1; s >= s0; --s) {
+            const int64_t t = g == 0 ? s : L - 1 - s, i = s - s0;
+            Vec go[K], zv[K], u[K], gy[K], S[K], gdt[K], raw[K];
+            blk.load(P::chan3(gout, b, t) + c0, go);
+            blk.load(P::chan3(in.z, b, t) + c0, zv);
+            blk.load(P::chan(in.u, b, g, t) + c0, u);
+            const Vec* dt = &DT[i * K];
+            Vec du[K];
+            for (int64_t k = 0; k < K; ++k) {
+              gy[k] = go[k] * zv[k] * sigmoid(zv[k]) * Vec(0.5);
+              du[k] = dt[k] * u[k];
+              S[k] = gdt[k] = Vec(0);
+            }
+            B_C_at(t);
+            const Vec* hcur = &H[i * N * K];
+            const Vec* hp = i > 0 ? &H[(i - 1) * N * K] : h0.data();
+            const Vec* da = &DA[i * N * K];
+            for (int64_t n = 0; n < N; ++n) {
+              const Vec Bn(Bt[n]), Cn(Ct[n]);
+              Vec tmp[K];
+              for (int64_t k = 0; k < K; ++k) tmp[k] = gy[k] * hcur[n * K + k];
+              gC_row[n * L + t] = horizontal_sum(tmp, K);
+              for (int64_t k = 0; k < K; ++k) {
+                Vec& g_h = gh[n * K + k];
+                g_h = at::vec::fmadd(gy[k], Cn, g_h);
+                tmp[k] = g_h * du[k];
+                S[k] = at::vec::fmadd(g_h, Bn, S[k]);
+                const Vec x = g_h * da[n * K + k] * hp[n * K + k];  // d loss / d (delta_t * A)
+                gA[n * K + k] = at::vec::fmadd(x, dt[k], gA[n * K + k]);
+                gdt[k] = at::vec::fmadd(x, A[n * K + k], gdt[k]);  // times log2(e), undone below
+                g_h = g_h * da[n * K + k];
+              }
+              gB_row[n * L + t] = horizontal_sum(tmp, K);
+            }
+            blk.load(P::chan(in.delta, b, g, t) + c0, raw);
+            Vec gu_v[K];
+            for (int64_t k = 0; k < K; ++k) {
+              gu_v[k] = at::vec::fmadd(gy[k], Dv[k], dt[k] * S[k]);
+              gdt[k] = at::vec::fmadd(u[k], S[k], gdt[k] * Vec(1 / kLog2e));
+              if (in.softplus) gdt[k] = gdt[k] * sigmoid(raw[k] + bias[k]);
+              gD[k] = at::vec::fmadd(gy[k], u[k], gD[k]);
+              gbias[k] = gbias[k] + gdt[k];
+            }
+            blk.store(gup + ((b * 2 + g) * L + t) * dim + c0, gu_v);
+            blk.store(gdp + ((b * 2 + g) * L + t) * dim + c0, gdt);
+          }
+        }
+        // per-batch partials of the parameter gradients: gA (batch, 2, N, dim), gD and gbias (batch, 2, dim)
+        for (int64_t n = 0; n < N; ++n) blk.store(gAp + ((b * 2 + g) * N + n) * dim + c0, &gA[n * K]);
+        blk.store(gDp + (b * 2 + g) * dim + c0, gD);
+        blk.store(gbp + (b * 2 + g) * dim + c0, gbias);
+      }
+    }
+  });
+}
+
+// Sum of a (parts, rest) buffer over its first axis, part 0 first: the same order for any number of threads.
+at::Tensor sum_parts(const at::Tensor& parts) {
+  auto flat = parts.reshape({parts.size(0), -1});
+  auto out = at::empty({flat.size(1)}, parts.options());
+  AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "vim_cpu_sum_parts", [&] {
+    const scalar_t* p = flat.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t P = flat.size(0), M = flat.size(1);
+    at::parallel_for(0, M, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        scalar_t acc = 0;
+        for (int64_t i = 0; i < P; ++i) acc += p[i * M + j];
+        o[j] = acc;
+      }
+    });
+  });
+  return out.view(parts.sizes().slice(1));
+}
+
+ScanInputs make_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                       const at::Tensor& C, const at::Tensor& D, const at::Tensor& z, const at::Tensor& bias,
+                       bool softplus) {
+  for (auto* t : {&u, &delta, &z}) check_channels_contiguous(*t, "u, delta and z");
+  TORCH_CHECK(D.is_contiguous() && bias.is_contiguous(), "D and delta_bias must be contiguous");
+  const auto dtype = u.scalar_type();
+  for (auto* t : {&delta, &A, &B, &C, &D, &z, &bias}) TORCH_CHECK(t->scalar_type() == dtype, "dtypes must match");
+  return ScanInputs{u, delta, A, B, C, D, z, bias, u.size(0), u.size(2), u.size(3), A.size(2), softplus};
+}
+
+}  // namespace
+
+// Returns out (batch, L, dim) and, when save is set, ysum (batch, L, dim) and the chunk-start states
+// (batch, 2, ceil(L / chunk) - 1, N, dim), the state entering scan-order chunk c + 1.
+std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
+                                 const at::Tensor& bias, bool softplus, int64_t chunk, bool save) {
+  const ScanInputs in = make_inputs(u, delta, A, B, C, D, z, bias, softplus);
+  TORCH_CHECK(chunk >= 1, "chunk must be >= 1");
+  auto out = at::empty({in.batch, in.L, in.dim}, u.options());
+  at::Tensor ysum, states;
+  if (save) {
+    ysum = at::empty({in.batch, in.L, in.dim}, u.options());
+    states = at::empty({in.batch, 2, (in.L + chunk - 1) / chunk - 1, in.N, in.dim}, u.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "vim_cpu_scan_fwd", [&] {
+    scan_fwd_impl<scalar_t>(in, chunk, out, ysum, states);
+  });
+  if (!save) return {out};
+  return {out, ysum, states};
+}
+
+// Returns gu, gdelta (batch, 2, L, dim), gz (batch, L, dim), gA (2, dim, N), gD, gbias (2, dim), gB, gC
+// (batch, 2, N, L).
+std::vector<at::Tensor> scan_bwd(const at::Tensor& gout, const at::Tensor& u, const at::Tensor& delta,
+                                 const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
+                                 const at::Tensor& z, const at::Tensor& bias, const at::Tensor& ysum,
+                                 const at::Tensor& states, bool softplus, int64_t chunk) {
+  const ScanInputs in = make_inputs(u, delta, A, B, C, D, z, bias, softplus);
+  check_channels_contiguous(gout, "gout");
+  TORCH_CHECK(ysum.is_contiguous() && states.is_contiguous(), "saved tensors must be contiguous");
+  const auto opts = u.options();
+  const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
+  const int64_t nblocks = (dim + kBlockChannels - 1) / kBlockChannels;
+  auto gu = at::empty({batch, 2, L, dim}, opts), gdelta = at::empty({batch, 2, L, dim}, opts);
+  auto gz = at::empty({batch, L, dim}, opts);
+  auto gA_part = at::empty({batch, 2, N, dim}, opts), gD_part = at::empty({batch, 2, dim}, opts);
+  auto gbias_part = at::empty({batch, 2, dim}, opts);
+  auto gB_part = at::empty({nblocks, batch, 2, N, L}, opts), gC_part = at::empty({nblocks, batch, 2, N, L}, opts);
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "vim_cpu_scan_bwd", [&] {
+    TORCH_CHECK(Block<scalar_t>::C == kBlockChannels, "channel block mismatch");
+    scan_bwd_impl<scalar_t>(in, chunk, gout, ysum, states, gu, gdelta, gz, gA_part, gD_part, gbias_part, gB_part,
+                            gC_part);
+  });
+  return {gu, gdelta, gz, sum_parts(gA_part).transpose(1, 2).contiguous(), sum_parts(gD_part), sum_parts(gbias_part), sum_parts(gB_part),
+          sum_parts(gC_part)};
+}
+
+}  // namespace vim_cpu

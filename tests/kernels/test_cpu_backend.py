@@ -1,0 +1,203 @@
+"""The fused CPU kernels (vim.kernels.cpu) against the reference: forward and every gradient of the bidirectional scan
+and of the two-branch conv, in float64 and float32, on odd shapes and strided views; thread-count independence; bf16.
+
+The C++ kernels compile once per machine into torch's extension cache; the first test of a fresh machine waits for
+that (about half a minute), the others load the cached build.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from vim.kernels import bidirectional_conv_silu_ref, bidirectional_scan_ref
+from vim.kernels.cpu import bidirectional_conv_silu_cpu, bidirectional_scan_cpu, cpu_backend_status
+
+# Without a C++ compiler the backend cannot exist (auto falls back, tested in test_cpu_backend_dispatch.py); with
+# one, a failed build is a test failure.
+pytestmark = pytest.mark.skipif(shutil.which('c++') is None and shutil.which('g++') is None,
+                                reason='no C++ compiler')
+
+SCAN_NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
+# Errors relative to each tensor's largest entry. float64: the kernels use accurate exp; fp32: ATen's polynomial exp
+# (~1e-6 relative) and fp32 accumulation over the sequence; bf16: one rounding of inputs and results.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def built():
+    available, reason = cpu_backend_status()
+    assert available, reason
+
+
+def scan_inputs(batch: int, dim: int, seqlen: int, dstate: int, dtype: torch.dtype, *, layout: str = 'contiguous',
+                seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs of bidirectional_scan, leaves (or views of leaves) with requires_grad; A, D, delta_bias in float32 or
+    float64 as the mixer passes them.
+
+    layout 'mixer': the views the mixer passes (u and delta channel-contiguous, z a slice of a transposed in_proj
+    output whose token stride is 2 * dim, B and C slices of x_dbl); 'strided': every activation a step-2 slice along
+    the tokens (no unit stride anywhere on the token axis)."""
+    g = torch.Generator().manual_seed(seed)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def leaf(*shape, scale=1.0, shift=0.0, dt=dtype, rand=False):
+        x = torch.rand(*shape, generator=g) if rand else torch.randn(*shape, generator=g)
+        return (x * scale + shift).to(dt).requires_grad_()
+
+    A = leaf(2, dim, dstate, scale=-4, shift=-0.1, dt=pdtype, rand=True)
+    params = dict(A=A, D=leaf(2, dim, dt=pdtype), delta_bias=leaf(2, dim, scale=0.5, dt=pdtype))
+    if layout == 'contiguous':
+        acts = dict(u=leaf(batch, 2, dim, seqlen), delta=leaf(batch, 2, dim, seqlen, scale=0.5),
+                    B=leaf(batch, 2, dstate, seqlen), C=leaf(batch, 2, dstate, seqlen), z=leaf(batch, dim, seqlen))
+    elif layout == 'mixer':
+        x_dbl = leaf(batch, 2, 3 + 2 * dstate, seqlen)
+        acts = dict(u=leaf(batch, 2, seqlen, dim).transpose(2, 3),
+                    delta=leaf(batch, seqlen, 2, dim).permute(0, 2, 3, 1),
+                    B=x_dbl[:, :, 3:3 + dstate], C=x_dbl[:, :, 3 + dstate:],
+                    z=leaf(batch, seqlen, 2 * dim).transpose(1, 2)[:, dim:])
+    else:
+        acts = {k: v[..., ::2] for k, v in scan_inputs(batch, dim, 2 * seqlen, dstate, dtype, seed=seed).items()
+                if k in ('u', 'delta', 'B', 'C', 'z')}
+    return dict(acts, **params)
+
+
+def run(fn, x: dict[str, torch.Tensor], gout: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """fn's output and the gradient of <out, gout> w.r.t. every named input."""
+    out = fn(**x, **kwargs)
+    grads = torch.autograd.grad(out, list(x.values()), gout.to(out.dtype))
+    return out.detach(), dict(zip(x, grads))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str) -> None:
+    assert actual.shape == expected.shape, name
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert err <= tol * max(scale, 1e-6), f'{name}: max error {err:.3g}, max value {scale:.3g}'
+
+
+SCAN_CASES = [  # batch, dim, seqlen, dstate, chunk
+    pytest.param(1, 16, 1, 4, 4, id='len1'),
+    pytest.param(2, 5, 7, 3, 4, id='dim5-len7'),
+    pytest.param(1, 37, 33, 16, 8, id='dim37-len33-N16'),
+    pytest.param(2, 20, 13, 2, 64, id='one-chunk'),
+    pytest.param(1, 48, 65, 4, 16, id='len65'),
+]
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('batch, dim, seqlen, dstate, chunk', SCAN_CASES)
+def test_scan_matches_reference(batch, dim, seqlen, dstate, chunk, dtype):
+    x = scan_inputs(batch, dim, seqlen, dstate, dtype)
+    gout = torch.randn(batch, dim, seqlen, dtype=torch.float64)
+    out, grads = run(bidirectional_scan_cpu, x, gout, chunk_size=chunk)
+    x64 = {k: v.detach().double().requires_grad_() for k, v in x.items()}
+    ref, ref_grads = run(bidirectional_scan_ref, x64, gout)
+    assert out.dtype == dtype
+    assert_close(out, ref, TOL[dtype], 'out')
+    for name in SCAN_NAMES:
+        assert grads[name].dtype == x[name].dtype, name
+        assert_close(grads[name], ref_grads[name], TOL[dtype], name)
+
+
+@pytest.mark.parametrize('layout', ['mixer', 'strided'])
+def test_scan_strided_inputs(layout):
+    x = scan_inputs(2, 24, 11, 4, torch.float64, layout=layout)
+    assert not x['z'].is_contiguous() and not x['B'].is_contiguous()
+    gout = torch.randn(2, 24, 11, dtype=torch.float64)
+    out, grads = run(bidirectional_scan_cpu, x, gout, chunk_size=4)
+    contiguous = {k: v.detach().contiguous().requires_grad_() for k, v in x.items()}
+    ref, ref_grads = run(bidirectional_scan_ref, contiguous, gout)
+    assert_close(out, ref, TOL[torch.float64], 'out')
+    for name in SCAN_NAMES:
+        assert_close(grads[name], ref_grads[name], TOL[torch.float64], name)
+
+
+def test_scan_without_softplus():
+    x = scan_inputs(1, 9, 10, 4, torch.float64)
+    x['delta'] = x['delta'].detach().abs().requires_grad_()  # positive steps: stable without softplus
+    gout = torch.randn(1, 9, 10, dtype=torch.float64)
+    out, grads = run(bidirectional_scan_cpu, x, gout, delta_softplus=False, chunk_size=4)
+    ref, ref_grads = run(bidirectional_scan_ref, x, gout, delta_softplus=False)
+    assert_close(out, ref, TOL[torch.float64], 'out')
+    for name in SCAN_NAMES:
+        assert_close(grads[name], ref_grads[name], TOL[torch.float64], name)
+
+
+def test_scan_bf16_inputs():
+    x = scan_inputs(2, 20, 9, 4, torch.bfloat16)
+    gout = torch.randn(2, 20, 9, dtype=torch.float64)
+    out, grads = run(bidirectional_scan_cpu, x, gout, chunk_size=4)
+    x64 = {k: v.detach().double().requires_grad_() for k, v in x.items()}
+    ref, ref_grads = run(bidirectional_scan_ref, x64, gout.to(torch.bfloat16).double())
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref, TOL[torch.bfloat16], 'out')
+    for name in SCAN_NAMES:
+        assert grads[name].dtype == x[name].dtype, name
+        assert_close(grads[name], ref_grads[name], TOL[torch.bfloat16], name)
+
+
+def _with_threads(n: int, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x = scan_inputs(3, 40, 21, 4, torch.float32)  # 3 batches x 3 channel blocks: tasks split across threads
+    gout = torch.randn(3, 40, 21)
+    conv_x = torch.randn(3, 40, 21, requires_grad=True)
+    conv_w, conv_b = torch.randn(2, 40, 4, requires_grad=True), torch.randn(2, 40, requires_grad=True)
+    gconv = torch.randn(3, 2, 40, 21)
+
+    def both():
+        scan = run(bidirectional_scan_cpu, x, gout, chunk_size=8)
+        conv = run(bidirectional_conv_silu_cpu, dict(x=conv_x, weight=conv_w, bias=conv_b), gconv)
+        return scan, conv
+
+    one, two = _with_threads(1, both), _with_threads(2, both)
+    torch.testing.assert_close(one, two, rtol=0, atol=0)
+
+
+CONV_CASES = [  # batch, dim, seqlen, width
+    pytest.param(1, 16, 1, 4, id='len1'),
+    pytest.param(2, 5, 3, 4, id='shorter-than-width'),
+    pytest.param(2, 37, 19, 4, id='dim37'),
+    pytest.param(1, 8, 6, 1, id='width1'),
+    pytest.param(1, 20, 9, 3, id='width3'),
+]
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('batch, dim, seqlen, width', CONV_CASES)
+def test_conv_matches_reference(batch, dim, seqlen, width, dtype):
+    # x as the mixer passes it: a slice of in_proj's transposed output
+    x = torch.randn(batch, seqlen, 2 * dim, dtype=dtype, requires_grad=True)
+    inputs = dict(x=x.transpose(1, 2)[:, :dim], weight=torch.randn(2, dim, width, dtype=dtype, requires_grad=True),
+                  bias=torch.randn(2, dim, dtype=dtype, requires_grad=True))
+    gout = torch.randn(batch, 2, dim, seqlen, dtype=torch.float64)
+    out, grads = run(bidirectional_conv_silu_cpu, inputs, gout)
+    ref, ref_grads = run(bidirectional_conv_silu_ref, {k: v.detach().double().requires_grad_()
+                                                       for k, v in inputs.items()}, gout)
+    assert out.dtype == dtype
+    assert_close(out, ref, TOL[dtype], 'out')
+    for name in inputs:
+        assert grads[name].dtype == dtype
+        assert_close(grads[name], ref_grads[name], TOL[dtype], name)
+
+
+def test_conv_bf16_and_strided_tokens():
+    x = torch.randn(2, 12, 22, dtype=torch.bfloat16, requires_grad=True)
+    inputs = dict(x=x[..., ::2], weight=torch.randn(2, 12, 4, requires_grad=True), bias=torch.randn(2, 12,
+                                                                                                   requires_grad=True))
+    gout = torch.randn(2, 2, 12, 11, dtype=torch.float64)
+    out, grads = run(bidirectional_conv_silu_cpu, inputs, gout)
+    ref, ref_grads = run(bidirectional_conv_silu_ref, {k: v.detach().double().requires_grad_()
+                                                       for k, v in inputs.items()}, gout.to(torch.bfloat16).double())
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref, TOL[torch.bfloat16], 'out')
+    for name in inputs:
+        assert_close(grads[name], ref_grads[name], TOL[torch.bfloat16], name)
