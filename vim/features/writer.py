@@ -189,8 +189,13 @@ class ShardWriter:
         for f in self.files.values():
             f.close()
         self.record.close()
-        seal_shard(self.out, self.shard, self.rows, self.ends)
-        self.sealed.append(self.shard)
+        if self.rows:
+            seal_shard(self.out, self.shard, self.rows, self.ends)
+            self.sealed.append(self.shard)
+        else:  # interrupted before its first commit
+            for name in self.files:
+                open_path(self.out, name, self.shard).unlink()
+            record_path(self.out, self.shard).unlink()
         self.shard = None
 
     def _open(self, flat: dict[str, np.ndarray]) -> None:
@@ -206,12 +211,15 @@ class ShardWriter:
         self.record = open(record_path(self.out, self.shard), 'wb')
 
     def _commit(self, rows: list[list], flat: dict[str, np.ndarray]) -> None:
+        ends = dict(self.ends)
         for name, v in flat.items():
             f = self.files[name]
             f.write(v.tobytes())
-            self.ends[name] += v.nbytes
-            self.bytes += v.nbytes
+            ends[name] += v.nbytes
             _fsync(f) if self.durable else f.flush()
-        self.record.write(json.dumps(dict(rows=rows, end=self.ends)).encode() + b'\n')
+        self.record.write(json.dumps(dict(rows=rows, end=ends)).encode() + b'\n')
         _fsync(self.record) if self.durable else self.record.flush()
-        self.rows += rows
+        # only now, so that a seal after an exception above (Ctrl-C) keeps the previous commit: the files are cut
+        # back to it and this batch's images are redone by the next run
+        self.ends, self.rows = ends, self.rows + rows
+        self.bytes = sum(ends.values()) - NPY_HEADER_BYTES * len(ends)
