@@ -249,8 +249,3 @@ def test_offline_pretrained_falls_back_at_once(monkeypatch, capsys):
     assert 'RANDOM' in capsys.readouterr().err
     assert time.perf_counter() - t0 < 15  # no network retries
 
-
-def test_help_of_the_tool_and_the_module():
-    for cmd in ([sys.executable, str(TOOL), '--help'], [sys.executable, '-m', 'vim.features.cli', '--help']):
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert res.returncode == 0 and '--shard-images' in res.stdout, res.stderr

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 from vim.utils import atomic_write
@@ -58,8 +59,8 @@ def record_path(out: Path, shard: int) -> Path:
 
 
 def shard_number(path: Path) -> int:
-    """metadata_000012.parquet, .metadata_000012.jsonl -> 12."""
-    return int(path.name.split('.')[-2 if path.name.startswith('.') else 0].rsplit('_', 1)[1])
+    """metadata_000012.parquet, .metadata_000012.jsonl, .img_emb_000012.npy.open -> 12."""
+    return int(re.search(r'_(\d+)\.', path.name)[1])
 
 
 def npy_header(shape: tuple[int, ...]) -> bytes:
