@@ -55,7 +55,11 @@ def assert_no_partial_files(out: Path) -> None:
 
 
 def assert_shards_consistent(out: Path) -> None:
-    """Each sealed shard's arrays (read with numpy alone) have the rows its parquet (read with pyarrow) states."""
+    """Each sealed shard's arrays (read with numpy alone) have the rows its parquet (read with pyarrow) states;
+    no array without its parquet."""
+    numbers = {p.stem.split('_')[-1] for p in out.glob('metadata/metadata_*.parquet')}
+    orphans = [p for p in out.glob('*/*.npy') if p.stem.split('_')[-1] not in numbers]
+    assert not orphans, f'arrays without metadata: {orphans}'
     for meta_file in sorted(out.glob('metadata/metadata_*.parquet')):
         meta = pq.read_table(meta_file).to_pydict()
         number = meta_file.stem.split('_')[-1]
