@@ -1,0 +1,79 @@
+"""Inputs: WebDataset-style tars streamed member by member, lists and globs; keys and failures."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+from vim.features import Extractor, FeatureError, FeatureStore
+from vim.features.sources import collect_images
+
+from .common import assert_shards_consistent, keys_on_disk, make_many
+
+
+def _tar(path, members: dict[str, bytes]):
+    with tarfile.open(path, 'w') as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope='module')
+def extractor():
+    return Extractor('test_vim', pretrained=False, img_size=16, device='cpu', batch_size=3, shard_images=4,
+                     progress=False)
+
+
+def test_tar_members_match_the_same_images_as_files_and_corrupt_ones_are_reported(tmp_path, extractor):
+    files = make_many(tmp_path / 'imgs', 6)
+    members = {}
+    for i, f in enumerate(files):  # WebDataset style: <key>.<ext> plus other members of the same sample
+        members[f'sample{i:03d}.png'] = f.read_bytes()
+        members[f'sample{i:03d}.cls'] = str(i).encode()
+    members['sample900.jpg'] = files[0].read_bytes()[:60]  # truncated
+    members['sample901.png'] = b'not an image'
+    _tar(tmp_path / 'a.tar', dict(list(members.items())[:7]))
+    _tar(tmp_path / 'b.tar', dict(list(members.items())[7:]))
+    tars = [tmp_path / 'a.tar', tmp_path / 'b.tar']
+    summary = extractor.run([str(tmp_path / '*.tar')], tmp_path / 'out')
+    assert summary['done'] == 6
+    bad = {str(tmp_path / 'b.tar' / 'sample900.jpg'), str(tmp_path / 'b.tar' / 'sample901.png')}
+    assert set(summary['failed']) == bad and set(FeatureStore(tmp_path / 'out').failed) == bad
+    extractor.run([tmp_path / 'imgs'], tmp_path / 'ref')
+    store, ref = FeatureStore(tmp_path / 'out'), FeatureStore(tmp_path / 'ref')
+    for i, f in enumerate(files):
+        key = str(tars[0 if i < 4 else 1] / f'sample{i:03d}.png')  # a.tar: samples 0-2 and 3's png
+        np.testing.assert_allclose(store.load(key)['embedding'], ref.load(f)['embedding'], rtol=1e-5, atol=1e-6)
+    assert_shards_consistent(tmp_path / 'out')
+    again = extractor.run([tmp_path / 'a.tar', tmp_path / 'b.tar'], tmp_path / 'out')
+    assert (again['done'], again['skipped'], len(again['failed'])) == (0, 6, 2)
+    assert len(keys_on_disk(tmp_path / 'out')) == 6
+
+
+def test_a_damaged_tar_keeps_the_members_before_the_damage(tmp_path, extractor):
+    files = make_many(tmp_path / 'imgs', 3)
+    _tar(tmp_path / 'a.tar', {f'{i}.png': f.read_bytes() for i, f in enumerate(files)})
+    with tarfile.open(tmp_path / 'a.tar') as tf:
+        second = tf.getmembers()[1]
+    data = (tmp_path / 'a.tar').read_bytes()
+    (tmp_path / 'cut.tar').write_bytes(data[:second.offset_data + second.size])  # ends after the 2nd member
+    (tmp_path / 'torn.tar').write_bytes(data[:second.offset_data + 100])  # ends inside the 2nd member's data
+    for name, done in (('cut.tar', 2), ('torn.tar', 1)):
+        found, _ = collect_images([tmp_path / name])
+        assert list(found) == [str(tmp_path / name / '0.png'), str(tmp_path / name / '1.png')]
+        summary = extractor.run([tmp_path / name], tmp_path / f'out-{name}')
+        assert summary['done'] == done
+        assert 'unreadable tar' in summary['failed'][str(tmp_path / name)]  # the damage is reported
+        assert (str(tmp_path / name / '1.png') in summary['failed']) == (done == 1)
+
+
+def test_lists_globs_and_missing_inputs(tmp_path):
+    files = make_many(tmp_path / 'imgs', 3)
+    (tmp_path / 'list.txt').write_text('# a comment\nimgs/00000.png\n\nimgs/00002.png\n')
+    found, _ = collect_images([tmp_path / 'list.txt', str(tmp_path / 'imgs' / '*1.png'), files[0]])
+    assert list(found) == [str(f) for f in files]  # sorted, each once
+    with pytest.raises(FeatureError, match='does not exist'):
+        collect_images([tmp_path / 'nope'])
