@@ -127,9 +127,10 @@ class ImageStream(torch.utils.data.IterableDataset):
         try:
             with tarfile.open(path, 'r|*') as tf:  # streamed: members in archive order, data read once
                 for m in tf:
-                    key = left.pop(m.name, None)
+                    key = left.get(m.name)
                     if key is not None:
                         data = tf.extractfile(m).read()
+                        del left[m.name]  # only once read: a member cut short is reported below
                         yield key, *self._prepare(key, lambda d=data: Image.open(io.BytesIO(d)))
                     if not left:
                         break
