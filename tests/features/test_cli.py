@@ -20,8 +20,17 @@ from vim.features import FeatureStore, cli, load_features
 from vim.features.model import create_model, pretrained_source
 from vim.features.vis import pca_rgb
 
-from .common import (DEPTH, SHAPES, STRIDE, TOOL, WIDTH, assert_no_partial_files, assert_shards_consistent,
-                     keys_on_disk, make_images)
+from .common import (
+    DEPTH,
+    SHAPES,
+    STRIDE,
+    TOOL,
+    WIDTH,
+    assert_no_partial_files,
+    assert_shards_consistent,
+    keys_on_disk,
+    make_images,
+)
 
 
 @pytest.fixture

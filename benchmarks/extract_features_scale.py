@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Feature extraction at dataset scale: is the cost per image constant, how long does resuming take, and does a
+kill -9 lose or duplicate anything? Writes benchmarks/extract-scale-<device>-<date>.json.
+
+    python benchmarks/extract_features_scale.py IMAGES --work /tmp/scale        # IMAGES: e.g. 100,000 tiny PNGs
+
+1. one uninterrupted run (test_vim, random weights): the rate over the first and the last ``--window-images``
+   images, and the seconds spent per batch committing features (ShardWriter.add), first vs last window: the
+   writer's cost is the part this package controls, the model's share varies with the machine's load;
+2. the finished command run again (a subprocess, as a user would): its wall time and the seconds it spends
+   finding the images and the done set;
+3. the command killed with SIGKILL at a random moment, then rerun to the end: every image exactly once.
+"""
+# ruff: noqa: E402  (the OpenMP setting below must precede the imports that load torch)
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import argparse
+import json
+import platform
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from vim.features import Extractor, extractor
+
+TOOL = Path(__file__).resolve().parents[1] / 'tools' / 'extract_features.py'
+
+
+def window_rates(progress: list[tuple[int, float]], window: int) -> tuple[float, float]:
+    """img/s over the first and the last ``window`` images of a run's [(images done, seconds)] points."""
+    n, t = np.array([p[0] for p in progress]), np.array([p[1] for p in progress])
+    first = int(np.searchsorted(n, window))
+    last = int(np.searchsorted(n, n[-1] - window, side='right')) - 1
+    return n[first] / t[first], (n[-1] - n[last]) / (t[-1] - t[last])
+
+
+def check_once(out: Path, expected: int) -> dict:
+    keys = [k for p in sorted(out.glob('metadata/metadata_*.parquet')) for k in pq.read_table(p)['key'].to_pylist()]
+    rows = sum(np.load(p, mmap_mode='r').shape[0] for p in out.glob('img_emb/*.npy'))
+    return dict(keys=len(keys), unique=len(set(keys)), embedding_rows=rows, expected=expected,
+                every_image_once=len(keys) == len(set(keys)) == rows == expected)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument('images')
+    p.add_argument('--work', type=Path, required=True, help='folder for the outputs (emptied first)')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--img-size', type=int, default=32)
+    p.add_argument('--window-images', type=int, default=10000)
+    p.add_argument('--note', default='', help='e.g. who else used the machine')
+    p.add_argument('--json', type=Path, help='default: benchmarks/extract-scale-cpu-<date>.json')
+    args = p.parse_args()
+    if args.work.exists():
+        subprocess.run(['rm', '-rf', str(args.work)], check=True)
+    args.work.mkdir(parents=True)
+    cli = [sys.executable, str(TOOL), args.images, '--model', 'test_vim', '--no-pretrained', '--img-size',
+           str(args.img_size), '--batch-size', str(args.batch_size), '--device', 'cpu', '--quiet']
+    result = dict(date=datetime.now(timezone.utc).isoformat(timespec='seconds'), command=' '.join(sys.argv),
+                  extraction_command=' '.join(cli[1:]) + ' --output OUT', note=args.note,
+                  machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+                               load_average_at_start=os.getloadavg()))
+
+    # 1. one uninterrupted run, in-process, with the writer's time per batch
+    add_seconds: list[float] = []
+    real_add = extractor.ShardWriter.add
+
+    def timed_add(self, rows, arrays):
+        t0 = time.perf_counter()
+        real_add(self, rows, arrays)
+        add_seconds.append(time.perf_counter() - t0)
+
+    extractor.ShardWriter.add = timed_add
+    ex = Extractor('test_vim', pretrained=False, img_size=args.img_size, device='cpu', batch_size=args.batch_size,
+                   progress=False)
+    s = ex.run([args.images], args.work / 'a')
+    extractor.ShardWriter.add = real_add
+    first, last = window_rates(s['progress'], args.window_images)
+    k = -(-args.window_images // args.batch_size)  # batches per window
+    result['run'] = dict(images=s['done'], seconds=s['seconds'], img_per_s=s['img_per_s'], shards=len(s['shards']),
+                         first_window_img_per_s=first, last_window_img_per_s=last, last_over_first=last / first,
+                         window_images=args.window_images,
+                         commit_ms_per_batch_first_window=1e3 * float(np.mean(add_seconds[:k])),
+                         commit_ms_per_batch_last_window=1e3 * float(np.mean(add_seconds[-k:])),
+                         output_bytes=sum(f.stat().st_size for f in (args.work / 'a').rglob('*') if f.is_file()))
+    result['run']['check'] = check_once(args.work / 'a', s['done'])
+    print(json.dumps(result['run'], indent=1), flush=True)
+
+    # 2. the finished command again
+    t0 = time.perf_counter()
+    res = subprocess.run(cli + ['--output', str(args.work / 'a')], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    found = re.search(r'([\d.]+) s of it finding', res.stdout)
+    result['resume'] = dict(returncode=res.returncode, wall_seconds=wall, images_skipped=s['done'],
+                            finding_images_and_done_set_seconds=float(found[1]) if found else None,
+                            summary=res.stdout.strip().splitlines()[-5:])
+    print(json.dumps(result['resume'], indent=1), flush=True)
+
+    # 3. kill -9 at a random moment of a second run, then rerun to the end
+    seed = random.randrange(2**32)
+    delay = random.Random(seed).uniform(0.2, 0.8) * s['seconds']
+    proc = subprocess.Popen(cli + ['--output', str(args.work / 'b')], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (args.work / 'b' / 'meta.json').exists():
+        time.sleep(0.05)
+    time.sleep(delay)
+    killed_at = len(list((args.work / 'b').glob('metadata/metadata_*.parquet')))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    open_records = [p.name for p in (args.work / 'b').glob('metadata/.*.jsonl')]
+    res = subprocess.run(cli + ['--output', str(args.work / 'b')], capture_output=True, text=True)
+    done = re.search(r'images: (\d+) done, (\d+) skipped', res.stdout)
+    result['kill'] = dict(seed=seed, seconds_after_start=delay, sealed_shards_at_kill=killed_at,
+                          open_records_after_kill=open_records, rerun_returncode=res.returncode,
+                          rerun_done=int(done[1]) if done else None, rerun_skipped=int(done[2]) if done else None,
+                          check=check_once(args.work / 'b', s['done']))
+    print(json.dumps(result['kill'], indent=1), flush=True)
+    result['machine']['load_average_at_end'] = os.getloadavg()
+    path = args.json or Path(__file__).parent / f'extract-scale-cpu-{datetime.now():%Y-%m-%d}.json'
+    path.write_text(json.dumps(result, indent=1) + '\n')
+    print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+    main()
