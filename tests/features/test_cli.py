@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,7 +89,9 @@ def test_outputs_match_the_model_and_corrupt_image_is_skipped(images, tmp_path, 
     assert store.meta['weights'].startswith('file:')
     assert sorted(keys_on_disk(out)) == sorted(str(p) for n, p in images.items() if n != 'corrupt.jpg')
     assert list(store.failed) == [str(images['corrupt.jpg'])]
-    assert str(images['corrupt.jpg']) in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert str(images['corrupt.jpg']) in log
+    assert re.search(r'img/s average, [\d.]+ img/s over the last 20 batches', log) and 'peak memory' in log
     _assert_store_consistent(out)
     for name in SHAPES:
         feats = load_features(out, images[name])
