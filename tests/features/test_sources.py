@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import io
+import sys
 import tarfile
 
 import numpy as np
 import pytest
 
 from vim.features import Extractor, FeatureError, FeatureStore
+from vim.features.extractor import _lock
 from vim.features.sources import collect_images
 
 from .common import assert_shards_consistent, keys_on_disk, make_many
@@ -77,3 +79,14 @@ def test_lists_globs_and_missing_inputs(tmp_path):
     assert list(found) == [str(f) for f in files]  # sorted, each once
     with pytest.raises(FeatureError, match='does not exist'):
         collect_images([tmp_path / 'nope'])
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='fcntl locks')
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path, extractor):
+    make_many(tmp_path / 'imgs', 2)
+    (tmp_path / 'out').mkdir()
+    held = _lock(tmp_path / 'out')  # as a run in another process would hold it
+    with pytest.raises(FeatureError, match='another extraction is writing'):
+        extractor.run(str(tmp_path / 'imgs'), tmp_path / 'out')
+    held.close()
+    assert extractor.run(str(tmp_path / 'imgs'), tmp_path / 'out')['done'] == 2  # one input as a plain string

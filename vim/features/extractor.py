@@ -47,6 +47,23 @@ def _native_size(h: int, w: int, patch: int, stride: int, max_size: int) -> tupl
     return tile(h * scale, patch, stride, max_size), tile(w * scale, patch, stride, max_size)
 
 
+def _lock(out: Path):
+    """An exclusive lock on ``out/.lock`` held by rank 0 for the run (released by the OS if the process dies), so
+    that a second run cannot seal the shards the first is filling. Without fcntl (Windows): no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(out / '.lock', 'w')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise FeatureError(f'another extraction is writing to {out}; wait for it to end or choose another '
+                           'output folder') from None
+    return f
+
+
 class Extractor:
     """A model ready to extract features; ``run(inputs, output)`` does the work and returns a summary.
 
@@ -152,11 +169,16 @@ class Extractor:
         (default outputs/features/<model>), skipping images already there. Returns the summary (see ``_summary``).
         Raises FeatureError for bad input; a Ctrl-C / SIGTERM ends the run with its last shard sealed."""
         t_start = time.perf_counter()
+        if isinstance(inputs, (str, Path)):
+            inputs = [inputs]
         rank, world, created = self._init_distributed()
+        self._lock = None
         try:
             return self._run(list(inputs), Path(output or Path('outputs') / 'features' / self.model_name),
                              rank, world, t_start)
         finally:
+            if self._lock is not None:
+                self._lock.close()
             if created:
                 import torch.distributed as dist
                 dist.destroy_process_group()
@@ -170,11 +192,12 @@ class Extractor:
         first = None
         if rank == 0:
             try:
+                self._lock = _lock(out)
                 check_meta(out, self.meta)
                 recover(out)
                 first = next_shard(out)
                 append_failures(out, 0, list_failures)
-            except FeatureError as e:
+            except Exception as e:  # every rank raises it, instead of waiting for rank 0 forever
                 first = e
         first = self._broadcast(first, world)
         if isinstance(first, Exception):

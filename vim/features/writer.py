@@ -102,7 +102,7 @@ def read_record(path: Path) -> tuple[list[list], dict[str, int]]:
 
 def recover(out: Path) -> list[int]:
     """Seal every shard left open by a killed run; remove its leftovers. Returns the shards sealed. Rank 0 only."""
-    for stale in out.glob(f'**/.*{PARTIAL}*'):  # temporary files of atomic writes that never completed
+    for stale in [*out.glob(f'.*{PARTIAL}*'), *out.glob(f'*/.*{PARTIAL}*')]:  # atomic writes never completed
         stale.unlink()
     sealed = []
     for rec in sorted(out.glob('metadata/.metadata_*.jsonl')):
