@@ -90,3 +90,24 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path, extractor):
         extractor.run(str(tmp_path / 'imgs'), tmp_path / 'out')
     held.close()
     assert extractor.run(str(tmp_path / 'imgs'), tmp_path / 'out')['done'] == 2  # one input as a plain string
+
+
+def test_native_batches_hold_one_size_and_bounded_waiting(tmp_path):
+    from PIL import Image
+
+    from vim.features.extractor import _native_size
+    from vim.features.sources import ImageStream, plan_units
+    sizes = [(16, 16), (24, 16), (16, 16), (32, 8), (16, 16), (24, 16)] * 5
+    for i, (h, w) in enumerate(sizes):
+        Image.new('RGB', (w, h), (i, 2 * i, 3 * i)).save(tmp_path / f'{i:03d}.png')
+    found, _ = collect_images([tmp_path])
+    stream = ImageStream(plan_units(list(found), found), lambda h, w: _native_size(h, w, 8, 8, 64),
+                         dict(interpolation='bicubic', mean=(0.5,) * 3, std=(0.5,) * 3), batch_size=4)
+    for max_pending, most_partial in ((16, 3), (2, len(sizes))):
+        stream.max_pending = max_pending
+        batches = list(stream)
+        assert sorted(k for b in batches for k in b['keys']) == sorted(found)  # every image once
+        assert all(b['x'].shape[0] == len(b['keys']) <= 4 for b in batches)  # one size per batch (stacked)
+        partial = [b for b in batches if len(b['keys']) < 4]
+        assert len(partial) <= most_partial  # room for 3 sizes x 3 waiting: only the last batch of each size
+    assert len(partial) > 3  # with room for 2, the bound cut batches short

@@ -94,13 +94,15 @@ class ImageStream(torch.utils.data.IterableDataset):
     """Batches {'keys': [B], 'x': (B, 3, H, W) float32 or None, 'failed': [(key, reason)]} of equal-size images.
 
     ``size_of(h, w) -> (H, W)`` is the input size of an image of h x w pixels (after EXIF rotation). Each DataLoader
-    worker decodes its share of ``units`` and batches images of the same size together; the last batch of each
-    size may be smaller. ``data_cfg``: the model's mean, std and interpolation (timm).
+    worker decodes its share of ``units`` and batches images of the same size together; a batch is smaller only
+    at the end, or when more than ``4 * batch_size`` images of other sizes wait (the fullest size goes then).
+    ``data_cfg``: the model's mean, std and interpolation (timm).
     """
 
     def __init__(self, units: list[Unit], size_of: Callable[[int, int], tuple[int, int]], data_cfg: dict,
                  batch_size: int) -> None:
         self.units, self.size_of, self.data_cfg, self.batch_size = units, size_of, data_cfg, batch_size
+        self.max_pending = 4 * batch_size  # images waiting for a full batch of their size, before a partial one
         self.transforms: dict[tuple[int, int], Callable] = {}
 
     def _prepare(self, key: str, opener: Callable) -> tuple[torch.Tensor | None, str | None]:
@@ -154,6 +156,9 @@ class ImageStream(torch.utils.data.IterableDataset):
                 bucket.append((key, x))
                 if len(bucket) == self.batch_size:
                     yield self._batch(buckets.pop(tuple(x.shape)), failed)
+                    failed = []
+                elif sum(map(len, buckets.values())) > self.max_pending:  # many sizes: bound the memory held
+                    yield self._batch(buckets.pop(max(buckets, key=lambda k: len(buckets[k]))), failed)
                     failed = []
         for bucket in buckets.values():
             yield self._batch(bucket, failed)
