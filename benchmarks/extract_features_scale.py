@@ -5,8 +5,8 @@ kill -9 lose or duplicate anything? Writes benchmarks/extract-scale-<device>-<da
     python benchmarks/extract_features_scale.py IMAGES --work /tmp/scale        # IMAGES: e.g. 100,000 tiny PNGs
 
 1. one uninterrupted run (test_vim, random weights): the rate over the first and the last ``--window-images``
-   images, and the seconds spent per batch committing features (ShardWriter.add), first vs last window: the
-   writer's cost is the part this package controls, the model's share varies with the machine's load;
+   images, in wall-clock time and in CPU time of the process (steadier on a shared machine), and the seconds
+   spent per batch committing features (ShardWriter.add), first vs last window;
 2. the finished command run again (a subprocess, as a user would): its wall time and the seconds it spends
    finding the images and the done set;
 3. the command killed with SIGKILL at a random moment, then rerun to the end: every image exactly once.
@@ -75,12 +75,14 @@ def main() -> None:
 
     # 1. one uninterrupted run, in-process, with the writer's time per batch
     add_seconds: list[float] = []
+    cpu_at_add: list[tuple[int, float]] = [(0, time.process_time())]  # (images, CPU seconds of this process)
     real_add = extractor.ShardWriter.add
 
     def timed_add(self, rows, arrays):
         t0 = time.perf_counter()
         real_add(self, rows, arrays)
         add_seconds.append(time.perf_counter() - t0)
+        cpu_at_add.append((cpu_at_add[-1][0] + len(rows), time.process_time()))
 
     extractor.ShardWriter.add = timed_add
     ex = Extractor('test_vim', pretrained=False, img_size=args.img_size, device='cpu', batch_size=args.batch_size,
@@ -88,9 +90,12 @@ def main() -> None:
     s = ex.run([args.images], args.work / 'a')
     extractor.ShardWriter.add = real_add
     first, last = window_rates(s['progress'], args.window_images)
+    cpu_first, cpu_last = window_rates([(n, t - cpu_at_add[0][1]) for n, t in cpu_at_add], args.window_images)
     k = -(-args.window_images // args.batch_size)  # batches per window
     result['run'] = dict(images=s['done'], seconds=s['seconds'], img_per_s=s['img_per_s'], shards=len(s['shards']),
                          first_window_img_per_s=first, last_window_img_per_s=last, last_over_first=last / first,
+                         first_window_img_per_cpu_s=cpu_first, last_window_img_per_cpu_s=cpu_last,
+                         last_over_first_cpu=cpu_last / cpu_first,
                          window_images=args.window_images,
                          commit_ms_per_batch_first_window=1e3 * float(np.mean(add_seconds[:k])),
                          commit_ms_per_batch_last_window=1e3 * float(np.mean(add_seconds[-k:])),
