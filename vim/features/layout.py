@@ -18,14 +18,16 @@ read them without this package (``img_emb`` + ``metadata``, files matched by the
 from __future__ import annotations
 
 import ast
+import functools
 import json
+import os
 import re
 from pathlib import Path
 
 from vim.utils import atomic_write
 
-__all__ = ['EMBEDDING', 'FeatureError', 'NPY_HEADER_BYTES', 'array_path', 'check_meta', 'npy_header', 'open_path',
-           'parquet_path', 'read_npy_header', 'record_path', 'shard_number']
+__all__ = ['EMBEDDING', 'FeatureError', 'NPY_HEADER_BYTES', 'array_path', 'check_meta', 'image_key', 'npy_header',
+           'open_path', 'parquet_path', 'read_npy_header', 'record_path', 'shard_number']
 
 EMBEDDING = 'embedding'  # the pooled embedding's name in dicts; its folder is img_emb (clip-retrieval's name)
 NPY_HEADER_BYTES = 128  # fixed, so that the row count can be rewritten in place when a shard is sealed
@@ -34,6 +36,18 @@ META = 'meta.json'
 
 class FeatureError(ValueError):
     """Bad input or an output folder that cannot be used: the message says what and what to do."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
+def image_key(path: str | Path) -> str:
+    """The key of an image file (or tar): its absolute path, with the folder's symbolic links resolved (one
+    realpath per folder, not per file); a tar member's key is ``image_key(tar) + '/' + member``."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    return os.path.join(_real_folder(os.path.dirname(path)), os.path.basename(path))
 
 
 def _stem(name: str) -> str:

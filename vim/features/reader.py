@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset
 import pyarrow.parquet as pq
 
-from .layout import EMBEDDING, FeatureError, array_path, parquet_path, shard_number
+from .layout import EMBEDDING, FeatureError, array_path, image_key, parquet_path, shard_number
 
 __all__ = ['FeatureStore', 'Shard', 'iter_features', 'load_features']
 
@@ -70,7 +70,7 @@ class FeatureStore:
         return self._key(image) is not None
 
     def _key(self, image: str | Path) -> str | None:
-        for key in (str(image), str(Path(image).expanduser().resolve())):
+        for key in (str(image), image_key(image), str(Path(image).expanduser().resolve())):
             if key in self._where:
                 return key
         return None

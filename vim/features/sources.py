@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import io
+import os
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,61 +19,71 @@ from PIL import Image, ImageOps
 from timm.data import create_transform
 from timm.data.readers.img_extensions import get_img_extensions
 
-from .layout import FeatureError
+from .layout import FeatureError, image_key
 
 __all__ = ['IMG_EXTENSIONS', 'TAR_SUFFIXES', 'ImageStream', 'collect_images', 'plan_units', 'tile']
 
 IMG_EXTENSIONS = tuple(sorted(set(get_img_extensions()) | {'.bmp', '.webp', '.tif', '.tiff'}))
 TAR_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
-Unit = tuple[Path, dict[str, str] | None]  # a file (None) or a tar and {member name: key} of the images wanted
+Unit = tuple[str, dict[str, str] | None]  # a file (None) or a tar and {member name: key} of the images wanted
 
 
-def _is_tar(path: Path) -> bool:
-    return path.name.lower().endswith(TAR_SUFFIXES)
+def _is_tar(name: str) -> bool:
+    return name.lower().endswith(TAR_SUFFIXES)
 
 
-def _list_tar(tar: Path, found: dict[str, tuple[Path, str | None]], failures: dict[str, str]) -> None:
+def _wanted(name: str) -> bool:
+    low = name.lower()
+    return low.endswith(IMG_EXTENSIONS) or low.endswith(TAR_SUFFIXES)
+
+
+def _list_tar(tar: str, found: dict[str, tuple[str, str | None]], failures: dict[str, str]) -> None:
     try:
         with tarfile.open(tar, 'r:*') as tf:
             for m in tf:
-                if m.isfile() and Path(m.name).suffix.lower() in IMG_EXTENSIONS:
-                    found[str(tar / m.name)] = (tar, m.name)
+                if m.isfile() and m.name.lower().endswith(IMG_EXTENSIONS):
+                    found[f'{tar}/{m.name}'] = (tar, m.name)
     except (tarfile.TarError, OSError, EOFError) as e:  # the members listed before the damage are kept
-        failures[str(tar)] = f'unreadable tar ({type(e).__name__}: {e})'
+        failures[tar] = f'unreadable tar ({type(e).__name__}: {e})'
 
 
-def collect_images(inputs: list[str | Path]) -> tuple[dict[str, tuple[Path, str | None]], dict[str, str]]:
+def collect_images(inputs: list[str | Path]) -> tuple[dict[str, tuple[str, str | None]], dict[str, str]]:
     """({key: (file or tar, member or None)} sorted by key, {tar: why it could not be listed}) for the images named
     by files, folders (recursive: images and tars), globs, .txt/.lst lists (one path per line, relative to the
-    list) and tars. Raises FeatureError for an input that does not exist."""
-    files: list[Path] = []
+    list) and tars. Raises FeatureError for an input that does not exist.
+
+    Folders are walked with os.walk (file types from the directory entries, no stat per file) and keys are made
+    with one realpath per folder (``layout.image_key``): listing a million files costs seconds, not minutes."""
+    files: list[str] = []
     for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            files += [f for f in sorted(path.rglob('*')) if f.is_file()
-                      and (f.suffix.lower() in IMG_EXTENSIONS or _is_tar(f))]
-        elif path.is_file() and path.suffix.lower() in ('.txt', '.lst'):
-            lines = [ln.strip() for ln in path.read_text().splitlines()]
-            files += [path.parent / ln for ln in lines if ln and not ln.startswith('#')]
-        elif path.is_file():
+        path = os.path.expanduser(str(item))
+        if os.path.isdir(path):
+            for folder, subfolders, names in os.walk(path, followlinks=True):
+                subfolders.sort()
+                files += [os.path.join(folder, n) for n in sorted(names) if _wanted(n)]
+        elif os.path.isfile(path) and path.lower().endswith(('.txt', '.lst')):
+            parent = os.path.dirname(path)
+            lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
+            files += [os.path.join(parent, ln) for ln in lines if ln and not ln.startswith('#')]
+        elif os.path.isfile(path):
             files.append(path)
-        elif any(c in str(item) for c in '*?['):
-            files += [Path(f) for f in sorted(glob.glob(str(item), recursive=True)) if Path(f).is_file()]
+        elif any(c in path for c in '*?['):
+            files += [f for f in sorted(glob.glob(path, recursive=True)) if os.path.isfile(f)]
         else:
             raise FeatureError(f'input {str(item)!r} does not exist')
-    found: dict[str, tuple[Path, str | None]] = {}
+    found: dict[str, tuple[str, str | None]] = {}
     failures: dict[str, str] = {}
-    for f in dict.fromkeys(f.resolve() for f in files):
+    for f in dict.fromkeys(map(image_key, files)):
         if _is_tar(f):
             _list_tar(f, found, failures)
         else:
-            found[str(f)] = (f, None)
+            found[f] = (f, None)
     return dict(sorted(found.items())), failures
 
 
-def plan_units(keys: list[str], where: dict[str, tuple[Path, str | None]]) -> list[Unit]:
+def plan_units(keys: list[str], where: dict[str, tuple[str, str | None]]) -> list[Unit]:
     """The work units of ``keys``: each file alone, and each tar once with the members wanted from it."""
-    units: dict[Path, dict[str, str] | None] = {}
+    units: dict[str, dict[str, str] | None] = {}
     for key in keys:
         path, member = where[key]
         if member is None:
@@ -123,7 +134,7 @@ class ImageStream(torch.utils.data.IterableDataset):
     def _decode(self, unit: Unit) -> Iterator[tuple[str, torch.Tensor | None, str | None]]:
         path, members = unit
         if members is None:
-            yield str(path), *self._prepare(str(path), lambda: Image.open(path))
+            yield path, *self._prepare(path, lambda: Image.open(path))
             return
         left = dict(members)
         try:
