@@ -53,6 +53,17 @@ def check_once(out: Path, expected: int) -> dict:
                 every_image_once=len(keys) == len(set(keys)) == rows == expected)
 
 
+def resume(cli: list[str], out: Path, done: int) -> dict:
+    """Run the finished command again in a subprocess: its wall time, and the part spent finding what to do."""
+    t0 = time.perf_counter()
+    res = subprocess.run(cli + ['--output', str(out)], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    found = re.search(r'([\d.]+) s of it finding', res.stdout)
+    return dict(returncode=res.returncode, wall_seconds=wall, images_skipped=done,
+                finding_images_and_done_set_seconds=float(found[1]) if found else None,
+                summary=res.stdout.strip().splitlines()[-5:])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument('images')
@@ -62,16 +73,26 @@ def main() -> None:
     p.add_argument('--window-images', type=int, default=10000)
     p.add_argument('--note', default='', help='e.g. who else used the machine')
     p.add_argument('--json', type=Path, help='default: benchmarks/extract-scale-cpu-<date>.json')
+    p.add_argument('--resume-only', action='store_true', help='only step 2, on WORK/a left by an earlier run')
     args = p.parse_args()
-    if args.work.exists():
+    if args.resume_only:
+        args.json = args.json or Path(__file__).parent / f'extract-scale-resume-cpu-{datetime.now():%Y-%m-%d}.json'
+    elif args.work.exists():
         subprocess.run(['rm', '-rf', str(args.work)], check=True)
-    args.work.mkdir(parents=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, str(TOOL), args.images, '--model', 'test_vim', '--no-pretrained', '--img-size',
            str(args.img_size), '--batch-size', str(args.batch_size), '--device', 'cpu', '--quiet']
     result = dict(date=datetime.now(timezone.utc).isoformat(timespec='seconds'), command=' '.join(sys.argv),
                   extraction_command=' '.join(cli[1:]) + ' --output OUT', note=args.note,
                   machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
                                load_average_at_start=os.getloadavg()))
+
+    if args.resume_only:
+        n = sum(pq.read_metadata(f).num_rows for f in (args.work / 'a').glob('metadata/metadata_*.parquet'))
+        result['resume'] = resume(cli, args.work / 'a', n)
+        args.json.write_text(json.dumps(result, indent=1) + '\n')
+        print(json.dumps(result['resume'], indent=1))
+        return
 
     # 1. one uninterrupted run, in-process, with the writer's time per batch
     add_seconds: list[float] = []
@@ -104,13 +125,7 @@ def main() -> None:
     print(json.dumps(result['run'], indent=1), flush=True)
 
     # 2. the finished command again
-    t0 = time.perf_counter()
-    res = subprocess.run(cli + ['--output', str(args.work / 'a')], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    found = re.search(r'([\d.]+) s of it finding', res.stdout)
-    result['resume'] = dict(returncode=res.returncode, wall_seconds=wall, images_skipped=s['done'],
-                            finding_images_and_done_set_seconds=float(found[1]) if found else None,
-                            summary=res.stdout.strip().splitlines()[-5:])
+    result['resume'] = resume(cli, args.work / 'a', s['done'])
     print(json.dumps(result['resume'], indent=1), flush=True)
 
     # 3. kill -9 at a random moment of a second run, then rerun to the end
