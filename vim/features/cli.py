@@ -104,7 +104,7 @@ def print_summary(s: dict) -> None:
           f'{s["window"]} batches{ranks} ({s["done"]} images in {s["seconds"]:.1f} s; {s["wall"]:.1f} s in all, '
           f'{s["scan_seconds"]:.1f} s of it finding the images and what is done)')
     print(f'peak memory: {s["peak_memory_mib"]:.0f} MiB ({s["peak_memory_what"]}, {s["device"]})')
-    print(f'output: {s["output"]} ({len(s["shards"])} shards written)')
+    print(f'output: {s["output"]} ({len(s["shards"])} shard{"s" * (len(s["shards"]) != 1)} written)')
 
 
 def main(argv: list[str] | None = None) -> int:

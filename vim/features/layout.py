@@ -13,7 +13,8 @@
 A shard is complete when its parquet file exists: the parquet is written last, atomically. While a shard is being
 filled, its arrays are ``.<name>.npy.open`` files and its record ``metadata/.metadata_N.jsonl`` (see ``writer``).
 These are plain ``.npy`` and parquet files: numpy, pyarrow, Hugging Face ``datasets``, embedding-reader and autofaiss
-read them without this package (``img_emb`` + ``metadata``, files matched by their number).
+read them without this package (embedding-reader's ``parquet_npy`` format pairs ``img_emb/*.npy`` with
+``metadata/*.parquet`` in sorted order, which the zero-padded shard numbers make the same).
 """
 from __future__ import annotations
 
