@@ -64,6 +64,28 @@ def resume(cli: list[str], out: Path, done: int) -> dict:
                 summary=res.stdout.strip().splitlines()[-5:])
 
 
+def kill_and_rerun(cli: list[str], out: Path, earliest: float, latest: float, expected: int) -> dict:
+    """SIGKILL the command at a random moment between ``earliest`` and ``latest`` seconds after its model is
+    built, then rerun it to the end and count."""
+    seed = random.randrange(2**32)
+    delay = random.Random(seed).uniform(earliest, latest)
+    proc = subprocess.Popen(cli + ['--output', str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (out / 'meta.json').exists():
+        time.sleep(0.05)
+    time.sleep(delay)
+    running = proc.poll() is None
+    sealed = len(list(out.glob('metadata/metadata_*.parquet')))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    open_records = [p.name for p in out.glob('metadata/.*.jsonl')]
+    res = subprocess.run(cli + ['--output', str(out)], capture_output=True, text=True)
+    done = re.search(r'images: (\d+) done, (\d+) skipped', res.stdout)
+    return dict(seed=seed, seconds_after_start=delay, was_running_when_killed=running, sealed_shards_at_kill=sealed,
+                open_records_after_kill=open_records, rerun_returncode=res.returncode,
+                rerun_done=int(done[1]) if done else None, rerun_skipped=int(done[2]) if done else None,
+                check=check_once(out, expected))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument('images')
@@ -74,10 +96,15 @@ def main() -> None:
     p.add_argument('--note', default='', help='e.g. who else used the machine')
     p.add_argument('--json', type=Path, help='default: benchmarks/extract-scale-cpu-<date>.json')
     p.add_argument('--resume-only', action='store_true', help='only step 2, on WORK/a left by an earlier run')
+    p.add_argument('--kill-only', type=float, nargs=2, metavar=('EARLIEST', 'LATEST'),
+                   help='only step 3 (into WORK/b), killed between these seconds after the start')
     args = p.parse_args()
+    if args.kill_only:
+        args.json = args.json or Path(__file__).parent / f'extract-scale-kill-cpu-{datetime.now():%Y-%m-%d}.json'
+        subprocess.run(['rm', '-rf', str(args.work / 'b')], check=True)
     if args.resume_only:
         args.json = args.json or Path(__file__).parent / f'extract-scale-resume-cpu-{datetime.now():%Y-%m-%d}.json'
-    elif args.work.exists():
+    elif args.work.exists() and not args.kill_only:
         subprocess.run(['rm', '-rf', str(args.work)], check=True)
     args.work.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, str(TOOL), args.images, '--model', 'test_vim', '--no-pretrained', '--img-size',
@@ -87,6 +114,12 @@ def main() -> None:
                   machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
                                load_average_at_start=os.getloadavg()))
 
+    if args.kill_only:
+        n = sum(1 for _ in Path(args.images).rglob('*.png'))
+        result['kill'] = kill_and_rerun(cli, args.work / 'b', *args.kill_only, n)
+        args.json.write_text(json.dumps(result, indent=1) + '\n')
+        print(json.dumps(result['kill'], indent=1))
+        return
     if args.resume_only:
         n = sum(pq.read_metadata(f).num_rows for f in (args.work / 'a').glob('metadata/metadata_*.parquet'))
         result['resume'] = resume(cli, args.work / 'a', n)
@@ -129,23 +162,7 @@ def main() -> None:
     print(json.dumps(result['resume'], indent=1), flush=True)
 
     # 3. kill -9 at a random moment of a second run, then rerun to the end
-    seed = random.randrange(2**32)
-    delay = random.Random(seed).uniform(0.2, 0.8) * s['seconds']
-    proc = subprocess.Popen(cli + ['--output', str(args.work / 'b')], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    while proc.poll() is None and not (args.work / 'b' / 'meta.json').exists():
-        time.sleep(0.05)
-    time.sleep(delay)
-    killed_at = len(list((args.work / 'b').glob('metadata/metadata_*.parquet')))
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    open_records = [p.name for p in (args.work / 'b').glob('metadata/.*.jsonl')]
-    res = subprocess.run(cli + ['--output', str(args.work / 'b')], capture_output=True, text=True)
-    done = re.search(r'images: (\d+) done, (\d+) skipped', res.stdout)
-    result['kill'] = dict(seed=seed, seconds_after_start=delay, sealed_shards_at_kill=killed_at,
-                          open_records_after_kill=open_records, rerun_returncode=res.returncode,
-                          rerun_done=int(done[1]) if done else None, rerun_skipped=int(done[2]) if done else None,
-                          check=check_once(args.work / 'b', s['done']))
+    result['kill'] = kill_and_rerun(cli, args.work / 'b', 0.2 * s['seconds'], 0.6 * s['seconds'], s['done'])
     print(json.dumps(result['kill'], indent=1), flush=True)
     result['machine']['load_average_at_end'] = os.getloadavg()
     path = args.json or Path(__file__).parent / f'extract-scale-cpu-{datetime.now():%Y-%m-%d}.json'
