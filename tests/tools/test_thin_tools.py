@@ -11,13 +11,6 @@ from pathlib import Path
 import pytest
 
 TOOLS = sorted((Path(__file__).resolve().parents[2] / 'tools').glob('*.py'))
-# tools whose move into the package is another issue's; remove the entry when it lands
-MOVING = {'extract_features.py': 'issue 11 moves it into vim.features'}
-
-
-def _params() -> list:
-    return [pytest.param(p, id=p.name, marks=[pytest.mark.xfail(reason=MOVING[p.name])] if p.name in MOVING else [])
-            for p in TOOLS]
 
 
 def _imported_modules(tree: ast.Module) -> set[str]:
@@ -30,7 +23,7 @@ def _imported_modules(tree: ast.Module) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize('tool', _params())
+@pytest.mark.parametrize('tool', TOOLS, ids=lambda p: p.name)
 def test_imports_no_other_tool_and_leaves_sys_path(tool):
     tree = ast.parse(tool.read_text())
     assert not _imported_modules(tree) & ({p.stem for p in TOOLS} | {'.'}), 'imports another tool'

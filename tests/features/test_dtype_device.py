@@ -1,0 +1,44 @@
+"""Autocast dtypes and the GPU path (pinned batches from DataLoader workers, peak GPU memory in the summary)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vim.features import Extractor, FeatureStore
+
+from .common import make_many
+
+
+def _embeddings(out, paths):
+    store = FeatureStore(out)
+    return np.stack([store.load(p)['embedding'] for p in paths])
+
+
+def test_bf16_autocast_on_cpu_is_close_to_fp32(tmp_path):
+    paths = make_many(tmp_path / 'imgs', 4)
+    outs = {}
+    for dtype in ('fp32', 'bf16'):
+        Extractor('test_vim', pretrained=False, img_size=24, device='cpu', dtype=dtype, batch_size=4,
+                  progress=False).run([tmp_path / 'imgs'], tmp_path / dtype)
+        outs[dtype] = _embeddings(tmp_path / dtype, paths)
+    scale = np.abs(outs['fp32']).max()
+    # bf16 keeps 8 significant bits (relative step 2**-8); a few roundings per block over 4 blocks
+    np.testing.assert_allclose(outs['bf16'], outs['fp32'], rtol=0, atol=16 * 2**-8 * scale)
+    assert not np.array_equal(outs['bf16'], outs['fp32'])  # autocast did take effect
+
+
+@pytest.mark.gpu
+def test_cuda_with_workers_matches_cpu_and_reports_gpu_memory(tmp_path):
+    paths = make_many(tmp_path / 'imgs', 40, size=40)
+    cpu = Extractor('test_vim', pretrained=False, img_size=32, device='cpu', batch_size=8, progress=False)
+    cpu.run([tmp_path / 'imgs'], tmp_path / 'cpu')
+    gpu = Extractor('test_vim', pretrained=False, img_size=32, device='cuda', batch_size=8, num_workers=2,
+                    window=2, progress=False)
+    s = gpu.run([tmp_path / 'imgs'], tmp_path / 'gpu')
+    assert s['done'] == 40 and s['peak_memory_what'] == 'torch.cuda.max_memory_allocated'
+    assert 0 < s['peak_memory_mib'] < torch.cuda.get_device_properties(0).total_memory / 2**20
+    assert s['steady_img_per_s'] > 0
+    # TF32 may be on for the GPU's matmuls: 10 significant bits
+    np.testing.assert_allclose(_embeddings(tmp_path / 'gpu', paths), _embeddings(tmp_path / 'cpu', paths),
+                               rtol=0, atol=8 * 2**-10 * np.abs(_embeddings(tmp_path / 'cpu', paths)).max())
