@@ -236,7 +236,7 @@ def _implementation(registry: dict[str, Callable], name: str, op: str) -> Callab
 
 
 # selective_scan backends that can return the last hidden state
-_SELECTIVE_LAST_STATE = {'reference', 'mamba_ssm'}
+_SELECTIVE_LAST_STATE = {'reference', 'cpu', 'mamba_ssm'}  # 'cpu' runs the reference here
 
 
 def selective_scan(

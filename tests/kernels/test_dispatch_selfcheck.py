@@ -207,7 +207,8 @@ def test_passed_check_runs_triton_silently(guarded_cpu, fake_check):
         warnings.simplefilter('always')
         assert [resolve_backend(None, torch.zeros(2)) for _ in range(2)] == ['triton', 'triton']
     assert _scan_warnings(record) == [] and len(fake_check.calls) == 1
-    assert resolve_backend(None, torch.zeros(2, dtype=torch.float64)) == 'reference'  # no Triton kernel for fp64
+    # no Triton kernel for fp64: auto's choice outside the guard (on this CPU stand-in: the fused CPU kernels)
+    assert resolve_backend(None, torch.zeros(2, dtype=torch.float64)) == interface._auto_on_cpu()
     assert len(fake_check.calls) == 1
 
 
