@@ -2,6 +2,7 @@
 of the same run."""
 import json
 
+import torch
 import vim.benchmark.scan as benchmark_scan
 
 
@@ -11,17 +12,20 @@ def test_scan_benchmark_report(tmp_path):
                                 '--min-time', '0.01', '--exp-rate', '1e9', '--out', str(out)]) == 0
     report = json.loads(out.read_text())
     assert report['copy_gbps'] > 0 and report['exp_rate'] == 1e9
-    (row,) = report['scan']
-    assert row['backend'] == 'reference' and (row['batch'], row['seqlen']) == (2, 33)
-    # u, delta (2 directions), B, C (2 directions), z, the output, and A, D, delta_bias (fp32)
-    activations = 2 * 2 * 16 * 33 * 2 + 2 * 2 * 4 * 33 * 2 + 2 * 16 * 33 + 2 * 16 * 33
-    assert row['fwd_bytes'] == 4 * (activations + 2 * 16 * 4 + 2 * 16 + 2 * 16)
-    assert row['fwd_exps'] == 2 * 2 * 16 * 33 * 4
-    for phase in ('fwd', 'bwd'):
-        floor = max(row[f'{phase}_bytes'] / (report['copy_gbps'] * 1e9), row[f'{phase}_exps'] / 1e9) * 1e3
-        assert abs(row[f'{phase}_floor_ms'] - floor) <= 1e-9 * floor
-        assert abs(row[f'{phase}_x_floor'] - row[f'{phase}_ms'] / floor) <= 1e-6 * row[f'{phase}_x_floor']
-    (conv,) = report['conv']
-    assert conv['backend'] == 'reference' and conv['width'] == 4
-    assert conv['fwd_bytes'] == 3 * 2 * 16 * 33 * 4 + (2 * 16 * 4 + 2 * 16) * 4
-    assert conv['fwd_x_floor'] > 0 and conv['bwd_x_floor'] > 0
+    backends = benchmark_scan.default_backends(torch.device('cpu'))
+    assert 'reference' in backends and 'triton' not in backends  # the fused 'cpu' kernels too, where they build
+    assert [row['backend'] for row in report['scan']] == [row['backend'] for row in report['conv']] == backends
+    for row in report['scan']:
+        assert (row['batch'], row['seqlen']) == (2, 33)
+        # u, delta (2 directions), B, C (2 directions), z, the output, and A, D, delta_bias (fp32)
+        activations = 2 * 2 * 16 * 33 * 2 + 2 * 2 * 4 * 33 * 2 + 2 * 16 * 33 + 2 * 16 * 33
+        assert row['fwd_bytes'] == 4 * (activations + 2 * 16 * 4 + 2 * 16 + 2 * 16)
+        assert row['fwd_exps'] == 2 * 2 * 16 * 33 * 4
+        for phase in ('fwd', 'bwd'):
+            floor = max(row[f'{phase}_bytes'] / (report['copy_gbps'] * 1e9), row[f'{phase}_exps'] / 1e9) * 1e3
+            assert abs(row[f'{phase}_floor_ms'] - floor) <= 1e-9 * floor
+            assert abs(row[f'{phase}_x_floor'] - row[f'{phase}_ms'] / floor) <= 1e-6 * row[f'{phase}_x_floor']
+    for conv in report['conv']:
+        assert conv['width'] == 4
+        assert conv['fwd_bytes'] == 3 * 2 * 16 * 33 * 4 + (2 * 16 * 4 + 2 * 16) * 4
+        assert conv['fwd_x_floor'] > 0 and conv['bwd_x_floor'] > 0
