@@ -3,6 +3,7 @@ of the same run."""
 import json
 
 import torch
+
 import vim.benchmark.scan as benchmark_scan
 
 
