@@ -9,6 +9,7 @@ name carries the level, so machines sharing a home directory keep one build per 
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import warnings
@@ -38,7 +39,15 @@ def _capability() -> str:
 
 
 def _build() -> ModuleType:
-    from torch.utils.cpp_extension import load
+    # Importing cpp_extension on a CUDA build of torch without a GPU logs "No CUDA runtime is found" once; these
+    # kernels are CPU-only, so that line would only confuse (e.g. `make features` on a laptop).
+    cpp_logger = logging.getLogger('torch.utils.cpp_extension')
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        cpp_logger.setLevel(level)
 
     capability = _capability()
     macros = [] if capability == 'DEFAULT' else [f'-DCPU_CAPABILITY={capability}', f'-DCPU_CAPABILITY_{capability}']
