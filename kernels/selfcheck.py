@@ -5,7 +5,9 @@ likely gets wrong: a partial last chunk, partial channel blocks, both directions
 passes and a state size that is not a power of two. It runs them once per autotune config of every kernel in
 ``vim.kernels.triton.AUTOTUNED_KERNELS``: a first round pins every kernel to its first config, then each further
 config is pinned in turn (``kernel.configs = [config]``, the other kernels on their first), so the autotuner neither
-benchmarks nor hides a wrong config. Every output and
+benchmarks nor hides a wrong config. A last round lets every kernel autotune over all its configs from an empty
+cache, as a first call at a new shape does: the benchmark runs each config on the call's own buffers, which
+corrupts a kernel that works in place unless its autotuner restores that buffer. Every output and
 gradient is compared with the reference run in float64 on CPU on the same dtype-rounded values, within
 :func:`tolerance` of the dtype. A config that does not fit the device (Triton's ``OutOfResources``) is skipped, as
 the autotuner would skip it; any other exception is a failure.
@@ -117,10 +119,14 @@ def _mismatch(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     return ''
 
 
+AUTOTUNED = (-1, -1)  # the last round: every kernel autotuned over all its configs from an empty cache
+
+
 def _pin_rounds(kernels: Sequence) -> list[tuple[int, int]]:
     """(kernel index, config index) of each round: first every kernel on its first config, then each further config
-    of each kernel with the others on their first."""
-    return [(0, 0)] + [(k, c) for k, kernel in enumerate(kernels) for c in range(1, len(kernel.configs))]
+    of each kernel with the others on their first; last, if any kernel has several configs, ``AUTOTUNED``."""
+    pinned = [(0, 0)] + [(k, c) for k, kernel in enumerate(kernels) for c in range(1, len(kernel.configs))]
+    return pinned + [AUTOTUNED] if len(pinned) > 1 else pinned
 
 
 def run_triton_self_check(device: torch.device | str, dtype: torch.dtype, *,
@@ -159,13 +165,23 @@ def run_triton_self_check(device: torch.device | str, dtype: torch.dtype, *,
                            gout_scan.to(dtype).double(), gout_conv.to(dtype).double())
             prepared.append((case, scan_args, conv_args, gout_scan.to(device), gout_conv.to(device),
                              {name: t.detach() for name, t in ref.items()}))
+        saved_caches = [getattr(kernel, 'cache', None) for kernel in kernels]
         try:
             for round_index, (k, c) in enumerate(_pin_rounds(kernels)):
-                for kernel, configs in zip(kernels, originals):
-                    kernel.configs = [configs[0]]
-                kernels[k].configs = [originals[k][c]]
-                where = ('the first config of every kernel' if round_index == 0 else
-                         f'{getattr(kernels[k], "fn", kernels[k]).__name__} config {originals[k][c]}')
+                if (k, c) == AUTOTUNED:
+                    # what a first call at a new shape does: the autotuner runs every config on the call's own
+                    # buffers to time it, then the winner (a kernel in place on a buffer needs restore_value)
+                    for kernel, configs in zip(kernels, originals):
+                        kernel.configs = list(configs)
+                        if hasattr(kernel, 'cache'):
+                            kernel.cache = {}
+                    where = 'every kernel autotuned over all its configs'
+                else:
+                    for kernel, configs in zip(kernels, originals):
+                        kernel.configs = [configs[0]]
+                    kernels[k].configs = [originals[k][c]]
+                    where = ('the first config of every kernel' if round_index == 0 else
+                             f'{getattr(kernels[k], "fn", kernels[k]).__name__} config {originals[k][c]}')
                 try:
                     for case, scan_args, conv_args, gout_scan, gout_conv, ref in prepared:
                         out = _outputs(triton_kernels.bidirectional_scan_triton,
@@ -182,10 +198,13 @@ def run_triton_self_check(device: torch.device | str, dtype: torch.dtype, *,
                     first_line = (str(e).strip().splitlines() or [''])[0][:300]
                     return SelfCheckResult(False, f'{where}: {type(e).__name__}: {first_line}',
                                            result.configs_checked, result.configs_skipped)
-                result.configs_checked += len(kernels) if round_index == 0 else 1
+                if (k, c) != AUTOTUNED:
+                    result.configs_checked += len(kernels) if round_index == 0 else 1
         finally:
-            for kernel, configs in zip(kernels, saved):
+            for kernel, configs, cache in zip(kernels, saved, saved_caches):
                 kernel.configs = configs
+                if cache is not None:
+                    kernel.cache = cache
     if result.configs_checked == 0:
         return SelfCheckResult(False, 'no config could run: ' + '; '.join(result.configs_skipped), 0,
                                result.configs_skipped)

@@ -141,7 +141,9 @@ def _bidirectional_scan_bwd_kernel(
         H = decay * h0[None, :, :] + H
         y = tl.sum(H * Cc[:, None, :], axis=2) + u * Dk[None, :]
         gC = tl.sum(H * dy[:, :, None], axis=1)
-        g_log_decay = G * (H - du[:, :, None] * Bc[:, None, :])  # G_t * dA_t * h_{t-1}, without shifting H
+        # G_t * dA_t * h_{t-1}, without shifting H. Exactly 0 at the direction's first token (h_{-1} = 0): on a GPU
+        # the subtraction contracts into an FMA and would leave the product's rounding error, all of gA at length 1
+        g_log_decay = tl.where((s > 0)[:, None, None], G * (H - du[:, :, None] * Bc[:, None, :]), 0.0)
         gA += tl.sum(g_log_decay * dt[:, :, None], axis=0)
         g_du = tl.sum(G * Bc[:, None, :], axis=2)
         g_dt = g_du * u + tl.sum(g_log_decay * A[None, :, :], axis=2)

@@ -167,7 +167,10 @@ def _segment_state_kernel(
     tl.store(dtsum_ptr + row + offs_d * s_h_d, dtsum, mask=mask_d)
 
 
-@triton.autotune(configs=autotune_configs(_BOUNDARY_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'])
+# In place on hseg: the autotuner's benchmark runs each config several times on the same buffers, so it must restore
+# hseg after each run (without it the first call at a new shape composes the boundary walk with itself).
+@triton.autotune(configs=autotune_configs(_BOUNDARY_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'],
+                 restore_value=['hseg_ptr'])
 @triton.jit(do_not_specialize=['n_seg', *_CHANNEL_STRIDES])
 def _segment_boundary_kernel(
         A_ptr, hseg_ptr, dtsum_ptr,

@@ -122,8 +122,44 @@ def test_every_config_of_every_kernel_is_pinned_once_then_restored(monkeypatch):
     pins = _fake_ops(monkeypatch, (a, b))
     result = run_triton_self_check('cpu', torch.float32, cases=[TINY], kernels=(a, b))
     assert result.ok and result.configs_checked == 5, result
-    assert pins == [(('a0',), ('b0',)), (('a1',), ('b0',)), (('a2',), ('b0',)), (('a0',), ('b1',))]
+    assert pins == [(('a0',), ('b0',)), (('a1',), ('b0',)), (('a2',), ('b0',)), (('a0',), ('b1',)),
+                    (('a0', 'a1', 'a2'), ('b0', 'b1'))]  # last: every kernel autotuned over all its configs
     assert a.configs is a_configs and b.configs == ['b0', 'b1']
+
+
+def test_the_autotuned_round_starts_from_an_empty_cache_and_restores_it(monkeypatch):
+    a = _FakeKernel('a', ['a0', 'a1'])
+    a.cache = users_cache = {('key',): 'a1'}
+    caches = []
+    _fake_ops(monkeypatch, (a,), lambda pins, y: caches.append(dict(a.cache)) or y)
+    assert run_triton_self_check('cpu', torch.float32, cases=[TINY], kernels=(a,)).ok
+    assert caches[-1] == {} and a.cache is users_cache
+
+
+@pytest.mark.skipif(not INTERPRET, reason='runs the real kernels through the Triton interpreter')
+def test_check_catches_a_kernel_that_autotuning_corrupts(monkeypatch):
+    """The forward's segment-boundary walk is in place on the segment states. With its autotuner's restore hooks
+    removed (as before the fix the first GPU run called for), every pinned config passes and only the autotuned
+    round, whose benchmark runs each config three times on the same buffers, catches it."""
+    from vim.kernels.triton import CONFIGS, fwd
+
+    from tests.kernels.test_triton_autotune import run_like_do_bench
+    kernel = fwd._segment_boundary_kernel
+    monkeypatch.setattr(kernel, 'configs', list(CONFIGS[kernel.fn.__name__]))
+    monkeypatch.setattr(kernel, 'cache', {})
+    monkeypatch.setitem(kernel.__dict__, 'do_bench', run_like_do_bench)
+    monkeypatch.setattr(fwd, 'MIN_SEGMENT', 1)
+    scan = triton_kernels.bidirectional_scan_triton
+    monkeypatch.setattr(triton_kernels, 'bidirectional_scan_triton', lambda *a: scan(*a, chunk_size=4))
+    case = CheckCase(batch=1, dim=6, dstate=3, seqlen=13, width=4, layout='mixer')
+    assert fwd.plan_segments(1, 6, 13, 4)[1] > 2
+    result = run_triton_self_check('cpu', torch.float32, cases=[case], kernels=(kernel,))
+    assert result.ok and result.configs_checked == 2, result
+    monkeypatch.setattr(kernel, 'pre_hook', lambda kwargs, reset_only=False: 0)
+    monkeypatch.setattr(kernel, 'post_hook', lambda kwargs, exception: 0)
+    result = run_triton_self_check('cpu', torch.float32, cases=[case], kernels=(kernel,))
+    assert not result.ok and result.reason.startswith('every kernel autotuned'), result.reason
+    assert result.configs_checked == 2
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
