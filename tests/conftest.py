@@ -23,3 +23,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_runtest_logreport(report):
+    """With $VIM_FAILURE_LOG set, each failure's traceback is appended to that file as soon as the test ends: a GPU
+    run cut off by its time limit (benchmarks/gpu_run.sh) still says why each finished test failed. Written by the
+    controlling process only (pytest-xdist workers report to it)."""
+    path = os.environ.get('VIM_FAILURE_LOG')
+    if path and report.failed and not os.environ.get('PYTEST_XDIST_WORKER'):
+        with open(path, 'a') as f:
+            f.write(f'{report.nodeid} ({report.when})\n{report.longreprtext}\n\n')

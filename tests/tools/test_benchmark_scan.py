@@ -13,6 +13,9 @@ def test_scan_benchmark_report(tmp_path):
                                 '--min-time', '0.01', '--exp-rate', '1e9', '--out', str(out)]) == 0
     report = json.loads(out.read_text())
     assert report['copy_gbps'] > 0 and report['exp_rate'] == 1e9
+    # provenance: every figure names its device, date, versions and command
+    assert report['command'].startswith('python tools/benchmark_scan.py --device cpu --shapes 2x33')
+    assert report['device'] and report['date'].startswith('20') and report['torch'] == torch.__version__
     backends = benchmark_scan.default_backends(torch.device('cpu'))
     assert 'reference' in backends and 'triton' not in backends  # the fused 'cpu' kernels too, where they build
     assert [row['backend'] for row in report['scan']] == [row['backend'] for row in report['conv']] == backends

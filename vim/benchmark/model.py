@@ -32,24 +32,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vim.benchmark import scan as scan_benchmark
+from vim.benchmark.scan import device_name
 from vim.kernels import available_backends, resolve_backend
 from vim.utils import atomic_write
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or 'cpu'
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                model = line.split(':', 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f'{model}, {torch.get_num_threads()} threads'
 
 
 def _sync(device: torch.device) -> None:

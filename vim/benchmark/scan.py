@@ -15,7 +15,10 @@ both branches written (forward); x and both branches' gradients read, x's gradie
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import platform
+import sys
 import time
 from pathlib import Path
 
@@ -153,6 +156,28 @@ def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], 
     return dict(copy_gbps=copy_bps / 1e9, exp_rate=exp_rate, scan=rows, conv=conv_rows)
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or 'cpu'
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                model = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f'{model}, {torch.get_num_threads()} threads'
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def default_backends(device: torch.device) -> list[str]:
     """The backends that run on ``device``: every one on CUDA, the reference and the fused CPU kernels on CPU."""
     if device.type == 'cuda':
@@ -178,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shapes or (['8x6085', '128x197', '1x16385'] if device.type == 'cuda' else ['1x197'])
     shapes = [tuple(int(v) for v in s.lower().split('x')) for s in shapes]
     copy_bytes = 1 << 30 if device.type == 'cuda' else 1 << 27
-    report = run(device, args.dtypes, shapes, args.dim, args.dstate, args.backends or default_backends(device),
-                 args.min_time, args.exp_rate, args.clock_ghz, copy_bytes)
+    started = dt.datetime.now(dt.timezone.utc)
+    report = dict(date=started.isoformat(timespec='seconds'), device=device_name(device), torch=torch.__version__,
+                  triton=_triton_version(),
+                  command=' '.join(['python tools/benchmark_scan.py'] + (argv if argv is not None else sys.argv[1:])))
+    report.update(run(device, args.dtypes, shapes, args.dim, args.dstate, args.backends or default_backends(device),
+                      args.min_time, args.exp_rate, args.clock_ghz, copy_bytes))
     print(f'copy bandwidth {report["copy_gbps"]:.0f} GB/s; exp rate '
           + (f'{report["exp_rate"]:.3g}/s' if report['exp_rate'] else 'unknown (floor from bytes only)'))
     if args.out:

@@ -1,0 +1,43 @@
+#!/bin/bash
+# One GPU session's measurements, in the order that matters, each step time-limited so that a 10-minute device
+# call keeps what finished. Usage (repository root, CUDA machine):
+#   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile scan bench (default: all four)
+# Results go to $OUT (the device tool's folder) or ./gpu-run. Each step's limit: TESTS_S, PROFILE_S, SCAN_S, BENCH_S.
+#   tests    pytest -m gpu, one line per test as it ends (gpu-tests.log) and each failure's traceback as soon as
+#            it happens (gpu-test-failures.log, tests/conftest.py), so a cut-off run still says what failed and why
+#   profile  Nsight Compute on the scan's forward kernels at Vim-Ti 1248^2 batch 8 (latency, occupancy, stalls)
+#   scan     tools/benchmark_scan.py: the scan and conv alone against their floor
+#   bench    tools/benchmark.py: Vim against DeiT (SDPA) in one run, the matrix of model_zoo.md
+set -u
+OUT=${OUT:-gpu-run}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+steps=${*:-tests profile scan bench}
+python3 -c 'import vim.kernels' 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . \
+    || { echo 'install failed: make install first'; exit 1; }
+python3 -c 'import torch, triton, timm; print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, "timm", timm.__version__)' | tee "$OUT/env.txt"
+T0=$(date +%s)
+for step in $steps; do
+  echo "== $(( $(date +%s) - T0 ))s $step"
+  case $step in
+    tests)
+      VIM_FAILURE_LOG="$OUT/gpu-test-failures.log" timeout -s INT "${TESTS_S:-300}" python3 -m pytest -m gpu tests \
+          -n "${WORKERS:-14}" -v --tb=no -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
+      grep -cE ' PASSED' "$OUT/gpu-tests.log"; grep -E ' (FAILED|ERROR) ' "$OUT/gpu-tests.log" | head -40 ;;
+    profile)
+      timeout "${PROFILE_S:-150}" ncu --kernel-name regex:'_segment_|_scan_output' --launch-skip 20 --launch-count 3 \
+          --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+          python3 tools/benchmark_scan.py --device cuda --dtypes bf16 --backends triton --shapes 8x6085 \
+          --min-time 0.01 > "$OUT/ncu-scan-fwd.txt" 2>&1
+      grep -E 'Duration|Achieved Occupancy|Theoretical Occupancy|Stall|Warp Cycles Per Issued' "$OUT/ncu-scan-fwd.txt" | head -40 ;;
+    scan)
+      timeout -s INT "${SCAN_S:-90}" python3 tools/benchmark_scan.py --device cuda --dtypes bf16 fp32 \
+          --backends triton --min-time 0.2 --out "$OUT/gpu-scan.json" ;;
+    bench)
+      timeout -s INT "${BENCH_S:-300}" python3 tools/benchmark.py --device cuda --pairs tiny small base \
+          --img-sizes 224 512 1024 1248 2048 --vim-only-sizes 4096 --dtypes bf16 fp32 --train --rounds 3 \
+          --min-time 0.3 --out "$OUT/gpu-bench.json" 2>&1 | grep -v Warning ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+echo "== $(( $(date +%s) - T0 ))s done"
