@@ -93,10 +93,10 @@ def _bidirectional_conv_fwd_kernel(
     a0 = _preactivation(x_ptr, s_x_l, offs_l, mask_d, seqlen, w0_ptr, s_w_j, b0, WIDTH, False)
     a1 = _preactivation(x_ptr, s_x_l, offs_l, mask_d, seqlen, w0_ptr + s_w_k, s_w_j, b1, WIDTH, True)
 
-    # out: (batch, 2, dim, seqlen) contiguous
-    out_ptr += b * 2 * dim * seqlen + offs_d.to(tl.int64)[:, None] * seqlen + offs_l[None, :]
+    # out: (batch, seqlen, 2, dim) in memory, channel-contiguous like x
+    out_ptr += b * seqlen * 2 * dim + offs_l.to(tl.int64)[None, :] * (2 * dim) + offs_d[:, None]
     tl.store(out_ptr, silu(a0).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + dim * seqlen, silu(a1).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + dim, silu(a1).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=['dim', 'WIDTH', 'batch'])
@@ -157,11 +157,18 @@ def _grid(seqlen: int, dim: int, batch: int):
     return lambda meta: (triton.cdiv(seqlen, meta['BLOCK_L']) * triton.cdiv(dim, meta['BLOCK_D']) * batch,)
 
 
+def conv_output(x: torch.Tensor) -> torch.Tensor:
+    """The forward's output buffer for x (batch, dim, seqlen): (batch, 2, dim, seqlen), channel-contiguous."""
+    batch, dim, seqlen = x.shape
+    return x.new_empty(batch, seqlen, 2, dim).permute(0, 2, 3, 1)
+
+
 def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x (batch, dim, seqlen), weight (2, dim, width), bias (2, dim), any strides -> (batch, 2, dim, seqlen)
-    contiguous, in x's dtype."""
+    in x's dtype, a view of channel-contiguous (batch, seqlen, 2, dim) memory: the scan, a thread per channel,
+    then reads each token's channels as one contiguous run."""
     batch, dim, seqlen = x.shape
-    out = torch.empty(batch, 2, dim, seqlen, device=x.device, dtype=x.dtype)
+    out = conv_output(x)
     _bidirectional_conv_fwd_kernel[_grid(seqlen, dim, batch)](
         x, weight, bias, out, batch, seqlen, dim,
         *tensor_strides(x, 3), *tensor_strides(weight, 3), *tensor_strides(bias, 2),

@@ -196,11 +196,13 @@ def _segment_boundary_kernel(
 
 @triton.jit
 def _scan_direction(u_row, dt_row, bc_row, s_u_l, s_dt_l, first, step, n_tok, h, A2, Dk, bias, mask_d, mask3,
-                    y1_row, z_row, s_z_l, out_row, states_row, chunk_stride, s_h_n, s_h_d, n3, d3, seqlen, scan_lo,
+                    y1_row, z_row, s_z_l, out_row, s_y_l, states_row, chunk_stride, s_h_n, s_h_d, n3, d3, seqlen,
+                    scan_lo,
                     DIRECTION: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
                     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
     """One direction over one segment: n_tok tokens from token ``first`` by ``step``, from state h. Direction 1
-    stores its ungated y to ``y1_row``; direction 0 reads it back and writes the gated mean to ``out_row``.
+    stores its ungated y to ``y1_row``; direction 0 reads it back and writes the gated mean to ``out_row`` (both rows
+    channel-contiguous, ``s_y_l`` apart per token: a warp's store of one token is one contiguous run).
     ``scan_lo`` is the segment's first position in this direction's scan order (for the chunk states)."""
     u_n = tl.load(u_row + first * s_u_l, mask=mask_d, other=0.0)
     dt_n = tl.load(dt_row + first * s_dt_l, mask=mask_d, other=0.0)
@@ -219,11 +221,11 @@ def _scan_direction(u_row, dt_row, bc_row, s_u_l, s_dt_l, first, step, n_tok, h,
         h = tl.exp2(_bcast(dt) * A2) * h + _bcast(dt * u) * Bt
         y = tl.sum(tl.sum(h * Ct, axis=0), axis=0) + u * Dk
         if DIRECTION == 1:
-            tl.store(y1_row + t, y, mask=mask_d)
+            tl.store(y1_row + t * s_y_l, y, mask=mask_d)
         else:
             z = tl.load(z_row + t * s_z_l, mask=mask_d, other=0.0).to(tl.float32)
-            y = (y + tl.load(y1_row + t, mask=mask_d, other=0.0)) * silu(z) * 0.5
-            tl.store(out_row + t, y.to(out_row.dtype.element_ty), mask=mask_d)
+            y = (y + tl.load(y1_row + t * s_y_l, mask=mask_d, other=0.0)) * silu(z) * 0.5
+            tl.store(out_row + t * s_y_l, y.to(out_row.dtype.element_ty), mask=mask_d)
         if STORE_STATES:
             p = scan_lo + i + 1  # positions scanned so far in this direction
             if (p % CHUNK == 0) & (p < seqlen):
@@ -253,9 +255,10 @@ def _scan_output_kernel(
     t_lo = seg * seg_len
     n_tok = tl.minimum(seqlen - t_lo, seg_len)
     n_chunks = tl.cdiv(seqlen, CHUNK)
-    # out, y1: (batch, dim, seqlen); states (batch, 2, n_chunks - 1, dstate, dim); hseg (batch, 2, n_seg - 1, ...)
-    out_row = out_ptr + (b * dim + offs_d) * seqlen
-    y1_row = y1_ptr + (b * dim + offs_d) * seqlen
+    # out, y1: (batch, seqlen, dim) in memory; states (batch, 2, n_chunks - 1, dstate, dim); hseg (batch, 2, n_seg - 1,
+    # dstate, dim)
+    out_row = out_ptr + b * seqlen * dim + offs_d
+    y1_row = y1_ptr + b * seqlen * dim + offs_d
     z_row = z_ptr + b * s_z_b + offs_d.to(tl.int64) * s_z_d
     chunk_stride = dim * dstate
 
@@ -273,7 +276,7 @@ def _scan_output_kernel(
                         delta_ptr + b * s_dt_b + k * s_dt_k + offs_d.to(tl.int64) * s_dt_d,
                         bc_ptr + (b * 2 + k) * seqlen * (2 * BLOCK_N) + n3 + d3 * 0,
                         s_u_l, s_dt_l, t_lo + k * (n_tok - 1), 1 - 2 * k, n_tok, h, A2, Dk, bias, mask_d, mask3,
-                        y1_row, z_row, s_z_l, out_row, states_ptr + (b * 2 + k) * (n_chunks - 1) * chunk_stride,
+                        y1_row, z_row, s_z_l, out_row, dim, states_ptr + (b * 2 + k) * (n_chunks - 1) * chunk_stride,
                         chunk_stride, s_h_n, s_h_d, n3, d3, seqlen, scan_lo,
                         k, DELTA_SOFTPLUS, STORE_STATES, CHUNK, BLOCK_N)
 
@@ -286,9 +289,9 @@ def scan_fwd(
     """Launch the forward pass. Shapes as ``bidirectional_scan_ref``; inputs may be strided views.
 
     Returns:
-        out: (batch, dim, seqlen) in u's dtype. states: (batch, 2, n_chunks - 1, dstate, dim) fp32, the state after
-        each chunk of ``chunk`` tokens but the last, in each direction's own scan order; None unless
-        ``store_states`` (inference needs none).
+        out: (batch, dim, seqlen) in u's dtype, a transposed view of (batch, seqlen, dim) memory. states: (batch,
+        2, n_chunks - 1, dstate, dim) fp32, the state after each chunk of ``chunk`` tokens but the last, in each
+        direction's own scan order; None unless ``store_states`` (inference needs none).
     """
     batch, _, dim, seqlen = u.shape
     dstate = A.shape[-1]
@@ -297,8 +300,10 @@ def scan_fwd(
     seg_len, n_seg = plan_segments(batch, dim, seqlen, chunk, sms)
     n_chunks = triton.cdiv(seqlen, chunk)
     block_n = triton.next_power_of_2(dstate)
-    out = torch.empty(batch, dim, seqlen, device=dev, dtype=u.dtype)
-    y1 = torch.empty(batch, dim, seqlen, device=dev, dtype=torch.float32)
+    # channel-contiguous (token-major), as in_proj's output and out_proj's input are: a thread owns a channel, so a
+    # warp's per-token store is one contiguous run (token-contiguous rows would cost a memory sector per thread)
+    out = torch.empty(batch, seqlen, dim, device=dev, dtype=u.dtype).transpose(1, 2)
+    y1 = torch.empty(batch, seqlen, dim, device=dev, dtype=torch.float32)
     states = torch.empty(batch, 2, n_chunks - 1 if store_states else 0, dstate, dim, device=dev, dtype=torch.float32)
     hseg = torch.empty(batch, 2, n_seg - 1, dstate, dim, device=dev, dtype=torch.float32)
     dtsum = torch.empty(batch, 2, n_seg - 1, dim, device=dev, dtype=torch.float32)

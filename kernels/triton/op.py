@@ -14,7 +14,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ..reference import bidirectional_conv_silu_ref
 from .bwd import scan_bwd
 from .common import INTERPRET
-from .conv import conv_bwd, conv_fwd
+from .conv import conv_bwd, conv_fwd, conv_output
 from .fwd import scan_fwd
 
 __all__ = ['bidirectional_scan_triton', 'bidirectional_conv_silu_triton', 'check_device', 'DEFAULT_CHUNK']
@@ -99,10 +99,10 @@ def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
 @_scan_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states):
     batch, _, dim, seqlen = u.shape
+    out = u.new_empty(batch, seqlen, dim).transpose(1, 2)  # the kernel's layout: channel-contiguous
     if not store_states:
-        return u.new_empty(batch, dim, seqlen), u.new_empty(0, dtype=torch.float32)
-    states = u.new_empty(batch, 2, -(-seqlen // chunk) - 1, A.shape[-1], dim, dtype=torch.float32)
-    return u.new_empty(batch, dim, seqlen), states
+        return out, u.new_empty(0, dtype=torch.float32)
+    return out, u.new_empty(batch, 2, -(-seqlen // chunk) - 1, A.shape[-1], dim, dtype=torch.float32)
 
 
 @torch.library.custom_op('vim::triton_bidirectional_scan_bwd', mutates_args=())
@@ -144,8 +144,7 @@ def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch
 
 @_conv_op.register_fake
 def _(x, weight, bias):
-    batch, dim, seqlen = x.shape
-    return x.new_empty(batch, 2, dim, seqlen)
+    return conv_output(x)
 
 
 @torch.library.custom_op('vim::triton_bidirectional_conv_silu_bwd', mutates_args=())
@@ -197,7 +196,8 @@ def bidirectional_scan_triton(
 
     Same arguments and result as :func:`vim.kernels.bidirectional_scan_ref`: u, delta (batch, 2, dim, seqlen),
     A (2, dim, dstate), B, C (batch, 2, dstate, seqlen), D, delta_bias (2, dim), z (batch, dim, seqlen) ->
-    (batch, dim, seqlen) in u's dtype. Inputs may be non-contiguous views. ``chunk_size`` (a power of two) is the
+    (batch, dim, seqlen) in u's dtype, a transposed view of channel-contiguous (batch, seqlen, dim) memory (what
+    out_proj reads). Inputs may be non-contiguous views. ``chunk_size`` (a power of two) is the
     scan tile length and the spacing of the saved states; tests shrink it to cover several chunks cheaply.
     Without autograd (inference) no chunk states are written.
     """
@@ -215,8 +215,8 @@ def bidirectional_conv_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: 
     """Vim's causal depthwise conv + silu of both branches in one Triton op.
 
     Same arguments and result as :func:`vim.kernels.bidirectional_conv_silu_ref`: x (batch, dim, seqlen), weight
-    (2, dim, width), bias (2, dim) -> (batch, 2, dim, seqlen) in x's dtype; computed in fp32. Inputs may be
-    non-contiguous views (the mixer passes a transposed slice of in_proj's output).
+    (2, dim, width), bias (2, dim) -> (batch, 2, dim, seqlen) in x's dtype, a view of channel-contiguous memory;
+    computed in fp32. Inputs may be non-contiguous views (the mixer passes a transposed slice of in_proj's output).
     """
     _check_conv_inputs(x, weight, bias)
     if x.numel() == 0:  # nothing to launch

@@ -99,6 +99,7 @@ def check_against_reference(x: dict[str, torch.Tensor], *, chunk_size: int | Non
     ref_args = [a.detach().double().requires_grad_() for a in args]
     y_ref = bidirectional_scan_ref(*ref_args, delta_softplus=delta_softplus)
     assert y.dtype == dtype and y.shape == y_ref.shape
+    assert y.transpose(1, 2).is_contiguous(), y.stride()  # channel-contiguous, as out_proj reads it
     tol = TOL[dtype]
     _assert_close(y, y_ref, tol, 'output')
     g = torch.Generator().manual_seed(seed + 1)

@@ -51,12 +51,18 @@ def copy_bandwidth(device: torch.device, nbytes: int, min_time: float) -> float:
 
 
 def scan_inputs(batch: int, dim: int, dstate: int, seqlen: int, dtype: torch.dtype, device: torch.device):
+    """The scan's inputs in the layouts the mixer (vim.layers.mixer) passes: u and delta channel-contiguous (the
+    conv's output and the dt einsum's), B and C slices of a token-major x_dbl, z a transposed slice of in_proj's
+    (batch, seqlen, 2 * dim) output."""
     g = torch.Generator(device='cpu').manual_seed(0)
 
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
-    u, delta = r(batch, 2, dim, seqlen), r(batch, 2, dim, seqlen, scale=0.5)
-    B, C, z = r(batch, 2, dstate, seqlen), r(batch, 2, dstate, seqlen), r(batch, dim, seqlen)
+    u = r(batch, seqlen, 2, dim).permute(0, 2, 3, 1)
+    delta = r(batch, seqlen, 2, dim, scale=0.5).permute(0, 2, 3, 1)
+    x_dbl = r(batch, seqlen, 2, 2 * dstate).permute(0, 2, 3, 1)
+    B, C = x_dbl[:, :, :dstate], x_dbl[:, :, dstate:]
+    z = r(batch, seqlen, 2 * dim).transpose(1, 2)[:, dim:]
     A = -torch.rand(2, dim, dstate, generator=g).to(device) * 4 - 0.1
     D, bias = torch.randn(2, dim, generator=g).to(device), torch.randn(2, dim, generator=g).to(device) * 0.5
     return u, delta, A, B, C, D, z, bias
