@@ -2,7 +2,8 @@
 # One GPU session's measurements, in the order that matters, each step time-limited so that a 10-minute device
 # call keeps what finished. Usage (repository root, CUDA machine):
 #   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile scan bench (default: all four)
-# Results go to $OUT (the device tool's folder) or ./gpu-run. Each step's limit: TESTS_S, PROFILE_S, SCAN_S, BENCH_S.
+# Results go to $OUT (the device tool's folder) or ./gpu-run. Each step's limit: TESTS_S, PROFILE_S, SCAN_S, BENCH_S
+# (300, 150, 90, 300 s): with 10-minute calls, run `tests profile` in one call and `scan bench` in the next.
 #   tests    pytest -m gpu, one line per test as it ends (gpu-tests.log) and each failure's traceback as soon as
 #            it happens (gpu-test-failures.log, tests/conftest.py), so a cut-off run still says what failed and why
 #   profile  Nsight Compute on the scan's forward kernels at Vim-Ti 1248^2 batch 8 (latency, occupancy, stalls)
