@@ -16,8 +16,8 @@ INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 LOG2E: float = math.log2(math.e)
 
 
-def autotune_configs(candidates: list[tuple[int, int, int]]) -> list[triton.Config]:
-    """``triton.Config`` for each (BLOCK_D, num_warps, num_stages); only the first under the interpreter.
+def autotune_configs(candidates: list[tuple[int, ...]]) -> list[triton.Config]:
+    """``triton.Config`` for each (BLOCK_D, num_warps, num_stages[, UNROLL]); only the first under the interpreter.
 
     The interpreter cannot benchmark, and autotuning over several configs fails there. Tests that cover every
     config set ``kernel.configs`` to each in turn (they read the full list from ``all_configs``).
@@ -26,8 +26,10 @@ def autotune_configs(candidates: list[tuple[int, int, int]]) -> list[triton.Conf
     return configs[:1] if INTERPRET else configs
 
 
-def all_configs(candidates: list[tuple[int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({'BLOCK_D': bd}, num_warps=w, num_stages=s) for bd, w, s in candidates]
+def all_configs(candidates: list[tuple[int, ...]]) -> list[triton.Config]:
+    """(BLOCK_D, num_warps, num_stages) or (BLOCK_D, num_warps, num_stages, UNROLL) -> ``triton.Config``."""
+    return [triton.Config({'BLOCK_D': c[0], **({'UNROLL': c[3]} if len(c) > 3 else {})}, num_warps=c[1],
+                          num_stages=c[2]) for c in candidates]
 
 
 @triton.jit

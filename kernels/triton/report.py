@@ -82,7 +82,7 @@ def _specs():
         (KernelSpec('segment_state', fwd._segment_state_kernel, all_configs(fwd._STATE_CONFIGS), 'token', scan), 1),
         (KernelSpec('segment_boundary', fwd._segment_boundary_kernel, all_configs(fwd._BOUNDARY_CONFIGS),
                     'segment', scan), 1),
-        (KernelSpec('scan_output', fwd._scan_output_kernel, all_configs(fwd._OUTPUT_CONFIGS), 'token', scan), 2),
+        (KernelSpec('scan_output', fwd._scan_output_kernel, all_configs(fwd._OUTPUT_CONFIGS), 'token', scan), 1),
         (KernelSpec('scan_bwd', bwd._bidirectional_scan_bwd_kernel, all_configs(bwd._CONFIGS), 'chunk', scan),
          CHUNK),
         (KernelSpec('conv_fwd', conv._bidirectional_conv_fwd_kernel, all_configs(conv._FWD_CONFIGS), 'none',
@@ -101,6 +101,7 @@ def _analyse(spec, tokens_per_iteration: int, config, compiled: dict) -> dict:
     block_d = config.kwargs.get('BLOCK_D', 1)
     # elements (token, channel, state) a thread handles per loop iteration
     if spec.loop == 'token':
+        tokens_per_iteration = config.kwargs.get('UNROLL', tokens_per_iteration)
         per_iteration = tokens_per_iteration * max(block_d / threads, 1) * DSTATE
     elif spec.loop == 'chunk':
         per_iteration = CHUNK * block_d * DSTATE / threads
@@ -178,8 +179,9 @@ def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -
             out.append((r, Launch('segment_boundary', warps(r, lambda nb: nb * batch * 2), n_seg - 1,
                                   batch * 2 * n_seg * dim * (2 * DSTATE + 1) * 4)))
         r = row_of('scan_output')
-        # per warp: seg tokens in each direction; the loops are unrolled by 2 tokens
-        out.append((r, Launch('scan_output', warps(r, lambda nb: nb * n_seg * batch), seg / 2,
+        # per warp: seg tokens in each direction; the loops are unrolled by UNROLL tokens
+        unroll = r['config'].get('UNROLL', 1)
+        out.append((r, Launch('scan_output', warps(r, lambda nb: nb * n_seg * batch), seg / unroll,
                               tokens * (dim * (4 * e + e + e + 8) + 2 * 2 * DSTATE * 4)
                               + batch * 2 * n_chunks * DSTATE * dim * 4)))
     elif op == 'scan_bwd':
