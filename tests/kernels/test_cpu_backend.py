@@ -35,9 +35,9 @@ def scan_inputs(batch: int, dim: int, seqlen: int, dstate: int, dtype: torch.dty
     """Inputs of bidirectional_scan, leaves (or views of leaves) with requires_grad; A, D, delta_bias in float32 or
     float64 as the mixer passes them.
 
-    layout 'mixer': the views the mixer passes (u and delta channel-contiguous, z a slice of a transposed in_proj
-    output whose token stride is 2 * dim, B and C slices of x_dbl); 'strided': every activation a step-2 slice along
-    the tokens (no unit stride anywhere on the token axis)."""
+    layout 'mixer': the views the mixer passes on CPU (u and delta channel-contiguous, z a slice of a transposed
+    in_proj output whose token stride is 2 * dim, B and C transposed slices of the token-major x_dbl, state stride 1);
+    'strided': every activation a step-2 slice along the tokens (no unit stride anywhere on the token axis)."""
     g = torch.Generator().manual_seed(seed)
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -51,10 +51,10 @@ def scan_inputs(batch: int, dim: int, seqlen: int, dstate: int, dtype: torch.dty
         acts = dict(u=leaf(batch, 2, dim, seqlen), delta=leaf(batch, 2, dim, seqlen, scale=0.5),
                     B=leaf(batch, 2, dstate, seqlen), C=leaf(batch, 2, dstate, seqlen), z=leaf(batch, dim, seqlen))
     elif layout == 'mixer':
-        x_dbl = leaf(batch, 2, 3 + 2 * dstate, seqlen)
+        x_dbl = leaf(batch, 2, seqlen, 3 + 2 * dstate)
         acts = dict(u=leaf(batch, 2, seqlen, dim).transpose(2, 3),
-                    delta=leaf(batch, seqlen, 2, dim).permute(0, 2, 3, 1),
-                    B=x_dbl[:, :, 3:3 + dstate], C=x_dbl[:, :, 3 + dstate:],
+                    delta=leaf(batch, 2, seqlen, dim, scale=0.5).transpose(2, 3),
+                    B=x_dbl[..., 3:3 + dstate].transpose(2, 3), C=x_dbl[..., 3 + dstate:].transpose(2, 3),
                     z=leaf(batch, seqlen, 2 * dim).transpose(1, 2)[:, dim:])
     else:
         acts = {k: v[..., ::2] for k, v in scan_inputs(batch, dim, 2 * seqlen, dstate, dtype, seed=seed).items()
@@ -135,6 +135,21 @@ def test_scan_bf16_inputs():
     for name in SCAN_NAMES:
         assert grads[name].dtype == x[name].dtype, name
         assert_close(grads[name], ref_grads[name], TOL[torch.bfloat16], name)
+
+
+@pytest.mark.parametrize('context', [torch.no_grad, torch.inference_mode])
+def test_calls_without_autograd_match_the_custom_op(context):
+    """Without autograd the public functions call the compiled kernels directly (no custom-op dispatch): same bits."""
+    x = scan_inputs(2, 70, 19, 5, torch.float32, layout='mixer')  # 70 channels: a full and a partial block
+    conv = dict(x=torch.randn(2, 70, 19, requires_grad=True), weight=torch.randn(2, 70, 4, requires_grad=True),
+                bias=torch.randn(2, 70, requires_grad=True))
+    with_op = bidirectional_scan_cpu(**x), bidirectional_conv_silu_cpu(**conv)
+    assert all(t.requires_grad for t in with_op)
+    with context():
+        direct = bidirectional_scan_cpu(**x), bidirectional_conv_silu_cpu(**conv)
+    assert not any(t.requires_grad for t in direct)
+    torch.testing.assert_close(direct, tuple(t.detach() for t in with_op), rtol=0, atol=0)
+    assert direct[0].stride() == with_op[0].stride() and direct[1].stride() == with_op[1].stride()
 
 
 def _with_threads(n: int, fn):
