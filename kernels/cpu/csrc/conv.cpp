@@ -38,6 +38,8 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tens
         Vec bv[K];
         blk.load(bias.const_data_ptr<scalar_t>() + g * dim + c0, bv);
         for (int64_t t = 0; t < L; ++t) {
+          const int64_t ahead = t + (W - 1) + kPrefetchTokens;  // the newest row either branch reads, a few tokens on
+          if (ahead < L) prefetch_row<Blk>(xp + b * sxb + ahead * sxt + c0);
           Vec acc[K], xv[K];
           for (int64_t k = 0; k < K; ++k) acc[k] = bv[k];
           for (int64_t j = 0; j < W; ++j) {
