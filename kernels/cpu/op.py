@@ -51,7 +51,7 @@ _CONV_NAMES = ('x', 'weight', 'bias')
 def _check(op: str, tensors: tuple, shapes: tuple) -> None:
     """Each input a CPU tensor of a supported dtype and the expected shape (names from the op's signature)."""
     for i, (t, shape) in enumerate(zip(tensors, shapes)):
-        if isinstance(t, torch.Tensor) and t.device.type == 'cpu' and t.dtype in _DTYPES and t.shape == shape:
+        if isinstance(t, torch.Tensor) and t.is_cpu and t.dtype in _DTYPES and t.shape == shape:
             continue
         name = (_SCAN_NAMES if op == 'scan' else _CONV_NAMES)[i]
         if not isinstance(t, torch.Tensor):
@@ -144,11 +144,12 @@ def _eager(x: torch.Tensor) -> bool:
     """Whether a call without autograd may run the compiled kernel directly rather than through its custom op.
 
     The custom op's dispatch costs about 0.1 ms a call in Python (two ops a layer, 24 layers: a few ms of a 224²
-    Vim-Ti forward). Direct calls are taken only for plain tensors in eager mode with no Python dispatch mode active:
-    torch.compile / torch.export tracing, FakeTensors, tensor subclasses and modes such as FlopCounterMode still see
-    the op.
+    Vim-Ti forward). Direct calls are taken only for plain tensors in eager mode with no Python dispatch mode active
+    and no profiler running: torch.compile / torch.export tracing, FakeTensors, tensor subclasses, modes such as
+    FlopCounterMode and torch.profiler (which then lists the ops by name) still see the op.
     """
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._autograd._profiler_enabled())
 
 
 def bidirectional_scan_cpu(
