@@ -116,17 +116,22 @@ inline at::vec::Vectorized<float> fast_exp2(const at::vec::Vectorized<float>& x)
 #endif
 inline at::vec::Vectorized<double> fast_exp2(const at::vec::Vectorized<double>& x) { return x.exp2(); }
 
-// exp of the per-token activations (gate, softplus): ATen's polynomial exp in fp32 (about 20 ulp, ~1e-6 relative),
-// the accurate one in float64.
-inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
+constexpr double kLog2e = 1.4426950408889634;
+
+// exp of the per-token activations (silu, gate, softplus): fp32 as 2**(x log2 e) with the decays' exp2 above (one
+// multiply more; relative error ~2e-7 plus the rounding of x log2 e, about 2e-7 x |x log2 e|), which takes about
+// two thirds of the operations of ATen's exp_u20 (its special-case handling included); arguments are clamped, so a
+// NaN argument gives a finite result and the callers keep NaN propagation through their other factors. The
+// accurate exp in float64.
+inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& x) {
+  return fast_exp2(x * at::vec::Vectorized<float>(static_cast<float>(kLog2e)));
+}
 inline at::vec::Vectorized<double> fast_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
 
 template <typename Vec>
 inline Vec sigmoid(const Vec& x) {
   return Vec(1) / (Vec(1) + fast_exp(x.neg()));
 }
-
-constexpr double kLog2e = 1.4426950408889634;
 
 // torch.nn.functional.softplus with beta 1 and threshold 20. float64: log1p(exp(x)) with Sleef's accurate functions.
 // fp32: max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1], with log1p(e) = 2 atanh(e / (2 + e)) as an odd series in
