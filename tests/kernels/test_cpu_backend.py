@@ -124,6 +124,22 @@ def test_scan_without_softplus():
         assert_close(grads[name], ref_grads[name], TOL[torch.float64], name)
 
 
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_scan_with_some_positive_A(dtype):
+    """A block with an entry A > 0 takes the forward's clamped exp2 (A <= 0 everywhere else in these tests)."""
+    x = scan_inputs(1, 70, 12, 4, dtype)
+    A = x['A'].detach().clone()
+    A[0, 3, 1] = A[1, 66, 2] = 0.3  # one block of each direction
+    x['A'] = A.requires_grad_()
+    gout = torch.randn(1, 70, 12, dtype=torch.float64)
+    out, grads = run(bidirectional_scan_cpu, x, gout, chunk_size=4)
+    x64 = {k: v.detach().double().requires_grad_() for k, v in x.items()}
+    ref, ref_grads = run(bidirectional_scan_ref, x64, gout)
+    assert_close(out, ref, TOL[dtype], 'out')
+    for name in SCAN_NAMES:
+        assert_close(grads[name], ref_grads[name], TOL[dtype], name)
+
+
 def test_scan_bf16_inputs():
     x = scan_inputs(2, 20, 9, 4, torch.bfloat16)
     gout = torch.randn(2, 20, 9, dtype=torch.float64)

@@ -88,8 +88,10 @@ inline scalar_t horizontal_sum(const at::vec::Vectorized<scalar_t>* v, int64_t K
 constexpr float kExp2Poly[5] = {1.3264719e-3f, 9.6715139e-3f, 5.5507340e-2f, 2.4022242e-1f, 6.9314700e-1f};
 constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2**23
 #if defined(CPU_CAPABILITY_AVX512)
+template <bool kClampHigh = true>
 inline at::vec::Vectorized<float> fast_exp2(const at::vec::Vectorized<float>& x) {
-  const __m512 v = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-125.f)), _mm512_set1_ps(127.f));
+  __m512 v = _mm512_max_ps(x, _mm512_set1_ps(-125.f));
+  if constexpr (kClampHigh) v = _mm512_min_ps(v, _mm512_set1_ps(127.f));
   const __m512 t = _mm512_add_ps(v, _mm512_set1_ps(kRoundMagic));
   const __m512 f = _mm512_sub_ps(v, _mm512_sub_ps(t, _mm512_set1_ps(kRoundMagic)));
   __m512 p = _mm512_set1_ps(kExp2Poly[0]);
@@ -99,8 +101,10 @@ inline at::vec::Vectorized<float> fast_exp2(const at::vec::Vectorized<float>& x)
   return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
+template <bool kClampHigh = true>
 inline at::vec::Vectorized<float> fast_exp2(const at::vec::Vectorized<float>& x) {
-  const __m256 v = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-125.f)), _mm256_set1_ps(127.f));
+  __m256 v = _mm256_max_ps(x, _mm256_set1_ps(-125.f));
+  if constexpr (kClampHigh) v = _mm256_min_ps(v, _mm256_set1_ps(127.f));
   const __m256 t = _mm256_add_ps(v, _mm256_set1_ps(kRoundMagic));
   const __m256 f = _mm256_sub_ps(v, _mm256_sub_ps(t, _mm256_set1_ps(kRoundMagic)));
   __m256 p = _mm256_set1_ps(kExp2Poly[0]);
@@ -110,10 +114,14 @@ inline at::vec::Vectorized<float> fast_exp2(const at::vec::Vectorized<float>& x)
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
 #else
+template <bool kClampHigh = true>
 inline at::vec::Vectorized<float> fast_exp2(const at::vec::Vectorized<float>& x) {
   return (x * at::vec::Vectorized<float>(0.6931471805599453f)).exp_u20();
 }
 #endif
+// kClampHigh = false: the caller guarantees x <= 0 or NaN (the decays when A <= 0 and delta >= 0), which saves the
+// upper clamp, one of the loop's ~20 vector operations
+template <bool kClampHigh = true>
 inline at::vec::Vectorized<double> fast_exp2(const at::vec::Vectorized<double>& x) { return x.exp2(); }
 
 constexpr double kLog2e = 1.4426950408889634;
