@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ..reference import bidirectional_conv_silu_ref, bidirectional_scan_ref
+from ..reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, delta_from_low_rank
 from .build import load_extension
 
 __all__ = ['bidirectional_scan_cpu', 'bidirectional_conv_silu_cpu', 'DEFAULT_CHUNK']
@@ -155,7 +155,7 @@ def _eager(x: torch.Tensor) -> bool:
 def bidirectional_scan_cpu(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool = True, *,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: int = DEFAULT_CHUNK, delta_proj_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Vim's bidirectional scan, both directions, D, the silu(z) gate and the average fused in one C++ op.
 
@@ -163,8 +163,21 @@ def bidirectional_scan_cpu(
     A (2, dim, dstate), B, C (batch, 2, dstate, seqlen), D, delta_bias (2, dim), z (batch, dim, seqlen) ->
     (batch, dim, seqlen) in u's dtype (a view of a token-major buffer). Inputs may be non-contiguous views.
     ``chunk_size`` is the spacing of the states saved for the backward pass (tests shrink it to cover several
-    chunks); without autograd nothing is saved.
+    chunks); without autograd nothing is saved. With ``delta_proj_weight`` (2, dim, R), ``delta`` is the low-rank
+    step (batch, 2, R, seqlen) (:func:`vim.kernels.reference.delta_from_low_rank`): without autograd, in eager mode,
+    the kernel projects it token by token (no (batch, 2, dim, seqlen) delta is made); otherwise the full delta is
+    computed first and the op runs as usual.
     """
+    if delta_proj_weight is not None:
+        if (delta.dim() != 4 or delta_proj_weight.dim() != 3 or delta.shape[2] != delta_proj_weight.shape[2]
+                or delta.shape[2] == 0):
+            raise ValueError(f'low-rank delta must be (batch, 2, R, seqlen) with delta_proj_weight (2, dim, R), '
+                             f'R >= 1; got {tuple(delta.shape)}, {tuple(delta_proj_weight.shape)}')
+        inputs = (u, delta, delta_proj_weight, A, B, C, D, z, delta_bias)
+        if (u.dim() == 4 and A.dim() == 3 and u.numel() > 0 and A.shape[-1] > 0 and not _needs_grad(*inputs)
+                and _eager(u)):
+            return _scan_low_rank(*inputs, bool(delta_softplus))
+        delta = delta_from_low_rank(delta, delta_proj_weight)
     if u.dim() != 4 or u.shape[1] != 2 or A.dim() != 3:
         raise ValueError(f'u must be (batch, 2, dim, seqlen) and A (2, dim, dstate), got {tuple(u.shape)}, '
                          f'{tuple(A.shape)}')
@@ -187,6 +200,24 @@ def bidirectional_scan_cpu(
         out = load_extension().scan_fwd(*args, False)[0]
     else:
         out = _scan_op(*args, False)[0]
+    return _as(out.transpose(1, 2), u.dtype)
+
+
+def _scan_low_rank(u, dt, weight, A, B, C, D, z, delta_bias, delta_softplus: bool) -> torch.Tensor:
+    """The inference kernel with dt_proj fused in (checked like the op's inputs; dt, weight any strides)."""
+    batch, two, dim, seqlen = u.shape
+    N, R = A.shape[2], dt.shape[2]
+    act, par, states = (batch, 2, dim, seqlen), (2, dim), (batch, 2, N, seqlen)
+    _check('scan', (u, dt, A, B, C, D, z, delta_bias),
+           (act, (batch, 2, R, seqlen), (2, dim, N), states, states, par, (batch, dim, seqlen), par))
+    if not (weight.is_cpu and weight.dtype in _DTYPES and weight.shape == (2, dim, R)):
+        raise ValueError(f'delta_proj_weight must be a float CPU tensor of shape (2, {dim}, {R}), got '
+                         f'{tuple(weight.shape)} {weight.dtype} on {weight.device}')
+    dtype = _compute_dtype(u)
+    out = load_extension().scan_fwd_lowrank(
+        _channels_contiguous(u, dtype), _as(dt, dtype), _as(weight, dtype), _as(A, dtype), _as(B, dtype),
+        _as(C, dtype), _as(D, dtype).contiguous(), _channels_contiguous(z, dtype), _as(delta_bias, dtype).contiguous(),
+        delta_softplus)
     return _as(out.transpose(1, 2), u.dtype)
 
 

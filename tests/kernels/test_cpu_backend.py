@@ -239,3 +239,53 @@ def test_conv_bf16_and_strided_tokens():
     assert_close(out, ref, TOL[torch.bfloat16], 'out')
     for name in inputs:
         assert_close(grads[name], ref_grads[name], TOL[torch.bfloat16], name)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('layout', ['token-major', 'channel-major'])
+@pytest.mark.parametrize('batch, dim, seqlen, rank', [(1, 70, 19, 3), (2, 9, 1, 1), (1, 64, 33, 12)])
+def test_low_rank_delta_matches_the_reference(dtype, layout, batch, dim, seqlen, rank):
+    """delta_proj_weight: the inference kernel projects the low-rank step per token (dt_proj fused in); with
+    autograd the full delta is made first. Both against the reference on the full delta, any dt layout."""
+    g = torch.Generator().manual_seed(1)
+    x = {k: v.detach() for k, v in scan_inputs(batch, dim, seqlen, 4, dtype, layout='mixer').items()}
+    if layout == 'token-major':  # a slice of the mixer's token-major x_dbl
+        dt = torch.randn(batch, 2, seqlen, rank + 5, generator=g).to(dtype)[..., 1:rank + 1].transpose(2, 3)
+    else:
+        dt = torch.randn(batch, 2, rank + 5, seqlen, generator=g).to(dtype)[:, :, 2:rank + 2]
+    weight = (torch.randn(2, dim, rank, generator=g) / rank ** 0.5).to(dtype)
+    x.pop('delta')
+    full = torch.einsum('gdr,bgrl->bgdl', weight.double(), dt.double())
+    ref = bidirectional_scan_ref(**{k: v.double() for k, v in x.items()}, delta=full)
+    with torch.no_grad():
+        fused = bidirectional_scan_cpu(**x, delta=dt, delta_proj_weight=weight)
+    assert fused.dtype == dtype
+    assert_close(fused, ref, TOL[dtype], 'fused out')
+    # the autograd path: full delta first, gradients reach dt and the weight
+    leaves = {k: v.clone().requires_grad_() for k, v in dict(x, dt=dt, weight=weight).items()}
+    out = bidirectional_scan_cpu(**{k: v for k, v in leaves.items() if k not in ('dt', 'weight')}, delta=leaves['dt'],
+                                 delta_proj_weight=leaves['weight'])
+    assert_close(out.detach(), ref, TOL[dtype], 'autograd out')
+    gout = torch.randn(batch, dim, seqlen, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, [leaves['dt'], leaves['weight']], gout.to(dtype))
+    dt64, w64 = dt.double().requires_grad_(), weight.double().requires_grad_()
+    ref2 = bidirectional_scan_ref(**{k: v.double() for k, v in x.items()},
+                                  delta=torch.einsum('gdr,bgrl->bgdl', w64, dt64))
+    ref_grads = torch.autograd.grad(ref2, [dt64, w64], gout)
+    for name, a, b in zip(('dt', 'weight'), grads, ref_grads):
+        assert_close(a, b, TOL[dtype], name)
+
+
+def test_low_rank_delta_thread_count_and_bad_shapes():
+    g = torch.Generator().manual_seed(2)
+    x = {k: v.detach() for k, v in scan_inputs(3, 40, 21, 4, torch.float32).items()}
+    x.pop('delta')
+    dt, weight = torch.randn(3, 2, 5, 21, generator=g), torch.randn(2, 40, 5, generator=g)
+    with torch.no_grad():
+        one = _with_threads(1, lambda: bidirectional_scan_cpu(**x, delta=dt, delta_proj_weight=weight))
+        two = _with_threads(2, lambda: bidirectional_scan_cpu(**x, delta=dt, delta_proj_weight=weight))
+        torch.testing.assert_close(one, two, rtol=0, atol=0)
+        with pytest.raises(ValueError, match='low-rank delta'):
+            bidirectional_scan_cpu(**x, delta=dt, delta_proj_weight=weight[:, :, :4])
+        with pytest.raises(ValueError, match='delta_proj_weight'):
+            bidirectional_scan_cpu(**x, delta=dt, delta_proj_weight=weight[:, :39])

@@ -184,6 +184,9 @@ double exp2_probe(const at::Tensor& x, int64_t reps) {
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
                                  const at::Tensor& bias, bool softplus, int64_t chunk, bool save);
+at::Tensor scan_fwd_lowrank(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& dproj, const at::Tensor& A,
+                            const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
+                            const at::Tensor& bias, bool softplus);
 std::vector<at::Tensor> scan_bwd(const at::Tensor& gout, const at::Tensor& u, const at::Tensor& delta,
                                  const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
                                  const at::Tensor& z, const at::Tensor& bias, const at::Tensor& ysum,
@@ -193,6 +196,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& gout, const at::Tensor& u, co
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd", &vim_cpu::scan_fwd, "bidirectional selective scan, forward");
+  m.def("scan_fwd_lowrank", &vim_cpu::scan_fwd_lowrank, "bidirectional selective scan, forward, dt_proj fused in");
   m.def("scan_bwd", &vim_cpu::scan_bwd, "bidirectional selective scan, backward");
   m.def("conv_fwd", &vim_cpu::conv_fwd, "two-branch causal depthwise conv + silu, forward");
   m.def("conv_bwd", &vim_cpu::conv_bwd, "two-branch causal depthwise conv + silu, backward");

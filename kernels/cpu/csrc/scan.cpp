@@ -16,6 +16,10 @@ struct ScanInputs {
   at::Tensor u, delta, A, B, C, D, z, bias;
   int64_t batch, dim, L, N;
   bool softplus;
+  // low-rank delta (forward only): delta is then (batch, 2, R, L) with any strides and the full step is
+  // dproj @ delta per direction, dproj (2, dim, R) any strides (Vim's dt_proj, computed per token in the kernel)
+  at::Tensor dproj;
+  int64_t R = 0;
 };
 
 // Row pointers of a (batch, 2, dim, L) or (batch, dim, L) tensor with channel stride 1: the data pointer and strides
@@ -49,7 +53,8 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
   using Blk = Block<scalar_t>;
   using Vec = typename Blk::Vec;
   const Rows<scalar_t> Ur(in.u), Dr(in.delta), Zr(in.z);
-  const StateRows<scalar_t> Br(in.B), Cr(in.C);
+  const StateRows<scalar_t> Br(in.B), Cr(in.C), DTr(in.delta);  // DTr: the low-rank delta's (batch, 2, R, L) view
+  const int64_t R = in.R;
   constexpr int64_t K = Blk::K;
   const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
@@ -61,8 +66,8 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
   at::parallel_for(0, batch * nblocks, 1, [&](int64_t begin, int64_t end) {
     // state tile and scaled A, channel-vector-major: h[k * N + n] holds states n of the block's vector k, so that the
     // inner loop over the states walks contiguous memory with one vector's dt, delta * u and accumulators in registers
-    std::vector<Vec> h(N * K), A(N * K), A_rows(N * K);
-    std::vector<scalar_t> Bt(N), Ct(N);
+    std::vector<Vec> h(N * K), A(N * K), A_rows(N * K), Wp(R * K);
+    std::vector<scalar_t> Bt(N), Ct(N), dtl(R);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblocks, c0 = (task % nblocks) * Blk::C;
       const Blk blk(c0, dim);
@@ -75,6 +80,10 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
         Vec Dv[K], bias[K];
         blk.load(in.D.const_data_ptr<scalar_t>() + g * dim + c0, Dv);
         blk.load(in.bias.const_data_ptr<scalar_t>() + g * dim + c0, bias);
+        if (R > 0) {
+          load_strided_rows(blk, in.dproj.const_data_ptr<scalar_t>() + g * in.dproj.stride(0), R,
+                            in.dproj.stride(2), in.dproj.stride(1), c0, dim, Wp.data());
+        }
         // delta >= 0 (softplus) and A <= 0 in this block: every decay exponent is <= 0 (or NaN), so exp2 can skip its
         // upper clamp
         bool decays_below_one = in.softplus;
@@ -124,7 +133,7 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
           }
           if (s + kPrefetchTokens < L) {
             const int64_t ta = g == 0 ? s + kPrefetchTokens : L - 1 - s - kPrefetchTokens;
-            prefetch_row<Blk>(Dr.at(b, g, ta) + c0);
+            if (R == 0) prefetch_row<Blk>(Dr.at(b, g, ta) + c0);
             prefetch_row<Blk>(Ur.at(b, g, ta) + c0);
             if (g == 1) {
               prefetch_row<Blk>(Zr.at(b, 0, ta) + c0);
@@ -132,7 +141,16 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
             }
           }
           Vec dt[K], u[K], y[K];
-          blk.load(Dr.at(b, g, t) + c0, dt);
+          if (R == 0) {
+            blk.load(Dr.at(b, g, t) + c0, dt);
+          } else {  // delta = dproj @ dt_low for this token, summed over the rank in order
+            DTr.gather(b, g, t, R, dtl.data());
+            for (int64_t k = 0; k < K; ++k) dt[k] = Wp[k] * Vec(dtl[0]);
+            for (int64_t r = 1; r < R; ++r) {
+              const Vec dr(dtl[r]);
+              for (int64_t k = 0; k < K; ++k) dt[k] = at::vec::fmadd(Wp[r * K + k], dr, dt[k]);
+            }
+          }
           blk.load(Ur.at(b, g, t) + c0, u);
           for (int64_t k = 0; k < K; ++k) {
             dt[k] = dt[k] + bias[k];
@@ -370,6 +388,28 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   });
   if (!save) return {out};
   return {out, ysum, states};
+}
+
+// Inference with Vim's dt_proj fused in: dt (batch, 2, R, L) any strides, dproj (2, dim, R) any strides; the step is
+// delta = dproj[g] @ dt[b, g] per token, computed in the kernel (no (batch, 2, dim, L) delta tensor). Returns out.
+at::Tensor scan_fwd_lowrank(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& dproj, const at::Tensor& A,
+                            const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
+                            const at::Tensor& bias, bool softplus) {
+  check_channels_contiguous(u, "u");
+  check_channels_contiguous(z, "z");
+  TORCH_CHECK(D.is_contiguous() && bias.is_contiguous(), "D and delta_bias must be contiguous");
+  TORCH_CHECK(dt.dim() == 4 && dproj.dim() == 3 && dt.size(2) == dproj.size(2) && dproj.size(1) == u.size(2) &&
+                  dt.size(3) == u.size(3) && dt.size(2) >= 1,
+              "dt must be (batch, 2, R, L) and dproj (2, dim, R)");
+  const auto dtype = u.scalar_type();
+  for (auto* t : {&dt, &dproj, &A, &B, &C, &D, &z, &bias}) TORCH_CHECK(t->scalar_type() == dtype, "dtypes must match");
+  ScanInputs in{u, dt, A, B, C, D, z, bias, u.size(0), u.size(2), u.size(3), A.size(2), softplus, dproj, dt.size(2)};
+  auto out = at::empty({in.batch, in.L, in.dim}, u.options());
+  at::Tensor ysum, states;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "vim_cpu_scan_fwd_lowrank", [&] {
+    scan_fwd_impl<scalar_t>(in, 1, out, ysum, states);
+  });
+  return out;
 }
 
 // Returns gu, gdelta (batch, 2, L, dim), gz (batch, L, dim), gA (2, dim, N), gD, gbias (2, dim), gB, gC
