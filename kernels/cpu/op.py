@@ -144,12 +144,19 @@ def _eager(x: torch.Tensor) -> bool:
     """Whether a call without autograd may run the compiled kernel directly rather than through its custom op.
 
     The custom op's dispatch costs about 0.1 ms a call in Python (two ops a layer, 24 layers: a few ms of a 224²
-    Vim-Ti forward). Direct calls are taken only for plain tensors in eager mode with no Python dispatch mode active
-    and no profiler running: torch.compile / torch.export tracing, FakeTensors, tensor subclasses, modes such as
-    FlopCounterMode and torch.profiler (which then lists the ops by name) still see the op.
+    Vim-Ti forward). Direct calls are taken only for plain tensors in eager mode with no Python dispatch mode active:
+    torch.compile / torch.export tracing, FakeTensors, tensor subclasses and modes such as FlopCounterMode still see
+    the op. Under torch.profiler a direct call is recorded under the op's name (:func:`_direct`).
     """
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._autograd._profiler_enabled())
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
+def _direct(name: str, fn, *args):
+    """fn(*args), as a profiler range named like the custom op while torch.profiler runs."""
+    if torch._C._autograd._profiler_enabled():
+        with torch.profiler.record_function(name):
+            return fn(*args)
+    return fn(*args)
 
 
 def bidirectional_scan_cpu(
@@ -197,7 +204,7 @@ def bidirectional_scan_cpu(
     if _needs_grad(u, delta, A, B, C, D, z, delta_bias):
         out = _scan_op(*args, True)[0]
     elif _eager(u):
-        out = load_extension().scan_fwd(*args, False)[0]
+        out = _direct('vim::cpu_bidirectional_scan', load_extension().scan_fwd, *args, False)[0]
     else:
         out = _scan_op(*args, False)[0]
     return _as(out.transpose(1, 2), u.dtype)
@@ -214,10 +221,10 @@ def _scan_low_rank(u, dt, weight, A, B, C, D, z, delta_bias, delta_softplus: boo
         raise ValueError(f'delta_proj_weight must be a float CPU tensor of shape (2, {dim}, {R}), got '
                          f'{tuple(weight.shape)} {weight.dtype} on {weight.device}')
     dtype = _compute_dtype(u)
-    out = load_extension().scan_fwd_lowrank(
-        _channels_contiguous(u, dtype), _as(dt, dtype), _as(weight, dtype), _as(A, dtype), _as(B, dtype),
-        _as(C, dtype), _as(D, dtype).contiguous(), _channels_contiguous(z, dtype), _as(delta_bias, dtype).contiguous(),
-        delta_softplus)
+    out = _direct(
+        'vim::cpu_bidirectional_scan', load_extension().scan_fwd_lowrank, _channels_contiguous(u, dtype),
+        _as(dt, dtype), _as(weight, dtype), _as(A, dtype), _as(B, dtype), _as(C, dtype), _as(D, dtype).contiguous(),
+        _channels_contiguous(z, dtype), _as(delta_bias, dtype).contiguous(), delta_softplus)
     return _as(out.transpose(1, 2), u.dtype)
 
 
@@ -287,7 +294,7 @@ def bidirectional_conv_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: tor
     if _needs_grad(x, weight, bias):
         y = _conv_op(*args, True)[0]
     elif _eager(x):
-        y = load_extension().conv_fwd(*args, False)[0]
+        y = _direct('vim::cpu_bidirectional_conv_silu', load_extension().conv_fwd, *args, False)[0]
     else:
         y = _conv_op(*args, False)[0]
     return _as(y.transpose(2, 3), x.dtype)

@@ -168,7 +168,7 @@ def test_calls_without_autograd_match_the_custom_op(context):
     assert direct[0].stride() == with_op[0].stride() and direct[1].stride() == with_op[1].stride()
 
 
-def test_profiler_sees_the_ops_without_autograd():
+def test_profiler_names_the_direct_calls():
     x = scan_inputs(1, 16, 5, 4, torch.float32)
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         bidirectional_scan_cpu(**x)
