@@ -33,7 +33,7 @@ from .mamba_ssm import (
     mamba_ssm_installed,
     selective_scan_mamba,
 )
-from .reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, selective_scan_ref
+from .reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, delta_from_low_rank, selective_scan_ref
 
 __all__ = ['selective_scan', 'bidirectional_scan', 'bidirectional_conv_silu', 'available_backends',
            'resolve_backend', 'run_self_check', 'ScanBackendWarning']
@@ -262,10 +262,20 @@ def selective_scan(
 def bidirectional_scan(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool = True, *,
-        backend: str | None = None,
+        backend: str | None = None, delta_proj_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Vim's fused bidirectional scan. Shapes and semantics: :func:`vim.kernels.bidirectional_scan_ref`."""
-    fn = _implementation(_BIDIRECTIONAL, resolve_backend(backend, u), 'bidirectional_scan')
+    """Vim's fused bidirectional scan. Shapes and semantics: :func:`vim.kernels.bidirectional_scan_ref`.
+
+    With ``delta_proj_weight`` (2, dim, R), ``delta`` is the low-rank step (batch, 2, R, seqlen) and the scan runs on
+    :func:`vim.kernels.reference.delta_from_low_rank` of the two (Vim's dt_proj). The ``cpu`` backend computes it
+    inside its kernel when no gradient is needed; every other backend gets the full delta computed here.
+    """
+    name = resolve_backend(backend, u)
+    fn = _implementation(_BIDIRECTIONAL, name, 'bidirectional_scan')
+    if delta_proj_weight is not None:
+        if name == 'cpu':
+            return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, delta_proj_weight=delta_proj_weight)
+        delta = delta_from_low_rank(delta, delta_proj_weight)
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 

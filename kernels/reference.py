@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ['selective_scan_ref', 'bidirectional_scan_ref', 'bidirectional_conv_silu_ref']
+__all__ = ['selective_scan_ref', 'bidirectional_scan_ref', 'bidirectional_conv_silu_ref', 'delta_from_low_rank']
 
 # Elements of one (chunk, batch, dim, dstate) work buffer: large enough to amortise the per-token loop,
 # small enough to stay in cache and to bound memory at long sequence lengths.
@@ -355,3 +355,16 @@ def bidirectional_conv_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: tor
     y = F.conv1d(torch.cat([x, x], dim=1), w, bias.reshape(-1).to(x.dtype), padding=width - 1, groups=2 * dim)
     L = x.shape[-1]
     return F.silu(torch.stack([y[:, :dim, :L], y[:, dim:, width - 1:width - 1 + L]], dim=1))
+
+
+def delta_from_low_rank(dt: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Vim's step sizes from their low-rank form (its dt_proj): dt (batch, 2, R, seqlen), weight (2, dim, R) ->
+    delta (batch, 2, dim, seqlen), ``delta[b, g] = weight[g] @ dt[b, g]``.
+
+    Computed in the layout dt arrives in: a token-major dt (stride 1 along R) gives a token-major delta (a view with
+    channel stride 1, the CPU kernels' layout), any other a contiguous channel-major one. Same values either way, up to
+    the GEMM's summation order.
+    """
+    if dt.stride(-2) == 1 and dt.shape[-1] > 1:
+        return torch.matmul(dt.transpose(-1, -2), weight.transpose(-1, -2)).transpose(-1, -2)
+    return torch.einsum('bgrl,gdr->bgdl', dt, weight)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ..reference import bidirectional_conv_silu_ref, bidirectional_scan_ref
+from ..reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, delta_from_low_rank
 from .build import load_extension
 
 __all__ = ['bidirectional_scan_cpu', 'bidirectional_conv_silu_cpu', 'DEFAULT_CHUNK']
@@ -27,9 +27,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _channels_contiguous(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x (..., channels, tokens) in ``dtype`` with channel stride 1 (a token-major copy when it is not)."""
-    x = x.to(dtype)
+    x = _as(x, dtype)
     if x.stride(-2) == 1 or x.shape[-2] == 1:
         return x
     return x.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -47,7 +51,7 @@ _CONV_NAMES = ('x', 'weight', 'bias')
 def _check(op: str, tensors: tuple, shapes: tuple) -> None:
     """Each input a CPU tensor of a supported dtype and the expected shape (names from the op's signature)."""
     for i, (t, shape) in enumerate(zip(tensors, shapes)):
-        if isinstance(t, torch.Tensor) and t.device.type == 'cpu' and t.dtype in _DTYPES and t.shape == shape:
+        if isinstance(t, torch.Tensor) and t.is_cpu and t.dtype in _DTYPES and t.shape == shape:
             continue
         name = (_SCAN_NAMES if op == 'scan' else _CONV_NAMES)[i]
         if not isinstance(t, torch.Tensor):
@@ -136,10 +140,29 @@ def _needs_grad(*inputs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
+def _eager(x: torch.Tensor) -> bool:
+    """Whether a call without autograd may run the compiled kernel directly rather than through its custom op.
+
+    The custom op's dispatch costs about 0.1 ms a call in Python (two ops a layer, 24 layers: a few ms of a 224²
+    Vim-Ti forward). Direct calls are taken only for plain tensors in eager mode with no Python dispatch mode active:
+    torch.compile / torch.export tracing, FakeTensors, tensor subclasses and modes such as FlopCounterMode still see
+    the op. Under torch.profiler a direct call is recorded under the op's name (:func:`_direct`).
+    """
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+
+
+def _direct(name: str, fn, *args):
+    """fn(*args), as a profiler range named like the custom op while torch.profiler runs."""
+    if torch._C._autograd._profiler_enabled():
+        with torch.profiler.record_function(name):
+            return fn(*args)
+    return fn(*args)
+
+
 def bidirectional_scan_cpu(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool = True, *,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: int = DEFAULT_CHUNK, delta_proj_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Vim's bidirectional scan, both directions, D, the silu(z) gate and the average fused in one C++ op.
 
@@ -147,8 +170,21 @@ def bidirectional_scan_cpu(
     A (2, dim, dstate), B, C (batch, 2, dstate, seqlen), D, delta_bias (2, dim), z (batch, dim, seqlen) ->
     (batch, dim, seqlen) in u's dtype (a view of a token-major buffer). Inputs may be non-contiguous views.
     ``chunk_size`` is the spacing of the states saved for the backward pass (tests shrink it to cover several
-    chunks); without autograd nothing is saved.
+    chunks); without autograd nothing is saved. With ``delta_proj_weight`` (2, dim, R), ``delta`` is the low-rank
+    step (batch, 2, R, seqlen) (:func:`vim.kernels.reference.delta_from_low_rank`): without autograd, in eager mode,
+    the kernel projects it token by token (no (batch, 2, dim, seqlen) delta is made); otherwise the full delta is
+    computed first and the op runs as usual.
     """
+    if delta_proj_weight is not None:
+        if (delta.dim() != 4 or delta_proj_weight.dim() != 3 or delta.shape[2] != delta_proj_weight.shape[2]
+                or delta.shape[2] == 0):
+            raise ValueError(f'low-rank delta must be (batch, 2, R, seqlen) with delta_proj_weight (2, dim, R), '
+                             f'R >= 1; got {tuple(delta.shape)}, {tuple(delta_proj_weight.shape)}')
+        inputs = (u, delta, delta_proj_weight, A, B, C, D, z, delta_bias)
+        if (u.dim() == 4 and A.dim() == 3 and u.numel() > 0 and A.shape[-1] > 0 and not _needs_grad(*inputs)
+                and _eager(u)):
+            return _scan_low_rank(*inputs, bool(delta_softplus))
+        delta = delta_from_low_rank(delta, delta_proj_weight)
     if u.dim() != 4 or u.shape[1] != 2 or A.dim() != 3:
         raise ValueError(f'u must be (batch, 2, dim, seqlen) and A (2, dim, dstate), got {tuple(u.shape)}, '
                          f'{tuple(A.shape)}')
@@ -162,12 +198,34 @@ def bidirectional_scan_cpu(
     if u.numel() == 0 or N == 0:
         return bidirectional_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype = _compute_dtype(u)
-    inputs = (u, delta, A, B, C, D, z, delta_bias)
-    out, _, _ = _scan_op(
-        _channels_contiguous(u, dtype), _channels_contiguous(delta, dtype), A.to(dtype),
-        B.to(dtype), C.to(dtype), D.to(dtype).contiguous(), _channels_contiguous(z, dtype),
-        delta_bias.to(dtype).contiguous(), bool(delta_softplus), int(chunk_size), _needs_grad(*inputs))
-    return out.transpose(1, 2).to(u.dtype)
+    args = (_channels_contiguous(u, dtype), _channels_contiguous(delta, dtype), _as(A, dtype), _as(B, dtype),
+            _as(C, dtype), _as(D, dtype).contiguous(), _channels_contiguous(z, dtype),
+            _as(delta_bias, dtype).contiguous(), bool(delta_softplus), int(chunk_size))
+    if _needs_grad(u, delta, A, B, C, D, z, delta_bias):
+        out = _scan_op(*args, True)[0]
+    elif _eager(u):
+        out = _direct('vim::cpu_bidirectional_scan', load_extension().scan_fwd, *args, False)[0]
+    else:
+        out = _scan_op(*args, False)[0]
+    return _as(out.transpose(1, 2), u.dtype)
+
+
+def _scan_low_rank(u, dt, weight, A, B, C, D, z, delta_bias, delta_softplus: bool) -> torch.Tensor:
+    """The inference kernel with dt_proj fused in (checked like the op's inputs; dt, weight any strides)."""
+    batch, two, dim, seqlen = u.shape
+    N, R = A.shape[2], dt.shape[2]
+    act, par, states = (batch, 2, dim, seqlen), (2, dim), (batch, 2, N, seqlen)
+    _check('scan', (u, dt, A, B, C, D, z, delta_bias),
+           (act, (batch, 2, R, seqlen), (2, dim, N), states, states, par, (batch, dim, seqlen), par))
+    if not (weight.is_cpu and weight.dtype in _DTYPES and weight.shape == (2, dim, R)):
+        raise ValueError(f'delta_proj_weight must be a float CPU tensor of shape (2, {dim}, {R}), got '
+                         f'{tuple(weight.shape)} {weight.dtype} on {weight.device}')
+    dtype = _compute_dtype(u)
+    out = _direct(
+        'vim::cpu_bidirectional_scan', load_extension().scan_fwd_lowrank, _channels_contiguous(u, dtype),
+        _as(dt, dtype), _as(weight, dtype), _as(A, dtype), _as(B, dtype), _as(C, dtype), _as(D, dtype).contiguous(),
+        _channels_contiguous(z, dtype), _as(delta_bias, dtype).contiguous(), delta_softplus)
+    return _as(out.transpose(1, 2), u.dtype)
 
 
 # ---- two-branch causal conv + silu --------------------------------------------------------------------------------
@@ -232,6 +290,11 @@ def bidirectional_conv_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: tor
     if x.numel() == 0:
         return bidirectional_conv_silu_ref(x, weight, bias)
     dtype = _compute_dtype(x)
-    y, _ = _conv_op(_channels_contiguous(x, dtype), weight.to(dtype),
-                    bias.to(dtype).contiguous(), _needs_grad(x, weight, bias))
-    return y.transpose(2, 3).to(x.dtype)
+    args = (_channels_contiguous(x, dtype), _as(weight, dtype), _as(bias, dtype).contiguous())
+    if _needs_grad(x, weight, bias):
+        y = _conv_op(*args, True)[0]
+    elif _eager(x):
+        y = _direct('vim::cpu_bidirectional_conv_silu', load_extension().conv_fwd, *args, False)[0]
+    else:
+        y = _conv_op(*args, False)[0]
+    return _as(y.transpose(2, 3), x.dtype)

@@ -35,9 +35,9 @@ def scan_inputs(batch: int, dim: int, seqlen: int, dstate: int, dtype: torch.dty
     """Inputs of bidirectional_scan, leaves (or views of leaves) with requires_grad; A, D, delta_bias in float32 or
     float64 as the mixer passes them.
 
-    layout 'mixer': the views the mixer passes (u and delta channel-contiguous, z a slice of a transposed in_proj
-    output whose token stride is 2 * dim, B and C slices of x_dbl); 'strided': every activation a step-2 slice along
-    the tokens (no unit stride anywhere on the token axis)."""
+    layout 'mixer': the views the mixer passes on CPU (u and delta channel-contiguous, z a slice of a transposed
+    in_proj output whose token stride is 2 * dim, B and C transposed slices of the token-major x_dbl, state stride 1);
+    'strided': every activation a step-2 slice along the tokens (no unit stride anywhere on the token axis)."""
     g = torch.Generator().manual_seed(seed)
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -51,10 +51,10 @@ def scan_inputs(batch: int, dim: int, seqlen: int, dstate: int, dtype: torch.dty
         acts = dict(u=leaf(batch, 2, dim, seqlen), delta=leaf(batch, 2, dim, seqlen, scale=0.5),
                     B=leaf(batch, 2, dstate, seqlen), C=leaf(batch, 2, dstate, seqlen), z=leaf(batch, dim, seqlen))
     elif layout == 'mixer':
-        x_dbl = leaf(batch, 2, 3 + 2 * dstate, seqlen)
+        x_dbl = leaf(batch, 2, seqlen, 3 + 2 * dstate)
         acts = dict(u=leaf(batch, 2, seqlen, dim).transpose(2, 3),
-                    delta=leaf(batch, seqlen, 2, dim).permute(0, 2, 3, 1),
-                    B=x_dbl[:, :, 3:3 + dstate], C=x_dbl[:, :, 3 + dstate:],
+                    delta=leaf(batch, 2, seqlen, dim, scale=0.5).transpose(2, 3),
+                    B=x_dbl[..., 3:3 + dstate].transpose(2, 3), C=x_dbl[..., 3 + dstate:].transpose(2, 3),
                     z=leaf(batch, seqlen, 2 * dim).transpose(1, 2)[:, dim:])
     else:
         acts = {k: v[..., ::2] for k, v in scan_inputs(batch, dim, 2 * seqlen, dstate, dtype, seed=seed).items()
@@ -124,6 +124,22 @@ def test_scan_without_softplus():
         assert_close(grads[name], ref_grads[name], TOL[torch.float64], name)
 
 
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_scan_with_some_positive_A(dtype):
+    """A block with an entry A > 0 takes the forward's clamped exp2 (A <= 0 everywhere else in these tests)."""
+    x = scan_inputs(1, 70, 12, 4, dtype)
+    A = x['A'].detach().clone()
+    A[0, 3, 1] = A[1, 66, 2] = 0.3  # one block of each direction
+    x['A'] = A.requires_grad_()
+    gout = torch.randn(1, 70, 12, dtype=torch.float64)
+    out, grads = run(bidirectional_scan_cpu, x, gout, chunk_size=4)
+    x64 = {k: v.detach().double().requires_grad_() for k, v in x.items()}
+    ref, ref_grads = run(bidirectional_scan_ref, x64, gout)
+    assert_close(out, ref, TOL[dtype], 'out')
+    for name in SCAN_NAMES:
+        assert_close(grads[name], ref_grads[name], TOL[dtype], name)
+
+
 def test_scan_bf16_inputs():
     x = scan_inputs(2, 20, 9, 4, torch.bfloat16)
     gout = torch.randn(2, 20, 9, dtype=torch.float64)
@@ -135,6 +151,28 @@ def test_scan_bf16_inputs():
     for name in SCAN_NAMES:
         assert grads[name].dtype == x[name].dtype, name
         assert_close(grads[name], ref_grads[name], TOL[torch.bfloat16], name)
+
+
+@pytest.mark.parametrize('context', [torch.no_grad, torch.inference_mode])
+def test_calls_without_autograd_match_the_custom_op(context):
+    """Without autograd the public functions call the compiled kernels directly (no custom-op dispatch): same bits."""
+    x = scan_inputs(2, 70, 19, 5, torch.float32, layout='mixer')  # 70 channels: a full and a partial block
+    conv = dict(x=torch.randn(2, 70, 19, requires_grad=True), weight=torch.randn(2, 70, 4, requires_grad=True),
+                bias=torch.randn(2, 70, requires_grad=True))
+    with_op = bidirectional_scan_cpu(**x), bidirectional_conv_silu_cpu(**conv)
+    assert all(t.requires_grad for t in with_op)
+    with context():
+        direct = bidirectional_scan_cpu(**x), bidirectional_conv_silu_cpu(**conv)
+    assert not any(t.requires_grad for t in direct)
+    torch.testing.assert_close(direct, tuple(t.detach() for t in with_op), rtol=0, atol=0)
+    assert direct[0].stride() == with_op[0].stride() and direct[1].stride() == with_op[1].stride()
+
+
+def test_profiler_names_the_direct_calls():
+    x = scan_inputs(1, 16, 5, 4, torch.float32)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        bidirectional_scan_cpu(**x)
+    assert 'vim::cpu_bidirectional_scan' in {e.key for e in prof.key_averages()}
 
 
 def _with_threads(n: int, fn):
@@ -201,3 +239,53 @@ def test_conv_bf16_and_strided_tokens():
     assert_close(out, ref, TOL[torch.bfloat16], 'out')
     for name in inputs:
         assert_close(grads[name], ref_grads[name], TOL[torch.bfloat16], name)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('layout', ['token-major', 'channel-major'])
+@pytest.mark.parametrize('batch, dim, seqlen, rank', [(1, 70, 19, 3), (2, 9, 1, 1), (1, 64, 33, 12)])
+def test_low_rank_delta_matches_the_reference(dtype, layout, batch, dim, seqlen, rank):
+    """delta_proj_weight: the inference kernel projects the low-rank step per token (dt_proj fused in); with
+    autograd the full delta is made first. Both against the reference on the full delta, any dt layout."""
+    g = torch.Generator().manual_seed(1)
+    x = {k: v.detach() for k, v in scan_inputs(batch, dim, seqlen, 4, dtype, layout='mixer').items()}
+    if layout == 'token-major':  # a slice of the mixer's token-major x_dbl
+        dt = torch.randn(batch, 2, seqlen, rank + 5, generator=g).to(dtype)[..., 1:rank + 1].transpose(2, 3)
+    else:
+        dt = torch.randn(batch, 2, rank + 5, seqlen, generator=g).to(dtype)[:, :, 2:rank + 2]
+    weight = (torch.randn(2, dim, rank, generator=g) / rank ** 0.5).to(dtype)
+    x.pop('delta')
+    full = torch.einsum('gdr,bgrl->bgdl', weight.double(), dt.double())
+    ref = bidirectional_scan_ref(**{k: v.double() for k, v in x.items()}, delta=full)
+    with torch.no_grad():
+        fused = bidirectional_scan_cpu(**x, delta=dt, delta_proj_weight=weight)
+    assert fused.dtype == dtype
+    assert_close(fused, ref, TOL[dtype], 'fused out')
+    # the autograd path: full delta first, gradients reach dt and the weight
+    leaves = {k: v.clone().requires_grad_() for k, v in dict(x, dt=dt, weight=weight).items()}
+    out = bidirectional_scan_cpu(**{k: v for k, v in leaves.items() if k not in ('dt', 'weight')}, delta=leaves['dt'],
+                                 delta_proj_weight=leaves['weight'])
+    assert_close(out.detach(), ref, TOL[dtype], 'autograd out')
+    gout = torch.randn(batch, dim, seqlen, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, [leaves['dt'], leaves['weight']], gout.to(dtype))
+    dt64, w64 = dt.double().requires_grad_(), weight.double().requires_grad_()
+    ref2 = bidirectional_scan_ref(**{k: v.double() for k, v in x.items()},
+                                  delta=torch.einsum('gdr,bgrl->bgdl', w64, dt64))
+    ref_grads = torch.autograd.grad(ref2, [dt64, w64], gout)
+    for name, a, b in zip(('dt', 'weight'), grads, ref_grads):
+        assert_close(a, b, TOL[dtype], name)
+
+
+def test_low_rank_delta_thread_count_and_bad_shapes():
+    g = torch.Generator().manual_seed(2)
+    x = {k: v.detach() for k, v in scan_inputs(3, 40, 21, 4, torch.float32).items()}
+    x.pop('delta')
+    dt, weight = torch.randn(3, 2, 5, 21, generator=g), torch.randn(2, 40, 5, generator=g)
+    with torch.no_grad():
+        one = _with_threads(1, lambda: bidirectional_scan_cpu(**x, delta=dt, delta_proj_weight=weight))
+        two = _with_threads(2, lambda: bidirectional_scan_cpu(**x, delta=dt, delta_proj_weight=weight))
+        torch.testing.assert_close(one, two, rtol=0, atol=0)
+        with pytest.raises(ValueError, match='low-rank delta'):
+            bidirectional_scan_cpu(**x, delta=dt, delta_proj_weight=weight[:, :, :4])
+        with pytest.raises(ValueError, match='delta_proj_weight'):
+            bidirectional_scan_cpu(**x, delta=dt, delta_proj_weight=weight[:, :39])

@@ -209,3 +209,28 @@ def test_bf16_autocast_and_bf16_model_agree_with_fp32():
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), ref, rtol=0, atol=tol)
     assert maps[0].dtype == torch.bfloat16 and torch.isfinite(maps[0].float()).all()
+
+
+@pytest.mark.parametrize('batch, seqlen', [(1, 7), (2, 5), (1, 1)])
+def test_ssm_projections_token_major_and_channel_major_agree(batch, seqlen):
+    """The mixer's x_proj (and the dt_proj after it) runs token-major for a token-major u (the CPU conv's output)
+    and channel-major otherwise (the GPU ops'): the same dt, B, C and delta either way, in float64."""
+    from vim.kernels.reference import delta_from_low_rank
+
+    from vim.layers.mixer import ssm_projections
+
+    g = torch.Generator().manual_seed(0)
+    d, r, n = 24, 3, 4
+    u_tok = torch.randn(batch, 2, seqlen, d, generator=g, dtype=torch.float64).transpose(2, 3)
+    x_w = torch.randn(2, r + 2 * n, d, generator=g, dtype=torch.float64)
+    dt_w = torch.randn(2, d, r, generator=g, dtype=torch.float64)
+    tok = ssm_projections(u_tok, x_w, r, n)
+    chan = ssm_projections(u_tok.contiguous(), x_w, r, n)
+    tok, chan = (*tok, delta_from_low_rank(tok[0], dt_w)), (*chan, delta_from_low_rank(chan[0], dt_w))
+    if seqlen > 1:
+        assert tok[0].stride(-2) == 1 and tok[3].stride(-2) == 1  # token-major: no copy in the CPU scan
+    expected = torch.einsum('gkd,bgdl->bgkl', x_w, u_tok)
+    torch.testing.assert_close(chan[3], torch.einsum('gdr,bgrl->bgdl', dt_w, expected[:, :, :r]))
+    for a, b in zip(tok, chan):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -9,7 +9,7 @@ from timm.layers import register_notrace_function
 
 from vim.kernels import bidirectional_conv_silu, bidirectional_scan
 
-__all__ = ['BidirectionalMamba', 'widened_dtype']
+__all__ = ['BidirectionalMamba', 'ssm_projections', 'widened_dtype']
 
 # The ops choose their backend from the tensors' device in Python: torch.fx keeps them as calls (timm's and
 # torchvision's FX feature extractors trace through the mixer otherwise).
@@ -21,6 +21,25 @@ register_notrace_function(bidirectional_scan)
 def widened_dtype(x: torch.Tensor) -> torch.dtype:
     """fp32 for half-precision x, x's dtype for fp32 / fp64: the dtype of Vim's residual stream and SSM parameters."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+@register_notrace_function  # a branch on u's strides: torch.fx keeps the call
+def ssm_projections(u: torch.Tensor, x_proj_weight: torch.Tensor, dt_rank: int,
+                    d_state: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_proj of both branches: u (batch, 2, d_inner, seqlen) -> the low-rank step dt (batch, 2, dt_rank, seqlen) and
+    B, C (batch, 2, d_state, seqlen), views of one product computed in the layout u arrives in.
+
+    A token-major u (channel stride 1: the CPU conv's output) is projected token by token, ``(seqlen, d_inner) @
+    (d_inner, k)``, so that dt, B and C are views with the projection axis contiguous (dt_proj then yields a
+    token-major delta, the layout the CPU scan reads, or runs inside the CPU kernel); otherwise (the GPU ops'
+    channel-major u) as a channel-major product. Same values either way, up to the GEMM's summation order.
+    """
+    r, n = dt_rank, d_state
+    if u.stride(-2) == 1 and u.shape[-1] > 1:
+        x_dbl = torch.matmul(u.transpose(-1, -2), x_proj_weight.transpose(-1, -2)).transpose(-1, -2)
+    else:
+        x_dbl = torch.einsum('bgdl,gkd->bgkl', u, x_proj_weight)
+    return x_dbl[:, :, :r], x_dbl[:, :, r:r + n], x_dbl[:, :, r + n:]
 
 
 class BidirectionalMamba(nn.Module):
@@ -100,12 +119,10 @@ class BidirectionalMamba(nn.Module):
         x, z = xz[:, :self.d_inner], xz[:, self.d_inner:]  # (batch, d_inner, seqlen) each
         # both branches' causal conv + silu, in natural token order: (batch, 2, d_inner, seqlen)
         u = bidirectional_conv_silu(x, self.conv_weight, self.conv_bias)
-        x_dbl = torch.einsum('bgdl,gkd->bgkl', u, self.x_proj_weight.to(u.dtype))
-        r, n = self.dt_rank, self.d_state
-        dt, B, C = x_dbl[:, :, :r], x_dbl[:, :, r:r + n], x_dbl[:, :, r + n:]
-        delta = torch.einsum('bgrl,gdr->bgdl', dt, self.dt_proj_weight.to(u.dtype))
+        dt, B, C = ssm_projections(u, self.x_proj_weight.to(u.dtype), self.dt_rank, self.d_state)
         ssm_dtype = widened_dtype(u)  # A, D and dt bias stay fp32 (or wider)
+        # dt_proj (delta = dt_proj_weight @ dt) is the scan's: the CPU kernel computes it per token at inference
         y = bidirectional_scan(
-            u, delta, -torch.exp(self.A_log.to(ssm_dtype)), B, C, self.D.to(ssm_dtype), z,
-            self.dt_proj_bias.to(ssm_dtype), delta_softplus=True)
+            u, dt, -torch.exp(self.A_log.to(ssm_dtype)), B, C, self.D.to(ssm_dtype), z,
+            self.dt_proj_bias.to(ssm_dtype), delta_softplus=True, delta_proj_weight=self.dt_proj_weight.to(u.dtype))
         return self.out_proj(y.transpose(1, 2))

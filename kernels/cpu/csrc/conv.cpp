@@ -38,6 +38,8 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tens
         Vec bv[K];
         blk.load(bias.const_data_ptr<scalar_t>() + g * dim + c0, bv);
         for (int64_t t = 0; t < L; ++t) {
+          const int64_t ahead = t + (W - 1) + kPrefetchTokens;  // the newest row either branch reads, a few tokens on
+          if (ahead < L) prefetch_row<Blk>(xp + b * sxb + ahead * sxt + c0);
           Vec acc[K], xv[K];
           for (int64_t k = 0; k < K; ++k) acc[k] = bv[k];
           for (int64_t j = 0; j < W; ++j) {
@@ -182,6 +184,9 @@ double exp2_probe(const at::Tensor& x, int64_t reps) {
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                  const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
                                  const at::Tensor& bias, bool softplus, int64_t chunk, bool save);
+at::Tensor scan_fwd_lowrank(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& dproj, const at::Tensor& A,
+                            const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
+                            const at::Tensor& bias, bool softplus);
 std::vector<at::Tensor> scan_bwd(const at::Tensor& gout, const at::Tensor& u, const at::Tensor& delta,
                                  const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, const at::Tensor& D,
                                  const at::Tensor& z, const at::Tensor& bias, const at::Tensor& ysum,
@@ -191,6 +196,7 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& gout, const at::Tensor& u, co
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd", &vim_cpu::scan_fwd, "bidirectional selective scan, forward");
+  m.def("scan_fwd_lowrank", &vim_cpu::scan_fwd_lowrank, "bidirectional selective scan, forward, dt_proj fused in");
   m.def("scan_bwd", &vim_cpu::scan_bwd, "bidirectional selective scan, backward");
   m.def("conv_fwd", &vim_cpu::conv_fwd, "two-branch causal depthwise conv + silu, forward");
   m.def("conv_bwd", &vim_cpu::conv_bwd, "two-branch causal depthwise conv + silu, backward");

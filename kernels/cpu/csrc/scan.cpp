@@ -1,6 +1,6 @@
 // Vim's bidirectional selective scan on CPU, forward and backward, fused: one pass over the tokens per
-// (batch, block of 16 channels), both directions in turn, the state tile (dstate x 16 channels) in registers / L1,
-// SIMD across channels. Semantics: vim.kernels.bidirectional_scan_ref. Python side: kernels/cpu/op.py.
+// (batch, block of kBlockChannels = 64 channels), both directions in turn, the state tile (dstate x 64 channels) in
+// L1, SIMD across channels. Semantics: vim.kernels.bidirectional_scan_ref. Python side: kernels/cpu/op.py.
 //
 // Layouts (checked or produced by op.py): u, delta (batch, 2, dim, L), z and gout (batch, dim, L), each with
 // channel stride 1 and any other strides; B, C (batch, 2, N, L) and A (2, dim, N) any strides; D and delta_bias
@@ -16,16 +16,35 @@ struct ScanInputs {
   at::Tensor u, delta, A, B, C, D, z, bias;
   int64_t batch, dim, L, N;
   bool softplus;
+  // low-rank delta (forward only): delta is then (batch, 2, R, L) with any strides and the full step is
+  // dproj @ delta per direction, dproj (2, dim, R) any strides (Vim's dt_proj, computed per token in the kernel)
+  at::Tensor dproj;
+  int64_t R = 0;
 };
 
+// Row pointers of a (batch, 2, dim, L) or (batch, dim, L) tensor with channel stride 1: the data pointer and strides
+// read once, outside the token loops (Tensor::const_data_ptr is an out-of-line call with checks; inside a loop it
+// also forces every live vector register to be spilled around it).
 template <typename scalar_t>
-struct Ptrs {
-  // element (b, g, t, channel 0) of a (batch, 2, dim, L) tensor with channel stride 1
-  static const scalar_t* chan(const at::Tensor& x, int64_t b, int64_t g, int64_t t) {
-    return x.const_data_ptr<scalar_t>() + b * x.stride(0) + g * x.stride(1) + t * x.stride(3);
-  }
-  static const scalar_t* chan3(const at::Tensor& x, int64_t b, int64_t t) {
-    return x.const_data_ptr<scalar_t>() + b * x.stride(0) + t * x.stride(2);
+struct Rows {
+  const scalar_t* p;
+  int64_t sb, sg, st;
+  explicit Rows(const at::Tensor& x)
+      : p(x.const_data_ptr<scalar_t>()), sb(x.stride(0)), sg(x.dim() == 4 ? x.stride(1) : 0), st(x.stride(-1)) {}
+  // element (b, g, t, channel 0); g is ignored for 3-d tensors
+  const scalar_t* at(int64_t b, int64_t g, int64_t t) const { return p + b * sb + g * sg + t * st; }
+};
+
+// (batch, 2, N, L) with any strides, read a token's N values at a time
+template <typename scalar_t>
+struct StateRows {
+  const scalar_t* p;
+  int64_t sb, sg, sn, st;
+  explicit StateRows(const at::Tensor& x)
+      : p(x.const_data_ptr<scalar_t>()), sb(x.stride(0)), sg(x.stride(1)), sn(x.stride(2)), st(x.stride(3)) {}
+  void gather(int64_t b, int64_t g, int64_t t, int64_t N, scalar_t* out) const {
+    const scalar_t* q = p + b * sb + g * sg + t * st;
+    for (int64_t n = 0; n < N; ++n) out[n] = q[n * sn];
   }
 };
 
@@ -33,63 +52,116 @@ template <typename scalar_t>
 void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Tensor& ysum, at::Tensor& states) {
   using Blk = Block<scalar_t>;
   using Vec = typename Blk::Vec;
-  using P = Ptrs<scalar_t>;
+  const Rows<scalar_t> Ur(in.u), Dr(in.delta), Zr(in.z);
+  const StateRows<scalar_t> Br(in.B), Cr(in.C), DTr(in.delta);  // DTr: the low-rank delta's (batch, 2, R, L) view
+  const int64_t R = in.R;
   constexpr int64_t K = Blk::K;
   const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
   const int64_t nstates = states.defined() ? states.size(2) : 0;
-  const auto sB = in.B.strides(), sC = in.C.strides();
-  const scalar_t* Bp = in.B.const_data_ptr<scalar_t>();
-  const scalar_t* Cp = in.C.const_data_ptr<scalar_t>();
   scalar_t* outp = out.data_ptr<scalar_t>();
   scalar_t* ysp = ysum.defined() ? ysum.data_ptr<scalar_t>() : nullptr;
   scalar_t* stp = states.defined() ? states.data_ptr<scalar_t>() : nullptr;
 
   at::parallel_for(0, batch * nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Vec> h(N * K), A(N * K);
-    std::vector<scalar_t> Bt(N), Ct(N);
+    // state tile and scaled A, channel-vector-major: h[k * N + n] holds states n of the block's vector k, so that the
+    // inner loop over the states walks contiguous memory with one vector's dt, delta * u and accumulators in registers
+    std::vector<Vec> h(N * K), A(N * K), A_rows(N * K), Wp(R * K);
+    std::vector<scalar_t> Bt(N), Ct(N), dtl(R);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblocks, c0 = (task % nblocks) * Blk::C;
       const Blk blk(c0, dim);
       for (int64_t g = 0; g < 2; ++g) {
         load_strided_rows(blk, in.A.const_data_ptr<scalar_t>() + g * in.A.stride(0), N, in.A.stride(2),
-                          in.A.stride(1), c0, dim, A.data());
-        for (auto& a : A) a = a * Vec(kLog2e);  // exp(x) = 2**(x log2 e)
+                          in.A.stride(1), c0, dim, A_rows.data());
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t k = 0; k < K; ++k) A[k * N + n] = A_rows[n * K + k] * Vec(kLog2e);  // exp(x) = 2**(x log2 e)
+        }
         Vec Dv[K], bias[K];
         blk.load(in.D.const_data_ptr<scalar_t>() + g * dim + c0, Dv);
         blk.load(in.bias.const_data_ptr<scalar_t>() + g * dim + c0, bias);
+        if (R > 0) {
+          load_strided_rows(blk, in.dproj.const_data_ptr<scalar_t>() + g * in.dproj.stride(0), R,
+                            in.dproj.stride(2), in.dproj.stride(1), c0, dim, Wp.data());
+        }
+        // delta >= 0 (softplus) and A <= 0 in this block: every decay exponent is <= 0 (or NaN), so exp2 can skip its
+        // upper clamp
+        bool decays_below_one = in.softplus;
+        for (int64_t n = 0; n < N && decays_below_one; ++n) {
+          for (int64_t k = 0; k < K; ++k) {
+            __at_align__ scalar_t lanes[Blk::V];
+            A_rows[n * K + k].store(lanes);
+            for (int64_t i = 0; i < Blk::V; ++i) decays_below_one = decays_below_one && lanes[i] <= 0;
+          }
+        }
+        // y[k] += C . h for each channel vector k, after h = exp(delta A) h + delta u B (u holds delta * u)
+        auto state_loop = [&](auto no_clamp, const Vec* dt, const Vec* u, Vec* y) {
+          constexpr bool kNoClamp = decltype(no_clamp)::value;
+          for (int64_t k = 0; k < K; ++k) {
+            const Vec dtk = dt[k], duk = u[k];
+            Vec* hk = &h[k * N];
+            const Vec* Ak = &A[k * N];
+            Vec acc0 = y[k], acc1(0);  // even and odd states: half the dependency chain
+            int64_t n = 0;
+            for (; n + 1 < N; n += 2) {
+              const Vec h0 = at::vec::fmadd(fast_exp2<!kNoClamp>(dtk * Ak[n]), hk[n], duk * Vec(Bt[n]));
+              const Vec h1 = at::vec::fmadd(fast_exp2<!kNoClamp>(dtk * Ak[n + 1]), hk[n + 1], duk * Vec(Bt[n + 1]));
+              hk[n] = h0;
+              hk[n + 1] = h1;
+              acc0 = at::vec::fmadd(h0, Vec(Ct[n]), acc0);
+              acc1 = at::vec::fmadd(h1, Vec(Ct[n + 1]), acc1);
+            }
+            if (n < N) {
+              hk[n] = at::vec::fmadd(fast_exp2<!kNoClamp>(dtk * Ak[n]), hk[n], duk * Vec(Bt[n]));
+              acc0 = at::vec::fmadd(hk[n], Vec(Ct[n]), acc0);
+            }
+            y[k] = acc0 + acc1;
+          }
+        };
         std::fill(h.begin(), h.end(), Vec(0));
         for (int64_t s = 0; s < L; ++s) {
           const int64_t t = g == 0 ? s : L - 1 - s;
           if (stp && s % chunk == 0 && s > 0) {
             scalar_t* dst = stp + ((b * 2 + g) * nstates + s / chunk - 1) * N * dim + c0;
-            for (int64_t n = 0; n < N; ++n) blk.store(dst + n * dim, &h[n * K]);
+            for (int64_t k = 0; k < K; ++k) {
+              if (blk.count[k] == 0) continue;
+              for (int64_t n = 0; n < N; ++n) {
+                if (blk.count[k] == Blk::V) h[k * N + n].store(dst + n * dim + k * Blk::V);
+                else h[k * N + n].store(dst + n * dim + k * Blk::V, blk.count[k]);
+              }
+            }
+          }
+          if (s + kPrefetchTokens < L) {
+            const int64_t ta = g == 0 ? s + kPrefetchTokens : L - 1 - s - kPrefetchTokens;
+            if (R == 0) prefetch_row<Blk>(Dr.at(b, g, ta) + c0);
+            prefetch_row<Blk>(Ur.at(b, g, ta) + c0);
+            if (g == 1) {
+              prefetch_row<Blk>(Zr.at(b, 0, ta) + c0);
+              prefetch_row<Blk>(outp + (b * L + ta) * dim + c0);
+            }
           }
           Vec dt[K], u[K], y[K];
-          blk.load(P::chan(in.delta, b, g, t) + c0, dt);
-          blk.load(P::chan(in.u, b, g, t) + c0, u);
+          if (R == 0) {
+            blk.load(Dr.at(b, g, t) + c0, dt);
+          } else {  // delta = dproj @ dt_low for this token, summed over the rank in order
+            DTr.gather(b, g, t, R, dtl.data());
+            for (int64_t k = 0; k < K; ++k) dt[k] = Wp[k] * Vec(dtl[0]);
+            for (int64_t r = 1; r < R; ++r) {
+              const Vec dr(dtl[r]);
+              for (int64_t k = 0; k < K; ++k) dt[k] = at::vec::fmadd(Wp[r * K + k], dr, dt[k]);
+            }
+          }
+          blk.load(Ur.at(b, g, t) + c0, u);
           for (int64_t k = 0; k < K; ++k) {
             dt[k] = dt[k] + bias[k];
             if (in.softplus) dt[k] = softplus(dt[k]);
             y[k] = Dv[k] * u[k];
             u[k] = dt[k] * u[k];  // delta * u from here on
           }
-          for (int64_t n = 0; n < N; ++n) {
-            Bt[n] = Bp[b * sB[0] + g * sB[1] + n * sB[2] + t * sB[3]];
-            Ct[n] = Cp[b * sC[0] + g * sC[1] + n * sC[2] + t * sC[3]];
-          }
-          Vec y2[K];  // a second accumulator over the states: half the dependency chain
-          for (int64_t k = 0; k < K; ++k) y2[k] = Vec(0);
-          for (int64_t n = 0; n < N; ++n) {
-            const Vec Bn(Bt[n]), Cn(Ct[n]);
-            Vec* acc = n % 2 ? y2 : y;
-            for (int64_t k = 0; k < K; ++k) {
-              const Vec dA = fast_exp2(dt[k] * A[n * K + k]);
-              h[n * K + k] = at::vec::fmadd(dA, h[n * K + k], u[k] * Bn);
-              acc[k] = at::vec::fmadd(h[n * K + k], Cn, acc[k]);
-            }
-          }
-          for (int64_t k = 0; k < K; ++k) y[k] = y[k] + y2[k];
+          Br.gather(b, g, t, N, Bt.data());
+          Cr.gather(b, g, t, N, Ct.data());
+          if (decays_below_one) state_loop(std::true_type{}, dt, u, y);
+          else state_loop(std::false_type{}, dt, u, y);
           scalar_t* o = outp + (b * L + t) * dim + c0;
           if (g == 0) {
             blk.store(o, y);  // direction 0's y, until direction 1 reaches this token
@@ -97,7 +169,7 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
           }
           Vec prev[K], zv[K];
           blk.load(o, prev);
-          blk.load(P::chan3(in.z, b, t) + c0, zv);
+          blk.load(Zr.at(b, 0, t) + c0, zv);
           for (int64_t k = 0; k < K; ++k) {
             y[k] = (prev[k] + y[k]) * Vec(0.5);
             prev[k] = y[k] * zv[k] * sigmoid(zv[k]);
@@ -117,14 +189,12 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
                    at::Tensor& gC_part) {
   using Blk = Block<scalar_t>;
   using Vec = typename Blk::Vec;
-  using P = Ptrs<scalar_t>;
+  const Rows<scalar_t> Ur(in.u), Dr(in.delta), Zr(in.z), Gr(gout);
+  const StateRows<scalar_t> Br(in.B), Cr(in.C);
   constexpr int64_t K = Blk::K;
   const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
   const int64_t nchunks = (L + chunk - 1) / chunk;
-  const auto sB = in.B.strides(), sC = in.C.strides();
-  const scalar_t* Bp = in.B.const_data_ptr<scalar_t>();
-  const scalar_t* Cp = in.C.const_data_ptr<scalar_t>();
   const scalar_t* ysp = ysum.const_data_ptr<scalar_t>();
   const scalar_t* stp = states.const_data_ptr<scalar_t>();
   scalar_t *gup = gu.data_ptr<scalar_t>(), *gdp = gdelta.data_ptr<scalar_t>(), *gzp = gz.data_ptr<scalar_t>();
@@ -143,9 +213,9 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
       // gate: out = silu(z) * ysum, with ysum the average of both directions' y
       for (int64_t t = 0; t < L; ++t) {
         Vec go[K], ys[K], zv[K];
-        blk.load(P::chan3(gout, b, t) + c0, go);
+        blk.load(Gr.at(b, 0, t) + c0, go);
         blk.load(ysp + (b * L + t) * dim + c0, ys);
-        blk.load(P::chan3(in.z, b, t) + c0, zv);
+        blk.load(Zr.at(b, 0, t) + c0, zv);
         for (int64_t k = 0; k < K; ++k) {
           const Vec sg = sigmoid(zv[k]);
           go[k] = go[k] * ys[k] * sg * (Vec(1) + zv[k] * (Vec(1) - sg));
@@ -163,10 +233,8 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
         std::fill(gh.begin(), gh.end(), Vec(0));
         std::fill(gA.begin(), gA.end(), Vec(0));
         auto B_C_at = [&](int64_t t) {
-          for (int64_t n = 0; n < N; ++n) {
-            Bt[n] = Bp[b * sB[0] + g * sB[1] + n * sB[2] + t * sB[3]];
-            Ct[n] = Cp[b * sC[0] + g * sC[1] + n * sC[2] + t * sC[3]];
-          }
+          Br.gather(b, g, t, N, Bt.data());
+          Cr.gather(b, g, t, N, Ct.data());
         };
         // partial sums over this block's channels, per (token, state): (nblocks, batch, 2, N, L)
         scalar_t* gB_row = gBp + ((blk_i * batch + b) * 2 + g) * N * L;
@@ -183,9 +251,14 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
           const Vec* hprev = h0.data();
           for (int64_t s = s0; s < s1; ++s) {
             const int64_t t = g == 0 ? s : L - 1 - s, i = s - s0;
+            if (s + kPrefetchTokens < s1) {
+              const int64_t ta = g == 0 ? s + kPrefetchTokens : L - 1 - s - kPrefetchTokens;
+              prefetch_row<Blk>(Dr.at(b, g, ta) + c0);
+              prefetch_row<Blk>(Ur.at(b, g, ta) + c0);
+            }
             Vec dt[K], u[K];
-            blk.load(P::chan(in.delta, b, g, t) + c0, dt);
-            blk.load(P::chan(in.u, b, g, t) + c0, u);
+            blk.load(Dr.at(b, g, t) + c0, dt);
+            blk.load(Ur.at(b, g, t) + c0, u);
             for (int64_t k = 0; k < K; ++k) {
               dt[k] = dt[k] + bias[k];
               if (in.softplus) dt[k] = softplus(dt[k]);
@@ -207,10 +280,15 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
           // walk the chunk backwards; gh holds d loss / d h_t, carried through the decays
           for (int64_t s = s1 - 1; s >= s0; --s) {
             const int64_t t = g == 0 ? s : L - 1 - s, i = s - s0;
+            if (s - kPrefetchTokens >= s0) {  // the next chunk's rows were fetched by its recompute above
+              const int64_t ta = g == 0 ? s - kPrefetchTokens : L - 1 - s + kPrefetchTokens;
+              prefetch_row<Blk>(Gr.at(b, 0, ta) + c0);
+              prefetch_row<Blk>(Zr.at(b, 0, ta) + c0);
+            }
             Vec go[K], zv[K], u[K], gy[K], S[K], gdt[K], raw[K];
-            blk.load(P::chan3(gout, b, t) + c0, go);
-            blk.load(P::chan3(in.z, b, t) + c0, zv);
-            blk.load(P::chan(in.u, b, g, t) + c0, u);
+            blk.load(Gr.at(b, 0, t) + c0, go);
+            blk.load(Zr.at(b, 0, t) + c0, zv);
+            blk.load(Ur.at(b, g, t) + c0, u);
             const Vec* dt = &DT[i * K];
             Vec du[K];
             for (int64_t k = 0; k < K; ++k) {
@@ -239,7 +317,7 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
               }
               gB_row[n * L + t] = horizontal_sum(tmp, K);
             }
-            blk.load(P::chan(in.delta, b, g, t) + c0, raw);
+            blk.load(Dr.at(b, g, t) + c0, raw);
             Vec gu_v[K];
             for (int64_t k = 0; k < K; ++k) {
               gu_v[k] = at::vec::fmadd(gy[k], Dv[k], dt[k] * S[k]);
@@ -310,6 +388,28 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   });
   if (!save) return {out};
   return {out, ysum, states};
+}
+
+// Inference with Vim's dt_proj fused in: dt (batch, 2, R, L) any strides, dproj (2, dim, R) any strides; the step is
+// delta = dproj[g] @ dt[b, g] per token, computed in the kernel (no (batch, 2, dim, L) delta tensor). Returns out.
+at::Tensor scan_fwd_lowrank(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& dproj, const at::Tensor& A,
+                            const at::Tensor& B, const at::Tensor& C, const at::Tensor& D, const at::Tensor& z,
+                            const at::Tensor& bias, bool softplus) {
+  check_channels_contiguous(u, "u");
+  check_channels_contiguous(z, "z");
+  TORCH_CHECK(D.is_contiguous() && bias.is_contiguous(), "D and delta_bias must be contiguous");
+  TORCH_CHECK(dt.dim() == 4 && dproj.dim() == 3 && dt.size(2) == dproj.size(2) && dproj.size(1) == u.size(2) &&
+                  dt.size(3) == u.size(3) && dt.size(2) >= 1,
+              "dt must be (batch, 2, R, L) and dproj (2, dim, R)");
+  const auto dtype = u.scalar_type();
+  for (auto* t : {&dt, &dproj, &A, &B, &C, &D, &z, &bias}) TORCH_CHECK(t->scalar_type() == dtype, "dtypes must match");
+  ScanInputs in{u, dt, A, B, C, D, z, bias, u.size(0), u.size(2), u.size(3), A.size(2), softplus, dproj, dt.size(2)};
+  auto out = at::empty({in.batch, in.L, in.dim}, u.options());
+  at::Tensor ysum, states;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "vim_cpu_scan_fwd_lowrank", [&] {
+    scan_fwd_impl<scalar_t>(in, 1, out, ysum, states);
+  });
+  return out;
 }
 
 // Returns gu, gdelta (batch, 2, L, dim), gz (batch, L, dim), gA (2, dim, N), gD, gbias (2, dim), gB, gC
