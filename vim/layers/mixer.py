@@ -29,10 +29,11 @@ def ssm_projections(u: torch.Tensor, x_proj_weight: torch.Tensor, dt_rank: int,
     """x_proj of both branches: u (batch, 2, d_inner, seqlen) -> the low-rank step dt (batch, 2, dt_rank, seqlen) and
     B, C (batch, 2, d_state, seqlen), views of one product computed in the layout u arrives in.
 
-    A token-major u (channel stride 1: the CPU conv's output) is projected token by token, ``(seqlen, d_inner) @
-    (d_inner, k)``, so that dt, B and C are views with the projection axis contiguous (dt_proj then yields a
-    token-major delta, the layout the CPU scan reads, or runs inside the CPU kernel); otherwise (the GPU ops'
-    channel-major u) as a channel-major product. Same values either way, up to the GEMM's summation order.
+    A token-major u (channel stride 1: the output of the CPU and Triton convs) is projected token by token,
+    ``(seqlen, d_inner) @ (d_inner, k)``, so that dt, B and C are views with the projection axis contiguous (dt_proj
+    then yields a token-major delta, the layout both fast scans read, or runs inside the CPU kernel); otherwise (the
+    reference conv's channel-major u) as a channel-major product. Same values either way, up to the GEMM's summation
+    order.
     """
     r, n = dt_rank, d_state
     if u.stride(-2) == 1 and u.shape[-1] > 1:
