@@ -159,6 +159,16 @@ def _direct(name: str, fn, *args):
     return fn(*args)
 
 
+def _first_output(op, name: str, kernel: str, args: tuple, needs_grad: bool, x: torch.Tensor) -> torch.Tensor:
+    """The forward's first output: through the custom ``op`` (named ``name``) saving for the backward when a gradient
+    is needed, the extension's ``kernel`` called directly in plain eager mode (no dispatch cost), else the op."""
+    if needs_grad:
+        return op(*args, True)[0]
+    if _eager(x):
+        return _direct(name, getattr(load_extension(), kernel), *args, False)[0]
+    return op(*args, False)[0]
+
+
 def bidirectional_scan_cpu(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool = True, *,
@@ -201,12 +211,8 @@ def bidirectional_scan_cpu(
     args = (_channels_contiguous(u, dtype), _channels_contiguous(delta, dtype), _as(A, dtype), _as(B, dtype),
             _as(C, dtype), _as(D, dtype).contiguous(), _channels_contiguous(z, dtype),
             _as(delta_bias, dtype).contiguous(), bool(delta_softplus), int(chunk_size))
-    if _needs_grad(u, delta, A, B, C, D, z, delta_bias):
-        out = _scan_op(*args, True)[0]
-    elif _eager(u):
-        out = _direct('vim::cpu_bidirectional_scan', load_extension().scan_fwd, *args, False)[0]
-    else:
-        out = _scan_op(*args, False)[0]
+    out = _first_output(_scan_op, 'vim::cpu_bidirectional_scan', 'scan_fwd', args,
+                        _needs_grad(u, delta, A, B, C, D, z, delta_bias), u)
     return _as(out.transpose(1, 2), u.dtype)
 
 
@@ -291,10 +297,5 @@ def bidirectional_conv_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: tor
         return bidirectional_conv_silu_ref(x, weight, bias)
     dtype = _compute_dtype(x)
     args = (_channels_contiguous(x, dtype), _as(weight, dtype), _as(bias, dtype).contiguous())
-    if _needs_grad(x, weight, bias):
-        y = _conv_op(*args, True)[0]
-    elif _eager(x):
-        y = _direct('vim::cpu_bidirectional_conv_silu', load_extension().conv_fwd, *args, False)[0]
-    else:
-        y = _conv_op(*args, False)[0]
+    y = _first_output(_conv_op, 'vim::cpu_bidirectional_conv_silu', 'conv_fwd', args, _needs_grad(x, weight, bias), x)
     return _as(y.transpose(2, 3), x.dtype)
