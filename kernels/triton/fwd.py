@@ -31,7 +31,7 @@ import triton.language as tl
 from .common import autotune_configs, silu, softplus, tensor_strides
 from .pack import pack_bc
 
-__all__ = ['scan_fwd', 'plan_segments', 'MIN_SEGMENT']
+__all__ = ['scan_fwd', 'scan_output', 'plan_segments', 'MIN_SEGMENT']
 
 # (BLOCK_D, num_warps, num_stages[, UNROLL]): one channel a thread, whose registers hold its 16 states, 16 A, and the
 # packed B and C of the current and the prefetched token. The output loop unrolled by 2 issues ~20% fewer
@@ -293,6 +293,14 @@ def _scan_output_kernel(
                         k, DELTA_SOFTPLUS, STORE_STATES, CHUNK, BLOCK_N, UNROLL)
 
 
+def scan_output(u: torch.Tensor) -> torch.Tensor:
+    """The forward's output buffer for u (batch, 2, dim, seqlen): (batch, dim, seqlen) in u's dtype, a transposed view
+    of (batch, seqlen, dim) memory. Channel-contiguous, as in_proj's output and out_proj's input are: a thread owns a
+    channel, so a warp's per-token store is one contiguous run (token-contiguous rows cost a sector per thread)."""
+    batch, _, dim, seqlen = u.shape
+    return torch.empty(batch, seqlen, dim, device=u.device, dtype=u.dtype).transpose(1, 2)
+
+
 def scan_fwd(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool, chunk: int,
@@ -312,9 +320,7 @@ def scan_fwd(
     seg_len, n_seg = plan_segments(batch, dim, seqlen, chunk, sms)
     n_chunks = triton.cdiv(seqlen, chunk)
     block_n = triton.next_power_of_2(dstate)
-    # channel-contiguous (token-major), as in_proj's output and out_proj's input are: a thread owns a channel, so a
-    # warp's per-token store is one contiguous run (token-contiguous rows would cost a memory sector per thread)
-    out = torch.empty(batch, seqlen, dim, device=dev, dtype=u.dtype).transpose(1, 2)
+    out = scan_output(u)
     y1 = torch.empty(batch, seqlen, dim, device=dev, dtype=torch.float32)
     states = torch.empty(batch, 2, n_chunks - 1 if store_states else 0, dstate, dim, device=dev, dtype=torch.float32)
     hseg = torch.empty(batch, 2, n_seg - 1, dstate, dim, device=dev, dtype=torch.float32)

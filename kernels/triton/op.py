@@ -15,7 +15,7 @@ from ..reference import bidirectional_conv_silu_ref
 from .bwd import scan_bwd
 from .common import INTERPRET
 from .conv import conv_bwd, conv_fwd, conv_output
-from .fwd import scan_fwd
+from .fwd import scan_fwd, scan_output
 
 __all__ = ['bidirectional_scan_triton', 'bidirectional_conv_silu_triton', 'check_device', 'DEFAULT_CHUNK']
 
@@ -99,7 +99,7 @@ def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Ten
 @_scan_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states):
     batch, _, dim, seqlen = u.shape
-    out = u.new_empty(batch, seqlen, dim).transpose(1, 2)  # the kernel's layout: channel-contiguous
+    out = scan_output(u)
     if not store_states:
         return out, u.new_empty(0, dtype=torch.float32)
     return out, u.new_empty(batch, 2, -(-seqlen // chunk) - 1, A.shape[-1], dim, dtype=torch.float32)
