@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vim.benchmark import scan as scan_benchmark
 from vim.benchmark.scan import device_name
 from vim.kernels import available_backends, resolve_backend
-from vim.utils import atomic_write
+from vim.utils import atomic_write, retain_freed_memory
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--min-time', type=float, default=1.0, help='seconds per timing')
     p.add_argument('--out', type=Path, default=None, help='JSON path (default benchmarks/<device>-<date>.json)')
+    p.add_argument('--glibc-malloc-defaults', action='store_true',
+                   help="CPU: keep glibc's default heap thresholds (by default freed memory is kept for reuse, "
+                        "for both models: vim.utils.retain_freed_memory)")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -206,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ['VIM_SCAN_BACKEND'] = args.backend
     device = torch.device(args.device)
     on_cuda = device.type == 'cuda'
+    malloc = 'glibc defaults'
+    if device.type == 'cpu' and not args.glibc_malloc_defaults and retain_freed_memory():
+        malloc = 'freed memory kept for reuse (vim.utils.retain_freed_memory)'
     started = dt.datetime.now(dt.timezone.utc)
     out = args.out or Path('benchmarks') / f'{device.type}-{started:%Y%m%d-%H%M}.json'
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         date=started.isoformat(timespec='seconds'), device=device_name(device),
         command=' '.join(['python tools/benchmark.py'] + (argv if argv is not None else sys.argv[1:])),
         scan_backend=resolve_backend(None, torch.empty(0, device=device)), torch=torch.__version__,
-        timm=timm.__version__, python=platform.python_version(), complete=False, results=results, scan=None)
+        timm=timm.__version__, python=platform.python_version(), malloc=malloc, complete=False, results=results,
+        scan=None)
 
     def save() -> None:
         atomic_write(out, json.dumps(report, indent=1).encode())
