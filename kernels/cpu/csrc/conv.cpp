@@ -26,47 +26,32 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   scalar_t* yp = y.data_ptr<scalar_t>();
   scalar_t* prep = pre.defined() ? pre.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, batch * nblocks, 1, [&](int64_t begin, int64_t end) {
-    // w: both branches' taps; ring: the last W rows of x (zero before the first token and after the last)
-    std::vector<Vec> w(2 * W * K), ring(W * K);
+    std::vector<Vec> w(2 * W * K);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblocks, c0 = (task % nblocks) * Blk::C;
       const Blk blk(c0, dim);
-      Vec bv[2][K];
       for (int64_t g = 0; g < 2; ++g) {
         load_strided_rows(blk, weight.const_data_ptr<scalar_t>() + g * weight.stride(0), W, weight.stride(2),
                           weight.stride(1), c0, dim, &w[g * W * K]);
-        blk.load(bias.const_data_ptr<scalar_t>() + g * dim + c0, bv[g]);
       }
-      std::fill(ring.begin(), ring.end(), Vec(0));
-      // One pass over the rows for both branches: once row r is in the ring (rows r - W + 1 .. r), branch 0's
-      // output at token r and branch 1's at token r - W + 1 read exactly those rows, so each row of x is read once.
-      std::vector<const Vec*> rows(W);  // rows r - W + 1 .. r of the ring, oldest first
-      for (int64_t r = 0, slot = 0; r < L + W - 1; ++r, slot = slot + 1 == W ? 0 : slot + 1) {
-        Vec* row = &ring[slot * K];
-        if (r < L) {
-          if (r + kPrefetchTokens < L) prefetch_row<Blk>(xp + b * sxb + (r + kPrefetchTokens) * sxt + c0);
-          blk.load(xp + b * sxb + r * sxt + c0, row);
-        } else {
-          for (int64_t k = 0; k < K; ++k) row[k] = Vec(0);
-        }
-        for (int64_t i = 0, q = slot + 1 == W ? 0 : slot + 1; i < W; ++i, q = q + 1 == W ? 0 : q + 1) {
-          rows[i] = &ring[q * K];
-        }
-        for (int64_t g = 0; g < 2; ++g) {
-          const int64_t t = g == 0 ? r : r - (W - 1);  // the output token this row completes
-          if (t < 0 || t >= L) continue;
-          Vec acc[K];
-          for (int64_t k = 0; k < K; ++k) acc[k] = bv[g][k];
-          // branch 0, tap j reads token t - (W - 1) + j = rows[j]; branch 1, tap j reads token t + (W - 1) - j =
-          // rows[W - 1 - j]
+      for (int64_t g = 0; g < 2; ++g) {
+        Vec bv[K];
+        blk.load(bias.const_data_ptr<scalar_t>() + g * dim + c0, bv);
+        for (int64_t t = 0; t < L; ++t) {
+          const int64_t ahead = t + (W - 1) + kPrefetchTokens;  // the newest row either branch reads, a few tokens on
+          if (ahead < L) prefetch_row<Blk>(xp + b * sxb + ahead * sxt + c0);
+          Vec acc[K], xv[K];
+          for (int64_t k = 0; k < K; ++k) acc[k] = bv[k];
           for (int64_t j = 0; j < W; ++j) {
-            const Vec* xv = rows[g == 0 ? j : W - 1 - j];
+            const int64_t s = g == 0 ? t - (W - 1) + j : t + (W - 1) - j;
+            if (s < 0 || s >= L) continue;
+            blk.load(xp + b * sxb + s * sxt + c0, xv);
             for (int64_t k = 0; k < K; ++k) acc[k] = at::vec::fmadd(w[(g * W + j) * K + k], xv[k], acc[k]);
           }
-          const int64_t out_row = ((b * 2 + g) * L + t) * dim + c0;
-          if (prep) blk.store(prep + out_row, acc);
+          const int64_t row = ((b * 2 + g) * L + t) * dim + c0;
+          if (prep) blk.store(prep + row, acc);
           for (int64_t k = 0; k < K; ++k) acc[k] = acc[k] * sigmoid(acc[k]);
-          blk.store(yp + out_row, acc);
+          blk.store(yp + row, acc);
         }
       }
     }
