@@ -4,8 +4,8 @@ PyTorch's CPU allocator takes every tensor from malloc. glibc serves a block abo
 start, adapting to at most 32 MiB) with fresh pages and returns them on free, and it gives its heap's free top back to
 the system once that passes twice the threshold. A network whose layers each allocate and free tens of MiB (Vim-Ti
 or DeiT-Ti at 1024², batch 1: ~40 MiB per Vim layer) then writes most of its activations into new pages that the
-kernel must fault in and zero. On the 2-core VM of benchmarks/ that costs about 2 us per page; raising both thresholds
-made Vim-Ti's forward at 1024² ~14% faster and DeiT-Ti's ~8% (benchmarks/README.md). PyTorch's CPU performance guide
+kernel must fault in and zero: about 2 us per page on the 2-core VM of benchmarks/, where keeping freed memory made
+Vim-Ti's forward at 1024² 4-6% faster (benchmarks/README.md, 2026-11-26, third pass). PyTorch's CPU performance guide
 suggests jemalloc or tcmalloc through LD_PRELOAD for the same reason; this is the in-process equivalent on glibc.
 
 It changes the whole process's allocator (the memory it keeps is reused by any later allocation), so the engines that
