@@ -7,7 +7,15 @@ from vim.kernels.cpu import cpu_backend_status
 import vim.benchmark.model as benchmark
 
 
-def test_benchmark_writes_side_by_side_report(tmp_path):
+def _record_malloc_calls(monkeypatch) -> list:
+    """The benchmark's allocator setting, recorded instead of applied (it would last for the whole test process)."""
+    calls = []
+    monkeypatch.setattr(benchmark, 'retain_freed_memory', lambda: calls.append(1) or True)
+    return calls
+
+
+def test_benchmark_writes_side_by_side_report(tmp_path, monkeypatch):
+    malloc_calls = _record_malloc_calls(monkeypatch)
     out = tmp_path / 'bench.json'
     assert benchmark.main(['--device', 'cpu', '--img-sizes', '32', '--rounds', '1', '--min-time', '0.01', '--flops',
                            '--scan', '--train', '--train-batch-size', '2', '--train-img-size', '32',
@@ -25,6 +33,7 @@ def test_benchmark_writes_side_by_side_report(tmp_path):
     assert vim['gflops_per_img'] > 0 and deit['gflops_per_img'] > 0
     assert report['scan']['copy_gbps'] > 0 and report['scan']['scan'][0]['fwd_x_floor'] > 0
     assert report['complete'] and report['scan_backend'] == ('cpu' if cpu_backend_status()[0] else 'reference')
+    assert malloc_calls == [1] and report['malloc'].startswith('freed memory kept for reuse')
 
 
 def test_out_of_memory_is_recorded_and_vim_only_sizes(tmp_path, monkeypatch):
@@ -36,10 +45,12 @@ def test_out_of_memory_is_recorded_and_vim_only_sizes(tmp_path, monkeypatch):
         return make(name, size, batch, dtype, device)
 
     monkeypatch.setattr(benchmark, 'inference_case', inference_case)
+    malloc_calls = _record_malloc_calls(monkeypatch)
     out = tmp_path / 'bench.json'
     assert benchmark.main(['--device', 'cpu', '--img-sizes', '32', '48', '--vim-only-sizes', '64', '--rounds', '1',
-                           '--min-time', '0.01', '--out', str(out)]) == 0
+                           '--min-time', '0.01', '--glibc-malloc-defaults', '--out', str(out)]) == 0
     report = json.loads(out.read_text())
+    assert malloc_calls == [] and report['malloc'] == 'glibc defaults'
     rows = {(r['model'], r['img_size']): r for r in report['results']}
     assert rows[('deit_tiny_patch16_224', 48)] == dict(
         mode='inference', model='deit_tiny_patch16_224', img_size=48, batch=1, dtype='fp32', oom=True, img_per_s=None)
