@@ -25,8 +25,6 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-
 from ..utils import retain_freed_memory
 from .extractor import DTYPES, Extractor
 from .layout import FeatureError
@@ -88,13 +86,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
 
 def run(args: argparse.Namespace) -> dict:
     """Build the extractor from parsed arguments and run it; returns its summary."""
-    if (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cpu'):
-        retain_freed_memory()  # this process is ours: reuse freed activations instead of faulting in new pages
     extractor = Extractor(
         args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, img_size=args.img_size,
         native=args.native, max_size=args.max_size, layers=args.layers, device=args.device, dtype=args.dtype,
         batch_size=args.batch_size, num_workers=args.num_workers, vis=args.vis, shard_images=args.shard_images,
         shard_bytes=args.shard_bytes, window=args.window, durable=args.fsync, progress=not args.quiet)
+    if extractor.device.type == 'cpu':
+        retain_freed_memory()  # this process is ours: reuse freed activations instead of faulting in new pages
     return extractor.run(args.inputs or [ASSETS], args.output)
 
 
