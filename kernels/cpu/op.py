@@ -15,7 +15,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ..reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, delta_from_low_rank
 from .build import load_extension
 
-__all__ = ['bidirectional_scan_cpu', 'bidirectional_conv_silu_cpu', 'DEFAULT_CHUNK']
+__all__ = ['bidirectional_scan_cpu', 'bidirectional_conv_silu_cpu', 'plain_eager', 'DEFAULT_CHUNK']
 
 # Tokens between the states the forward saves for the backward, and the length of the backward's recompute tile
 # (two tiles of chunk x dstate x 64 channels: 128 KiB each at 32 tokens and dstate 16, held in L2).
@@ -140,13 +140,14 @@ def _needs_grad(*inputs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
-def _eager(x: torch.Tensor) -> bool:
+def plain_eager(x: torch.Tensor) -> bool:
     """Whether a call without autograd may run the compiled kernel directly rather than through its custom op.
 
     The custom op's dispatch costs about 0.1 ms a call in Python (two ops a layer, 24 layers: a few ms of a 224²
     Vim-Ti forward). Direct calls are taken only for plain tensors in eager mode with no Python dispatch mode active:
     torch.compile / torch.export tracing, FakeTensors, tensor subclasses and modes such as FlopCounterMode still see
-    the op. Under torch.profiler a direct call is recorded under the op's name (:func:`_direct`).
+    the op. Under torch.profiler a direct call is recorded under the op's name (:func:`_direct`). The mixer's eager-only
+    x_proj padding (vim.layers.mixer.ssm_projections) asks the same question.
     """
     return type(x) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
 
@@ -164,7 +165,7 @@ def _first_output(op, name: str, kernel: str, args: tuple, needs_grad: bool, x: 
     is needed, the extension's ``kernel`` called directly in plain eager mode (no dispatch cost), else the op."""
     if needs_grad:
         return op(*args, True)[0]
-    if _eager(x):
+    if plain_eager(x):
         return _direct(name, getattr(load_extension(), kernel), *args, False)[0]
     return op(*args, False)[0]
 
@@ -192,7 +193,7 @@ def bidirectional_scan_cpu(
                              f'R >= 1; got {tuple(delta.shape)}, {tuple(delta_proj_weight.shape)}')
         inputs = (u, delta, delta_proj_weight, A, B, C, D, z, delta_bias)
         if (u.dim() == 4 and A.dim() == 3 and u.numel() > 0 and A.shape[-1] > 0 and not _needs_grad(*inputs)
-                and _eager(u)):
+                and plain_eager(u)):
             return _scan_low_rank(*inputs, bool(delta_softplus))
         delta = delta_from_low_rank(delta, delta_proj_weight)
     if u.dim() != 4 or u.shape[1] != 2 or A.dim() != 3:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 from vim.kernels import bidirectional_conv_silu, bidirectional_scan
+from vim.kernels.cpu import plain_eager
 
 __all__ = ['BidirectionalMamba', 'ssm_projections', 'widened_dtype']
 
@@ -39,11 +40,10 @@ def ssm_projections(u: torch.Tensor, x_proj_weight: torch.Tensor, dt_rank: int,
     r, n = dt_rank, d_state
     if u.stride(-2) == 1 and u.shape[-1] > 1:
         w = x_proj_weight
-        if (u.is_cpu and w.shape[1] % 8 and not torch.compiler.is_compiling()
-                and torch._C._len_torch_dispatch_stack() == 0):
+        if u.is_cpu and w.shape[1] % 8 and plain_eager(u):
             # MKL's sgemm runs this skinny product ~20% faster with its width a multiple of 8 (Vim-Ti: 44 -> 48
-            # zero rows; benchmarks/README.md). Eager only: not while compiling (the dispatch-stack query would break
-            # the graph) nor under dispatch modes such as FlopCounterMode (exact FLOPs).
+            # zero rows; benchmarks/README.md). Plain eager mode only, as the CPU ops' direct calls: not while
+            # compiling nor under dispatch modes such as FlopCounterMode (exact FLOPs).
             w = F.pad(w, (0, 0, 0, -w.shape[1] % 8))
         x_dbl = torch.matmul(u.transpose(-1, -2), w.transpose(-1, -2)).transpose(-1, -2)
     else:
