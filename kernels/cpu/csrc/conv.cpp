@@ -18,7 +18,7 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                    at::Tensor& pre) {
   using Blk = Block<scalar_t>;
   using Vec = typename Blk::Vec;
-  constexpr int64_t K = Blk::K;
+  constexpr int64_t K = Blk::K, kGroup = Blk::G;
   const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(2);
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -50,7 +50,9 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tens
           }
           const int64_t row = ((b * 2 + g) * L + t) * dim + c0;
           if (prep) blk.store(prep + row, acc);
-          for (int64_t k = 0; k < K; ++k) acc[k] = acc[k] * sigmoid(acc[k]);
+          Vec sg[K];
+          for (int64_t k = 0; k < K; k += kGroup) sigmoid_n<kGroup>(acc + k, sg + k);
+          for (int64_t k = 0; k < K; ++k) acc[k] = acc[k] * sg[k];
           blk.store(yp + row, acc);
         }
       }
@@ -63,7 +65,7 @@ void conv_bwd_impl(const at::Tensor& gout, const at::Tensor& x, const at::Tensor
                    at::Tensor& gx, at::Tensor& gw_part, at::Tensor& gb_part) {
   using Blk = Block<scalar_t>;
   using Vec = typename Blk::Vec;
-  constexpr int64_t K = Blk::K;
+  constexpr int64_t K = Blk::K, kGroup = Blk::G;
   const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(2);
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();

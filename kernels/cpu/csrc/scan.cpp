@@ -48,6 +48,22 @@ struct StateRows {
   }
 };
 
+// out[k] = sum_r W[r * K + k] v[r] for k < K, summed in order of r. The sums stay in registers: accumulated in out
+// itself, every step would also store them, since a vector store may alias the scalar loads of v.
+template <int64_t K, typename Vec, typename scalar_t>
+inline void low_rank_product(const Vec* W, const scalar_t* v, int64_t R, Vec* out) {
+  Vec acc[K];
+#pragma GCC unroll 16
+  for (int64_t k = 0; k < K; ++k) acc[k] = W[k] * Vec(v[0]);
+  for (int64_t r = 1; r < R; ++r) {
+    const Vec vr(v[r]);
+#pragma GCC unroll 16
+    for (int64_t k = 0; k < K; ++k) acc[k] = at::vec::fmadd(W[r * K + k], vr, acc[k]);
+  }
+#pragma GCC unroll 16
+  for (int64_t k = 0; k < K; ++k) out[k] = acc[k];
+}
+
 template <typename scalar_t>
 void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Tensor& ysum, at::Tensor& states) {
   using Blk = Block<scalar_t>;
@@ -55,7 +71,7 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
   const Rows<scalar_t> Ur(in.u), Dr(in.delta), Zr(in.z);
   const StateRows<scalar_t> Br(in.B), Cr(in.C), DTr(in.delta);  // DTr: the low-rank delta's (batch, 2, R, L) view
   const int64_t R = in.R;
-  constexpr int64_t K = Blk::K;
+  constexpr int64_t K = Blk::K, kGroup = Blk::G;
   const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
   const int64_t nstates = states.defined() ? states.size(2) : 0;
@@ -145,16 +161,14 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
             blk.load(Dr.at(b, g, t) + c0, dt);
           } else {  // delta = dproj @ dt_low for this token, summed over the rank in order
             DTr.gather(b, g, t, R, dtl.data());
-            for (int64_t k = 0; k < K; ++k) dt[k] = Wp[k] * Vec(dtl[0]);
-            for (int64_t r = 1; r < R; ++r) {
-              const Vec dr(dtl[r]);
-              for (int64_t k = 0; k < K; ++k) dt[k] = at::vec::fmadd(Wp[r * K + k], dr, dt[k]);
-            }
+            low_rank_product<K>(Wp.data(), dtl.data(), R, dt);
           }
           blk.load(Ur.at(b, g, t) + c0, u);
+          for (int64_t k = 0; k < K; ++k) dt[k] = dt[k] + bias[k];
+          if (in.softplus) {
+            for (int64_t k = 0; k < K; k += kGroup) softplus_n<kGroup>(dt + k);
+          }
           for (int64_t k = 0; k < K; ++k) {
-            dt[k] = dt[k] + bias[k];
-            if (in.softplus) dt[k] = softplus(dt[k]);
             y[k] = Dv[k] * u[k];
             u[k] = dt[k] * u[k];  // delta * u from here on
           }
@@ -167,12 +181,13 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
             blk.store(o, y);  // direction 0's y, until direction 1 reaches this token
             continue;
           }
-          Vec prev[K], zv[K];
+          Vec prev[K], zv[K], sz[K];
           blk.load(o, prev);
           blk.load(Zr.at(b, 0, t) + c0, zv);
+          for (int64_t k = 0; k < K; k += kGroup) sigmoid_n<kGroup>(zv + k, sz + k);
           for (int64_t k = 0; k < K; ++k) {
             y[k] = (prev[k] + y[k]) * Vec(0.5);
-            prev[k] = y[k] * zv[k] * sigmoid(zv[k]);
+            prev[k] = y[k] * zv[k] * sz[k];
           }
           if (ysp) blk.store(ysp + (b * L + t) * dim + c0, y);
           blk.store(o, prev);
@@ -191,7 +206,7 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
   using Vec = typename Blk::Vec;
   const Rows<scalar_t> Ur(in.u), Dr(in.delta), Zr(in.z), Gr(gout);
   const StateRows<scalar_t> Br(in.B), Cr(in.C);
-  constexpr int64_t K = Blk::K;
+  constexpr int64_t K = Blk::K, kGroup = Blk::G;
   const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
   const int64_t nchunks = (L + chunk - 1) / chunk;
