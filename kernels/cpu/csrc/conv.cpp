@@ -92,9 +92,10 @@ void conv_bwd_impl(const at::Tensor& gout, const at::Tensor& x, const at::Tensor
           blk.load(gp + b * sgb + g * sgg + t * sgt + c0, go);
           blk.load(prep + ((b * 2 + g) * L + t) * dim + c0, p);
           Vec* dst = &gpre[(g * L + t) * K];
+          Vec sg[K];
+          for (int64_t k = 0; k < K; k += kGroup) sigmoid_n<kGroup>(p + k, sg + k);
           for (int64_t k = 0; k < K; ++k) {
-            const Vec sg = sigmoid(p[k]);
-            dst[k] = go[k] * sg * (Vec(1) + p[k] * (Vec(1) - sg));
+            dst[k] = go[k] * sg[k] * (Vec(1) + p[k] * (Vec(1) - sg[k]));
             gb[k] = gb[k] + dst[k];
           }
         }

@@ -231,10 +231,9 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
         blk.load(Gr.at(b, 0, t) + c0, go);
         blk.load(ysp + (b * L + t) * dim + c0, ys);
         blk.load(Zr.at(b, 0, t) + c0, zv);
-        for (int64_t k = 0; k < K; ++k) {
-          const Vec sg = sigmoid(zv[k]);
-          go[k] = go[k] * ys[k] * sg * (Vec(1) + zv[k] * (Vec(1) - sg));
-        }
+        Vec sg[K];
+        for (int64_t k = 0; k < K; k += kGroup) sigmoid_n<kGroup>(zv + k, sg + k);
+        for (int64_t k = 0; k < K; ++k) go[k] = go[k] * ys[k] * sg[k] * (Vec(1) + zv[k] * (Vec(1) - sg[k]));
         blk.store(gzp + (b * L + t) * dim + c0, go);
       }
       for (int64_t g = 0; g < 2; ++g) {
@@ -274,9 +273,11 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
             Vec dt[K], u[K];
             blk.load(Dr.at(b, g, t) + c0, dt);
             blk.load(Ur.at(b, g, t) + c0, u);
+            for (int64_t k = 0; k < K; ++k) dt[k] = dt[k] + bias[k];
+            if (in.softplus) {
+              for (int64_t k = 0; k < K; k += kGroup) softplus_n<kGroup>(dt + k);
+            }
             for (int64_t k = 0; k < K; ++k) {
-              dt[k] = dt[k] + bias[k];
-              if (in.softplus) dt[k] = softplus(dt[k]);
               DT[i * K + k] = dt[k];
               u[k] = dt[k] * u[k];
             }
@@ -305,9 +306,10 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
             blk.load(Zr.at(b, 0, t) + c0, zv);
             blk.load(Ur.at(b, g, t) + c0, u);
             const Vec* dt = &DT[i * K];
-            Vec du[K];
+            Vec du[K], sz[K];
+            for (int64_t k = 0; k < K; k += kGroup) sigmoid_n<kGroup>(zv + k, sz + k);
             for (int64_t k = 0; k < K; ++k) {
-              gy[k] = go[k] * zv[k] * sigmoid(zv[k]) * Vec(0.5);
+              gy[k] = go[k] * zv[k] * sz[k] * Vec(0.5);
               du[k] = dt[k] * u[k];
               S[k] = gdt[k] = Vec(0);
             }
@@ -337,7 +339,14 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
             for (int64_t k = 0; k < K; ++k) {
               gu_v[k] = at::vec::fmadd(gy[k], Dv[k], dt[k] * S[k]);
               gdt[k] = at::vec::fmadd(u[k], S[k], gdt[k] * Vec(1 / kLog2e));
-              if (in.softplus) gdt[k] = gdt[k] * sigmoid(raw[k] + bias[k]);
+            }
+            if (in.softplus) {  // d softplus(x) / dx = sigmoid(x)
+              Vec sx[K];
+              for (int64_t k = 0; k < K; ++k) raw[k] = raw[k] + bias[k];
+              for (int64_t k = 0; k < K; k += kGroup) sigmoid_n<kGroup>(raw + k, sx + k);
+              for (int64_t k = 0; k < K; ++k) gdt[k] = gdt[k] * sx[k];
+            }
+            for (int64_t k = 0; k < K; ++k) {
               gD[k] = at::vec::fmadd(gy[k], u[k], gD[k]);
               gbias[k] = gbias[k] + gdt[k];
             }
