@@ -2,17 +2,25 @@
 of the same run."""
 import json
 
+import pytest
 import torch
 
 import vim.benchmark.scan as benchmark_scan
 
 
-def test_scan_benchmark_report(tmp_path):
+def test_scan_benchmark_report(tmp_path, monkeypatch):
+    # the allocator setting recorded instead of applied (it would last for the whole test process)
+    malloc_calls = []
+    monkeypatch.setattr(benchmark_scan, 'retain_freed_memory', lambda: malloc_calls.append(1) or True)
     out = tmp_path / 'scan.json'
     assert benchmark_scan.main(['--device', 'cpu', '--shapes', '2x33', '--dim', '16', '--dstate', '4',
                                 '--min-time', '0.01', '--exp-rate', '1e9', '--out', str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report['copy_gbps'] > 0 and report['exp_rate'] == 1e9
+    assert report['copy_gbps'] > 0 and report['exp_rate'] == 1e9 and report['exp_rate_source'] == '--exp-rate'
+    assert malloc_calls == [1] and report['malloc'].startswith('freed memory kept')  # as tools/benchmark.py
+    assert benchmark_scan.main(['--device', 'cpu', '--shapes', '1x5', '--dim', '8', '--dstate', '2', '--min-time',
+                                '0.01', '--exp-rate', '1e9', '--glibc-malloc-defaults', '--out', str(out)]) == 0
+    assert malloc_calls == [1] and json.loads(out.read_text())['malloc'] == 'glibc defaults'
     # provenance: every figure names its device, date, versions and command
     assert report['command'].startswith('python tools/benchmark_scan.py --device cpu --shapes 2x33')
     assert report['device'] and report['date'].startswith('20') and report['torch'] == torch.__version__
@@ -33,3 +41,21 @@ def test_scan_benchmark_report(tmp_path):
         assert conv['width'] == 4
         assert conv['fwd_bytes'] == 3 * 2 * 16 * 33 * 4 + (2 * 16 * 4 + 2 * 16) * 4
         assert conv['fwd_x_floor'] > 0 and conv['bwd_x_floor'] > 0
+
+
+@pytest.mark.parametrize('kernels_build', [True, False])
+def test_cpu_exp_floor_from_the_probe(tmp_path, monkeypatch, kernels_build):
+    """Without --exp-rate on CPU the floor's exp rate is the fused kernels' measured rate (the probe), and bytes only
+    where those kernels cannot build; the report names the source."""
+    monkeypatch.setattr(benchmark_scan, 'cpu_backend_status', lambda: (kernels_build, 'test'))
+    monkeypatch.setattr(benchmark_scan, 'cpu_exp_rate', lambda min_time: 2.5e9)
+    report = benchmark_scan.run(torch.device('cpu'), ['fp32'], [(1, 9)], 8, 4, ['reference'], 0.01, None, 1.98,
+                                1 << 20)
+    row = report['scan'][0]
+    byte_floor = row['fwd_bytes'] / (report['copy_gbps'] * 1e9) * 1e3
+    if kernels_build:
+        assert report['exp_rate'] == 2.5e9 and report['exp_rate_source'].startswith('measured: ')
+        assert row['fwd_floor_ms'] == pytest.approx(max(byte_floor, row['fwd_exps'] / 2.5e9 * 1e3), rel=1e-9)
+    else:
+        assert report['exp_rate'] is None and report['exp_rate_source'] is None
+        assert row['fwd_floor_ms'] == pytest.approx(byte_floor, rel=1e-9)

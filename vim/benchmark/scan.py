@@ -6,7 +6,10 @@ scan, and the two-branch causal conv + silu in front of it (rows under 'conv').
 
 Floor of a kernel = max(bytes moved / copy bandwidth, exp count / exp rate). The copy bandwidth is measured in the
 same run (a large device-to-device tensor copy); the exp rate is ``--exp-rate`` if given, else, on CUDA, SMs x 16
-exp2 per clock x ``--clock-ghz`` (1.98, an H100 SXM's boost clock: shared/ANCHORS.md), else unknown (CPU).
+exp2 per clock x ``--clock-ghz`` (1.98, an H100 SXM's boost clock: shared/ANCHORS.md), else, on CPU, measured in
+the same run by :func:`vim.kernels.cpu.probe.exp_rate` (the fused kernels' fp32 exp2 on torch.get_num_threads()
+threads), or unknown (floor from bytes only) where those kernels cannot build. The report says which
+(``exp_rate_source``).
 Bytes count what an ideal fused kernel must touch once: the inputs and the output in their dtypes (forward),
 plus the output gradient read and the input gradients written (backward). exp count: one per (direction, batch,
 channel, token, state), forward and again in the backward's recomputation. The conv's floor is its bytes: x read and
@@ -25,6 +28,9 @@ from pathlib import Path
 import torch
 
 from vim.kernels import available_backends, bidirectional_conv_silu, bidirectional_scan
+from vim.kernels.cpu import cpu_backend_status
+from vim.kernels.cpu.probe import exp_rate as cpu_exp_rate
+from vim.utils import retain_freed_memory
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -84,10 +90,11 @@ def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype:
         with torch.no_grad():
             bidirectional_scan(*inputs, backend=backend)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    grad = torch.randn(batch, dim, seqlen, device=device, dtype=dtype)
+    # the output's gradient as out_proj's backward hands it to the mixer: channel stride 1
+    grad = torch.randn(batch, seqlen, dim, device=device, dtype=dtype).transpose(1, 2)
 
-    def fwd_bwd():
-        bidirectional_scan(*leaves, backend=backend).backward(grad)
+    def fwd_bwd():  # gradients returned, not accumulated into .grad (an add per input and call that no step pays)
+        torch.autograd.grad(bidirectional_scan(*leaves, backend=backend), leaves, grad)
     t_fwd = _time(fwd, device, min_time)
     t_fb = _time(fwd_bwd, device, min_time)
     t_bwd = max(t_fb - t_fwd, 1e-12)
@@ -115,10 +122,12 @@ def measure_conv(backend: str, batch: int, dim: int, seqlen: int, width: int, dt
         with torch.no_grad():
             bidirectional_conv_silu(x, weight, bias, backend=backend)
     leaves = [t.detach().requires_grad_() for t in (xz, weight, bias)]
-    grad = torch.randn(batch, 2, dim, seqlen, device=device, dtype=dtype)
+    # u's gradient as x_proj's and the scan's backward hand it back in the mixer: channel stride 1
+    grad = torch.randn(batch, 2, seqlen, dim, device=device, dtype=dtype).transpose(2, 3)
 
     def fwd_bwd():
-        bidirectional_conv_silu(leaves[0].transpose(1, 2)[:, :dim], *leaves[1:], backend=backend).backward(grad)
+        torch.autograd.grad(bidirectional_conv_silu(leaves[0].transpose(1, 2)[:, :dim], *leaves[1:], backend=backend),
+                            leaves, grad)
     t_fwd = _time(fwd, device, min_time)
     t_bwd = max(_time(fwd_bwd, device, min_time) - t_fwd, 1e-12)
     return dict(backend=backend, batch=batch, dim=dim, width=width, seqlen=seqlen, dtype=str(dtype).split('.')[-1],
@@ -140,9 +149,14 @@ def add_floors(row: dict, copy_bps: float, exp_rate: float | None) -> dict:
 def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], dim: int, dstate: int,
         backends: list[str], min_time: float, exp_rate: float | None, clock_ghz: float,
         copy_bytes: int) -> dict:
+    source = '--exp-rate' if exp_rate is not None else None
     if exp_rate is None and device.type == 'cuda':
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         exp_rate = sms * 16 * clock_ghz * 1e9
+        source = f'{sms} SMs x 16 exp2 per clock x {clock_ghz} GHz'
+    elif exp_rate is None and device.type == 'cpu' and cpu_backend_status()[0]:
+        exp_rate = cpu_exp_rate(min_time=max(min_time, 0.05))
+        source = f'measured: vim.kernels.cpu.probe.exp_rate() on {torch.get_num_threads()} threads'
     copy_bps = copy_bandwidth(device, copy_bytes, min_time)
     rows, conv_rows = [], []
     for backend in backends:
@@ -159,7 +173,7 @@ def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], 
                     print(f'{op} {backend:9s} {dtype_name} {batch}x{seqlen}: fwd {row["fwd_ms"]:.3f} ms '
                           f'({row["fwd_gbps"]:.0f} GB/s, {row["fwd_x_floor"]:.1f}x floor), bwd {row["bwd_ms"]:.3f} '
                           f'ms ({row["bwd_gbps"]:.0f} GB/s, {row["bwd_x_floor"]:.1f}x floor)', flush=True)
-    return dict(copy_gbps=copy_bps / 1e9, exp_rate=exp_rate, scan=rows, conv=conv_rows)
+    return dict(copy_gbps=copy_bps / 1e9, exp_rate=exp_rate, exp_rate_source=source, scan=rows, conv=conv_rows)
 
 
 def device_name(device: torch.device) -> str:
@@ -204,19 +218,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--exp-rate', type=float, default=None, help='exp() per second of the device')
     p.add_argument('--clock-ghz', type=float, default=1.98)
     p.add_argument('--out', type=Path, default=None, help='JSON output')
+    p.add_argument('--glibc-malloc-defaults', action='store_true',
+                   help="CPU: keep glibc's default heap thresholds (by default freed memory is kept for reuse, as in "
+                        "tools/benchmark.py: vim.utils.retain_freed_memory)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    malloc = 'glibc defaults'
+    if device.type == 'cpu' and not args.glibc_malloc_defaults and retain_freed_memory():
+        malloc = 'freed memory kept for reuse (vim.utils.retain_freed_memory)'
     shapes = args.shapes or (['8x6085', '128x197', '1x16385'] if device.type == 'cuda' else ['1x197'])
     shapes = [tuple(int(v) for v in s.lower().split('x')) for s in shapes]
     copy_bytes = 1 << 30 if device.type == 'cuda' else 1 << 27
     started = dt.datetime.now(dt.timezone.utc)
     report = dict(date=started.isoformat(timespec='seconds'), device=device_name(device), torch=torch.__version__,
-                  triton=_triton_version(),
+                  triton=_triton_version(), malloc=malloc,
                   command=' '.join(['python tools/benchmark_scan.py'] + (argv if argv is not None else sys.argv[1:])))
     report.update(run(device, args.dtypes, shapes, args.dim, args.dstate, args.backends or default_backends(device),
                       args.min_time, args.exp_rate, args.clock_ghz, copy_bytes))
     print(f'copy bandwidth {report["copy_gbps"]:.0f} GB/s; exp rate '
-          + (f'{report["exp_rate"]:.3g}/s' if report['exp_rate'] else 'unknown (floor from bytes only)'))
+          + (f'{report["exp_rate"]:.3g}/s ({report["exp_rate_source"]})' if report['exp_rate']
+             else 'unknown (floor from bytes only)'))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
