@@ -102,29 +102,25 @@ constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2**23
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 namespace raw {  // the intrinsics fast_exp2 needs, at the compiled vector width
 #if defined(CPU_CAPABILITY_AVX512)
+#define VIM_MM(name) _mm512_##name
 using F = __m512;
-inline F set1(float v) { return _mm512_set1_ps(v); }
-inline F max(F a, F b) { return _mm512_max_ps(a, b); }
-inline F min(F a, F b) { return _mm512_min_ps(a, b); }
-inline F add(F a, F b) { return _mm512_add_ps(a, b); }
-inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
-inline F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-// p * 2**n for t = n + magic: n << 23 (the magic's bits shift out) added to p's exponent bits
-inline F scale(F p, F t) {
-  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_castps_si512(t), 23)));
-}
+inline __m512i bits(F x) { return _mm512_castps_si512(x); }
+inline F from_bits(__m512i x) { return _mm512_castsi512_ps(x); }
 #else
+#define VIM_MM(name) _mm256_##name
 using F = __m256;
-inline F set1(float v) { return _mm256_set1_ps(v); }
-inline F max(F a, F b) { return _mm256_max_ps(a, b); }
-inline F min(F a, F b) { return _mm256_min_ps(a, b); }
-inline F add(F a, F b) { return _mm256_add_ps(a, b); }
-inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
-inline F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-inline F scale(F p, F t) {
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(t), 23)));
-}
+inline __m256i bits(F x) { return _mm256_castps_si256(x); }
+inline F from_bits(__m256i x) { return _mm256_castsi256_ps(x); }
 #endif
+inline F set1(float v) { return VIM_MM(set1_ps)(v); }
+inline F max(F a, F b) { return VIM_MM(max_ps)(a, b); }
+inline F min(F a, F b) { return VIM_MM(min_ps)(a, b); }
+inline F add(F a, F b) { return VIM_MM(add_ps)(a, b); }
+inline F sub(F a, F b) { return VIM_MM(sub_ps)(a, b); }
+inline F fmadd(F a, F b, F c) { return VIM_MM(fmadd_ps)(a, b, c); }
+// p * 2**n for t = n + magic: n << 23 (the magic's bits shift out) added to p's exponent bits
+inline F scale(F p, F t) { return from_bits(VIM_MM(add_epi32)(bits(p), VIM_MM(slli_epi32)(bits(t), 23))); }
+#undef VIM_MM
 }  // namespace raw
 
 // x[g] = 2**x[g] for g < G. kClampHigh = false: the caller guarantees x <= 0 or NaN (the decays when A <= 0 and
