@@ -163,16 +163,12 @@ inline at::vec::Vectorized<double> fast_exp2(const at::vec::Vectorized<double>& 
 
 constexpr double kLog2e = 1.4426950408889634;
 
-// exp of the per-token activations (silu, gate, softplus): fp32 as 2**(x log2 e) with the decays' exp2 above (one
-// multiply more; relative error ~2e-7 plus the rounding of x log2 e, about 2e-7 x |x log2 e|), which takes about
+// The per-token activations (silu, gate, softplus) take exp(x) in fp32 as 2**(x log2 e) with the decays' exp2 above
+// (one multiply more; relative error ~2e-7 plus the rounding of x log2 e, about 2e-7 x |x log2 e|), which takes about
 // two thirds of the operations of ATen's exp_u20 (its special-case handling included); arguments are clamped, so a
 // NaN argument gives a finite result and the callers keep NaN propagation through their other factors. The
 // accurate exp in float64.
-inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& x) {
-  return fast_exp2(x * at::vec::Vectorized<float>(static_cast<float>(kLog2e)));
-}
-inline at::vec::Vectorized<double> fast_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
-
+//
 // out[g] = sigmoid(x[g]) for g < G
 template <int64_t G>
 inline void sigmoid_n(const at::vec::Vectorized<float>* x, at::vec::Vectorized<float>* out) {
@@ -188,12 +184,6 @@ template <int64_t G>
 inline void sigmoid_n(const at::vec::Vectorized<double>* x, at::vec::Vectorized<double>* out) {
   using Vec = at::vec::Vectorized<double>;
   for (int64_t g = 0; g < G; ++g) out[g] = Vec(1) / (Vec(1) + x[g].neg().exp());
-}
-template <typename Vec>
-inline Vec sigmoid(const Vec& x) {
-  Vec s;
-  sigmoid_n<1>(&x, &s);
-  return s;
 }
 
 // torch.nn.functional.softplus with beta 1 and threshold 20, in place on x[g] for g < G. float64: log1p(exp(x)) with
@@ -227,11 +217,6 @@ inline void softplus_n(at::vec::Vectorized<float>* x) {
   for (int64_t g = 0; g < G; ++g) {
     x[g] = Vec::blendv(at::vec::maximum(x[g], Vec(0)) + Vec(2) * t[g] * p[g], x[g], x[g] > Vec(20));
   }
-}
-template <typename Vec>
-inline Vec softplus(Vec x) {
-  softplus_n<1>(&x);
-  return x;
 }
 
 // Loads a (rows, dim) slice with any strides as vectors over a block of channels: out[r * K + k], rows x K.
