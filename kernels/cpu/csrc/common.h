@@ -29,9 +29,9 @@ constexpr const char* kCapability = "DEFAULT";  // ATen's scalar fallback
 // contiguous bytes of each token-major row per token, four cache lines fetched together; measured (one thread, CPU
 // time, Vim-Ti shape) 1.7-2.5 ms per forward at 197 tokens against 2.9 ms with 16 channels.
 constexpr int64_t kBlockChannels = 64;
-// Vectors per call of the interleaved activation functions (softplus_n, sigmoid_n below): 4 chains at a time keep
-// their temporaries in the 16 AVX2 registers; measured (one thread, Vim-Ti shape) 4 beat 8 on the conv by ~10% and
-// tied on the scan.
+// Vectors the fp32 activation functions (softplus_n, sigmoid_n below) interleave at a time: 4 chains keep their
+// temporaries in the 16 AVX2 registers; measured (one thread, Vim-Ti shape) 4 beat 8 on the conv by ~10% and tied on
+// the scan.
 constexpr int64_t kGroupVectors = 4;
 
 template <typename scalar_t>
@@ -40,8 +40,6 @@ struct Block {
   static constexpr int64_t V = Vec::size();
   static constexpr int64_t K = (kBlockChannels + V - 1) / V;  // vectors per block
   static constexpr int64_t C = K * V;                         // channels per block
-  static constexpr int64_t G = kGroupVectors < K ? kGroupVectors : K;  // vectors per softplus_n / sigmoid_n call
-  static_assert(K % G == 0);
 
   int64_t count[K];  // valid lanes of each vector: V, fewer at the end of the channel axis, or 0
 
@@ -97,8 +95,8 @@ constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2**23
 // The fp32 functions below work on G vectors at once, one step over all G before the next: the G independent
 // dependency chains then interleave in the instruction stream. One vector's softplus is a chain of ~30 operations
 // (~100 cycles of latency); written one vector after another, out-of-order execution overlapped only one or two such
-// chains (the scheduler fills with their waiting operations) and the per-token work of the scan took about twice its
-// operation count in cycles. G = 1 is the plain one-vector function.
+// chains (the scheduler fills with their waiting operations): the scan's softplus loop held ~35% of its samples at
+// N = 1 (perf annotate). G = 1 is the plain one-vector function.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 namespace raw {  // the intrinsics fast_exp2 needs, at the compiled vector width
 #if defined(CPU_CAPABILITY_AVX512)
@@ -169,53 +167,62 @@ constexpr double kLog2e = 1.4426950408889634;
 // NaN argument gives a finite result and the callers keep NaN propagation through their other factors. The
 // accurate exp in float64.
 //
-// out[g] = sigmoid(x[g]) for g < G
-template <int64_t G>
+// out[i] = sigmoid(x[i]) for i < n, kGroupVectors at a time in fp32
+template <int64_t n>
 inline void sigmoid_n(const at::vec::Vectorized<float>* x, at::vec::Vectorized<float>* out) {
   using Vec = at::vec::Vectorized<float>;
-  Vec e[G];
+  constexpr int64_t G = n < kGroupVectors ? n : kGroupVectors;
+  static_assert(n % G == 0);
+  for (int64_t i = 0; i < n; i += G) {
+    Vec e[G];
 #pragma GCC unroll 16
-  for (int64_t g = 0; g < G; ++g) e[g] = x[g].neg() * Vec(static_cast<float>(kLog2e));
-  fast_exp2_n<G>(e);
+    for (int64_t g = 0; g < G; ++g) e[g] = x[i + g].neg() * Vec(static_cast<float>(kLog2e));
+    fast_exp2_n<G>(e);
 #pragma GCC unroll 16
-  for (int64_t g = 0; g < G; ++g) out[g] = Vec(1) / (Vec(1) + e[g]);
+    for (int64_t g = 0; g < G; ++g) out[i + g] = Vec(1) / (Vec(1) + e[g]);
+  }
 }
-template <int64_t G>
+template <int64_t n>
 inline void sigmoid_n(const at::vec::Vectorized<double>* x, at::vec::Vectorized<double>* out) {
   using Vec = at::vec::Vectorized<double>;
-  for (int64_t g = 0; g < G; ++g) out[g] = Vec(1) / (Vec(1) + x[g].neg().exp());
+  for (int64_t i = 0; i < n; ++i) out[i] = Vec(1) / (Vec(1) + x[i].neg().exp());
 }
 
-// torch.nn.functional.softplus with beta 1 and threshold 20, in place on x[g] for g < G. float64: log1p(exp(x)) with
-// Sleef's accurate functions. fp32: max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1], with log1p(e) = 2 atanh(e / (2 + e))
-// as an odd series in t = e / (2 + e) <= 1/3 (terms to t**11: relative error ~1e-7, no cancellation for small e);
-// Sleef's log1p costs about as much as the rest of a token's per-channel work.
-template <int64_t G>
+// torch.nn.functional.softplus with beta 1 and threshold 20, in place on x[i] for i < n (kGroupVectors at a time in
+// fp32). float64: log1p(exp(x)) with Sleef's accurate functions. fp32: max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1],
+// with log1p(e) = 2 atanh(e / (2 + e)) as an odd series in t = e / (2 + e) <= 1/3 (terms to t**11: relative error
+// ~1e-7, no cancellation for small e); Sleef's log1p costs about as much as the rest of a token's per-channel work.
+template <int64_t n>
 inline void softplus_n(at::vec::Vectorized<double>* x) {
   using Vec = at::vec::Vectorized<double>;
-  for (int64_t g = 0; g < G; ++g) x[g] = Vec::blendv(x[g].exp().log1p(), x[g], x[g] > Vec(20));
+  for (int64_t i = 0; i < n; ++i) x[i] = Vec::blendv(x[i].exp().log1p(), x[i], x[i] > Vec(20));
 }
-template <int64_t G>
-inline void softplus_n(at::vec::Vectorized<float>* x) {
+template <int64_t n>
+inline void softplus_n(at::vec::Vectorized<float>* xs) {
   using Vec = at::vec::Vectorized<float>;
-  Vec e[G], t[G], t2[G], p[G];
+  constexpr int64_t G = n < kGroupVectors ? n : kGroupVectors;
+  static_assert(n % G == 0);
+  for (int64_t i = 0; i < n; i += G) {
+    Vec* x = xs + i;
+    Vec e[G], t[G], t2[G], p[G];
 #pragma GCC unroll 16
-  for (int64_t g = 0; g < G; ++g) e[g] = x[g].abs().neg() * Vec(static_cast<float>(kLog2e));
-  fast_exp2_n<G, false>(e);  // the argument is <= 0 (or NaN)
+    for (int64_t g = 0; g < G; ++g) e[g] = x[g].abs().neg() * Vec(static_cast<float>(kLog2e));
+    fast_exp2_n<G, false>(e);  // the argument is <= 0 (or NaN)
 #pragma GCC unroll 16
-  for (int64_t g = 0; g < G; ++g) {
-    t[g] = e[g] / (Vec(2) + e[g]);
-    t2[g] = t[g] * t[g];
-    p[g] = Vec(1.f / 11);
-  }
+    for (int64_t g = 0; g < G; ++g) {
+      t[g] = e[g] / (Vec(2) + e[g]);
+      t2[g] = t[g] * t[g];
+      p[g] = Vec(1.f / 11);
+    }
 #pragma GCC unroll 8
-  for (float c : {1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3, 1.f}) {
+    for (float c : {1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3, 1.f}) {
 #pragma GCC unroll 16
-    for (int64_t g = 0; g < G; ++g) p[g] = at::vec::fmadd(p[g], t2[g], Vec(c));
-  }
+      for (int64_t g = 0; g < G; ++g) p[g] = at::vec::fmadd(p[g], t2[g], Vec(c));
+    }
 #pragma GCC unroll 16
-  for (int64_t g = 0; g < G; ++g) {
-    x[g] = Vec::blendv(at::vec::maximum(x[g], Vec(0)) + Vec(2) * t[g] * p[g], x[g], x[g] > Vec(20));
+    for (int64_t g = 0; g < G; ++g) {
+      x[g] = Vec::blendv(at::vec::maximum(x[g], Vec(0)) + Vec(2) * t[g] * p[g], x[g], x[g] > Vec(20));
+    }
   }
 }
 

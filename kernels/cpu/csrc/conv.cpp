@@ -18,7 +18,7 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                    at::Tensor& pre) {
   using Blk = Block<scalar_t>;
   using Vec = typename Blk::Vec;
-  constexpr int64_t K = Blk::K, kGroup = Blk::G;
+  constexpr int64_t K = Blk::K;
   const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(2);
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -51,7 +51,7 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tens
           const int64_t row = ((b * 2 + g) * L + t) * dim + c0;
           if (prep) blk.store(prep + row, acc);
           Vec sg[K];
-          for (int64_t k = 0; k < K; k += kGroup) sigmoid_n<kGroup>(acc + k, sg + k);
+          sigmoid_n<K>(acc, sg);
           for (int64_t k = 0; k < K; ++k) acc[k] = acc[k] * sg[k];
           blk.store(yp + row, acc);
         }
@@ -65,7 +65,7 @@ void conv_bwd_impl(const at::Tensor& gout, const at::Tensor& x, const at::Tensor
                    at::Tensor& gx, at::Tensor& gw_part, at::Tensor& gb_part) {
   using Blk = Block<scalar_t>;
   using Vec = typename Blk::Vec;
-  constexpr int64_t K = Blk::K, kGroup = Blk::G;
+  constexpr int64_t K = Blk::K;
   const int64_t batch = x.size(0), dim = x.size(1), L = x.size(2), W = weight.size(2);
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -93,7 +93,7 @@ void conv_bwd_impl(const at::Tensor& gout, const at::Tensor& x, const at::Tensor
           blk.load(prep + ((b * 2 + g) * L + t) * dim + c0, p);
           Vec* dst = &gpre[(g * L + t) * K];
           Vec sg[K];
-          for (int64_t k = 0; k < K; k += kGroup) sigmoid_n<kGroup>(p + k, sg + k);
+          sigmoid_n<K>(p, sg);
           for (int64_t k = 0; k < K; ++k) {
             dst[k] = go[k] * sg[k] * (Vec(1) + p[k] * (Vec(1) - sg[k]));
             gb[k] = gb[k] + dst[k];

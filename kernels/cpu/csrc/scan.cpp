@@ -71,7 +71,7 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
   const Rows<scalar_t> Ur(in.u), Dr(in.delta), Zr(in.z);
   const StateRows<scalar_t> Br(in.B), Cr(in.C), DTr(in.delta);  // DTr: the low-rank delta's (batch, 2, R, L) view
   const int64_t R = in.R;
-  constexpr int64_t K = Blk::K, kGroup = Blk::G;
+  constexpr int64_t K = Blk::K;
   const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
   const int64_t nstates = states.defined() ? states.size(2) : 0;
@@ -165,9 +165,7 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
           }
           blk.load(Ur.at(b, g, t) + c0, u);
           for (int64_t k = 0; k < K; ++k) dt[k] = dt[k] + bias[k];
-          if (in.softplus) {
-            for (int64_t k = 0; k < K; k += kGroup) softplus_n<kGroup>(dt + k);
-          }
+          if (in.softplus) softplus_n<K>(dt);
           for (int64_t k = 0; k < K; ++k) {
             y[k] = Dv[k] * u[k];
             u[k] = dt[k] * u[k];  // delta * u from here on
@@ -184,7 +182,7 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
           Vec prev[K], zv[K], sz[K];
           blk.load(o, prev);
           blk.load(Zr.at(b, 0, t) + c0, zv);
-          for (int64_t k = 0; k < K; k += kGroup) sigmoid_n<kGroup>(zv + k, sz + k);
+          sigmoid_n<K>(zv, sz);
           for (int64_t k = 0; k < K; ++k) {
             y[k] = (prev[k] + y[k]) * Vec(0.5);
             prev[k] = y[k] * zv[k] * sz[k];
@@ -206,7 +204,7 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
   using Vec = typename Blk::Vec;
   const Rows<scalar_t> Ur(in.u), Dr(in.delta), Zr(in.z), Gr(gout);
   const StateRows<scalar_t> Br(in.B), Cr(in.C);
-  constexpr int64_t K = Blk::K, kGroup = Blk::G;
+  constexpr int64_t K = Blk::K;
   const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
   const int64_t nblocks = (dim + Blk::C - 1) / Blk::C;
   const int64_t nchunks = (L + chunk - 1) / chunk;
@@ -232,7 +230,7 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
         blk.load(ysp + (b * L + t) * dim + c0, ys);
         blk.load(Zr.at(b, 0, t) + c0, zv);
         Vec sg[K];
-        for (int64_t k = 0; k < K; k += kGroup) sigmoid_n<kGroup>(zv + k, sg + k);
+        sigmoid_n<K>(zv, sg);
         for (int64_t k = 0; k < K; ++k) go[k] = go[k] * ys[k] * sg[k] * (Vec(1) + zv[k] * (Vec(1) - sg[k]));
         blk.store(gzp + (b * L + t) * dim + c0, go);
       }
@@ -274,9 +272,7 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
             blk.load(Dr.at(b, g, t) + c0, dt);
             blk.load(Ur.at(b, g, t) + c0, u);
             for (int64_t k = 0; k < K; ++k) dt[k] = dt[k] + bias[k];
-            if (in.softplus) {
-              for (int64_t k = 0; k < K; k += kGroup) softplus_n<kGroup>(dt + k);
-            }
+            if (in.softplus) softplus_n<K>(dt);
             for (int64_t k = 0; k < K; ++k) {
               DT[i * K + k] = dt[k];
               u[k] = dt[k] * u[k];
@@ -307,7 +303,7 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
             blk.load(Ur.at(b, g, t) + c0, u);
             const Vec* dt = &DT[i * K];
             Vec du[K], sz[K];
-            for (int64_t k = 0; k < K; k += kGroup) sigmoid_n<kGroup>(zv + k, sz + k);
+            sigmoid_n<K>(zv, sz);
             for (int64_t k = 0; k < K; ++k) {
               gy[k] = go[k] * zv[k] * sz[k] * Vec(0.5);
               du[k] = dt[k] * u[k];
@@ -343,7 +339,7 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
             if (in.softplus) {  // d softplus(x) / dx = sigmoid(x)
               Vec sx[K];
               for (int64_t k = 0; k < K; ++k) raw[k] = raw[k] + bias[k];
-              for (int64_t k = 0; k < K; k += kGroup) sigmoid_n<kGroup>(raw + k, sx + k);
+              sigmoid_n<K>(raw, sx);
               for (int64_t k = 0; k < K; ++k) gdt[k] = gdt[k] * sx[k];
             }
             for (int64_t k = 0; k < K; ++k) {
