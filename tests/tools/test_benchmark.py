@@ -10,7 +10,7 @@ import vim.benchmark.model as benchmark
 def _record_malloc_calls(monkeypatch) -> list:
     """The benchmark's allocator setting, recorded instead of applied (it would last for the whole test process)."""
     calls = []
-    monkeypatch.setattr(benchmark, 'retain_freed_memory', lambda: calls.append(1) or True)
+    monkeypatch.setattr(benchmark.scan_benchmark, 'retain_freed_memory', lambda: calls.append(1) or True)
     return calls
 
 

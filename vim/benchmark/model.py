@@ -32,9 +32,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vim.benchmark import scan as scan_benchmark
-from vim.benchmark.scan import device_name
+from vim.benchmark.scan import device_name, malloc_setting
 from vim.kernels import available_backends, resolve_backend
-from vim.utils import atomic_write, retain_freed_memory
+from vim.utils import atomic_write
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ['VIM_SCAN_BACKEND'] = args.backend
     device = torch.device(args.device)
     on_cuda = device.type == 'cuda'
-    malloc = 'glibc defaults'
-    if device.type == 'cpu' and not args.glibc_malloc_defaults and retain_freed_memory():
-        malloc = 'freed memory kept for reuse (vim.utils.retain_freed_memory)'
+    malloc = malloc_setting(device, args.glibc_malloc_defaults)
     started = dt.datetime.now(dt.timezone.utc)
     out = args.out or Path('benchmarks') / f'{device.type}-{started:%Y%m%d-%H%M}.json'
     out.parent.mkdir(parents=True, exist_ok=True)

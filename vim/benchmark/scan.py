@@ -176,6 +176,14 @@ def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], 
     return dict(copy_gbps=copy_bps / 1e9, exp_rate=exp_rate, exp_rate_source=source, scan=rows, conv=conv_rows)
 
 
+def malloc_setting(device: torch.device, glibc_defaults: bool) -> str:
+    """Applies the benchmarks' allocator setting for ``device`` (on CPU, unless ``glibc_defaults``: freed memory kept
+    for reuse, :func:`vim.utils.retain_freed_memory`) and returns the line the reports record as ``malloc``."""
+    if device.type == 'cpu' and not glibc_defaults and retain_freed_memory():
+        return 'freed memory kept for reuse (vim.utils.retain_freed_memory)'
+    return 'glibc defaults'
+
+
 def device_name(device: torch.device) -> str:
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
@@ -223,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                         "tools/benchmark.py: vim.utils.retain_freed_memory)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    malloc = 'glibc defaults'
-    if device.type == 'cpu' and not args.glibc_malloc_defaults and retain_freed_memory():
-        malloc = 'freed memory kept for reuse (vim.utils.retain_freed_memory)'
+    malloc = malloc_setting(device, args.glibc_malloc_defaults)
     shapes = args.shapes or (['8x6085', '128x197', '1x16385'] if device.type == 'cuda' else ['1x197'])
     shapes = [tuple(int(v) for v in s.lower().split('x')) for s in shapes]
     copy_bytes = 1 << 30 if device.type == 'cuda' else 1 << 27
