@@ -2,11 +2,16 @@
 # One GPU session's measurements, in the order that matters, each step time-limited so that a 10-minute device
 # call keeps what finished. Usage (repository root, CUDA machine):
 #   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile scan bench (default: all four)
-# Results go to $OUT (the device tool's folder) or ./gpu-run. Each step's limit: TESTS_S, PROFILE_S, SCAN_S, BENCH_S
-# (300, 150, 90, 300 s): with 10-minute calls, run `tests profile` in one call and `scan bench` in the next.
+# Results go to $OUT (the device tool's folder) or ./gpu-run. Each step's limit: TESTS_S, RANDOM_S, PROFILE_S,
+# SCAN_S, BENCH_S (200, 150, 150, 90, 300 s): with 10-minute calls, run `tests profile` in one call and `scan bench`
+# in the next.
 #   tests    pytest -m gpu, one line per test as it ends (gpu-tests.log) and each failure's traceback as soon as
-#            it happens (gpu-test-failures.log, tests/conftest.py), so a cut-off run still says what failed and why
-#   profile  Nsight Compute on the scan's forward kernels at Vim-Ti 1248^2 batch 8 (latency, occupancy, stalls)
+#            it happens (gpu-test-failures.log, tests/conftest.py), so a cut-off run still says what failed and why.
+#            The targeted tests first (every autotune config, whole models, determinism, offsets past 2^31, compile
+#            and graph capture), then the 300 random cases, which autotune at every new shape and fill the time left:
+#            on 2026-11-26 one 340 s run reached 248 of 331 tests in file order, none of the every-config ones.
+#   profile  Nsight Compute on the scan's kernels, forward and backward, at Vim-Ti 1248^2 batch 8: one steady-state
+#            call each after the warm-up (benchmark_scan --cuda-profile), not the autotuner's trial launches
 #   scan     tools/benchmark_scan.py: the scan and conv alone against their floor
 #   bench    tools/benchmark.py: Vim against DeiT (SDPA) in one run, the matrix of model_zoo.md
 set -u
@@ -22,15 +27,19 @@ for step in $steps; do
   echo "== $(( $(date +%s) - T0 ))s $step"
   case $step in
     tests)
-      VIM_FAILURE_LOG="$OUT/gpu-test-failures.log" timeout -s INT "${TESTS_S:-300}" python3 -m pytest -m gpu tests \
-          -n "${WORKERS:-14}" -v --tb=no -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
+      for part in "not random_ ${TESTS_S:-200}" "random_ ${RANDOM_S:-150}"; do
+        VIM_FAILURE_LOG="$OUT/gpu-test-failures.log" timeout -s INT "${part##* }" python3 -m pytest -m gpu tests \
+            -k "${part% *}" -n "${WORKERS:-14}" -v --tb=no -p no:cacheprovider >> "$OUT/gpu-tests.log" 2>&1
+      done
       grep -cE ' PASSED' "$OUT/gpu-tests.log"; grep -E ' (FAILED|ERROR) ' "$OUT/gpu-tests.log" | head -40 ;;
     profile)
-      timeout "${PROFILE_S:-150}" ncu --kernel-name regex:'_segment_|_scan_output' --launch-skip 20 --launch-count 3 \
+      timeout "${PROFILE_S:-150}" ncu --profile-from-start off --kernel-name regex:'_segment_|_scan_|_bidirectional_scan' \
           --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+          --section MemoryWorkloadAnalysis --print-details all \
           python3 tools/benchmark_scan.py --device cuda --dtypes bf16 --backends triton --shapes 8x6085 \
-          --min-time 0.01 > "$OUT/ncu-scan-fwd.txt" 2>&1
-      grep -E 'Duration|Achieved Occupancy|Theoretical Occupancy|Stall|Warp Cycles Per Issued' "$OUT/ncu-scan-fwd.txt" | head -40 ;;
+          --min-time 0.01 --cuda-profile > "$OUT/ncu-scan.txt" 2>&1
+      grep -E '^  [_a-z]+kernel|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|L1/TEX Cache Th|Stall' \
+          "$OUT/ncu-scan.txt" | head -60 ;;
     scan)
       timeout -s INT "${SCAN_S:-90}" python3 tools/benchmark_scan.py --device cuda --dtypes bf16 fp32 \
           --backends triton --min-time 0.2 --out "$OUT/gpu-scan.json" ;;

@@ -16,6 +16,7 @@ def test_scan_benchmark_report(tmp_path, monkeypatch):
     assert benchmark_scan.main(['--device', 'cpu', '--shapes', '2x33', '--dim', '16', '--dstate', '4',
                                 '--min-time', '0.01', '--exp-rate', '1e9', '--out', str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report['complete'] is True
     assert report['copy_gbps'] > 0 and report['exp_rate'] == 1e9 and report['exp_rate_source'] == '--exp-rate'
     assert malloc_calls == [1] and report['malloc'].startswith('freed memory kept')  # as tools/benchmark.py
     assert benchmark_scan.main(['--device', 'cpu', '--shapes', '1x5', '--dim', '8', '--dstate', '2', '--min-time',
@@ -59,3 +60,39 @@ def test_cpu_exp_floor_from_the_probe(tmp_path, monkeypatch, kernels_build):
     else:
         assert report['exp_rate'] is None and report['exp_rate_source'] is None
         assert row['fwd_floor_ms'] == pytest.approx(byte_floor, rel=1e-9)
+
+
+def test_cut_off_run_keeps_the_shapes_it_measured(tmp_path, monkeypatch):
+    """A run stopped by a time limit (SIGINT from `timeout -s INT`) during its second shape leaves a JSON report with
+    the first shape's rows, marked incomplete."""
+    monkeypatch.setattr(benchmark_scan, 'retain_freed_memory', lambda: True)
+    measure_conv = benchmark_scan.measure_conv
+
+    def interrupted_on_second_shape(backend, batch, *args):
+        if batch == 2:
+            raise KeyboardInterrupt
+        return measure_conv(backend, batch, *args)
+
+    monkeypatch.setattr(benchmark_scan, 'measure_conv', interrupted_on_second_shape)
+    out = tmp_path / 'scan.json'
+    with pytest.raises(KeyboardInterrupt):
+        benchmark_scan.main(['--device', 'cpu', '--shapes', '1x9', '2x9', '--dim', '8', '--dstate', '2',
+                             '--backends', 'reference', '--min-time', '0.01', '--exp-rate', '1e9', '--out', str(out)])
+    report = json.loads(out.read_text())
+    assert report['complete'] is False and report['command'].startswith('python tools/benchmark_scan.py')
+    assert [(r['batch'], r['seqlen']) for r in report['scan']] == [(1, 9)]
+    assert [(r['batch'], r['seqlen']) for r in report['conv']] == [(1, 9)]
+    assert not list(tmp_path.glob('.*partial*'))
+
+
+def test_cuda_profile_range_holds_one_steady_call(monkeypatch):
+    """--cuda-profile: the profiler range opens after the warm-up (the autotuner's trials) and holds one call."""
+    events = []
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda device=None: None)
+    monkeypatch.setattr(torch.cuda.profiler, 'start', lambda: events.append('start'))
+    monkeypatch.setattr(torch.cuda.profiler, 'stop', lambda: events.append('stop'))
+    benchmark_scan._time(lambda: events.append('call'), torch.device('cuda'), 0.0, profile=True)
+    assert events[:5] == ['call', 'start', 'call', 'stop', 'call'] and events.count('start') == 1
+    events.clear()
+    benchmark_scan._time(lambda: events.append('call'), torch.device('cuda'), 0.0)
+    assert 'start' not in events

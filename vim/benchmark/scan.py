@@ -23,6 +23,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,15 +31,23 @@ import torch
 from vim.kernels import available_backends, bidirectional_conv_silu, bidirectional_scan
 from vim.kernels.cpu import cpu_backend_status
 from vim.kernels.cpu.probe import exp_rate as cpu_exp_rate
-from vim.utils import retain_freed_memory
+from vim.utils import atomic_write, retain_freed_memory
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-def _time(fn, device: torch.device, min_time: float) -> float:
+def _time(fn, device: torch.device, min_time: float, profile: bool = False) -> float:
+    """Seconds per call of ``fn`` after a warm-up call (which autotunes the Triton kernels). ``profile``: one more call
+    after the warm-up inside a CUDA profiler range, for ``ncu --profile-from-start off`` (steady-state launches only,
+    not the autotuner's trial runs)."""
     fn()
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+        if profile:
+            torch.cuda.profiler.start()
+            fn()
+            torch.cuda.synchronize(device)
+            torch.cuda.profiler.stop()
     calls, start = 0, time.perf_counter()
     while True:
         fn()
@@ -75,7 +84,7 @@ def scan_inputs(batch: int, dim: int, dstate: int, seqlen: int, dtype: torch.dty
 
 
 def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype: torch.dtype,
-            device: torch.device, min_time: float) -> dict:
+            device: torch.device, min_time: float, profile: bool = False) -> dict:
     inputs = scan_inputs(batch, dim, dstate, seqlen, dtype, device)
     u, delta, A, B, C, D, z, bias = inputs
     elt = torch.finfo(dtype).bits // 8
@@ -95,8 +104,8 @@ def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype:
 
     def fwd_bwd():  # gradients returned, not accumulated into .grad (an add per input and call that no step pays)
         torch.autograd.grad(bidirectional_scan(*leaves, backend=backend), leaves, grad)
-    t_fwd = _time(fwd, device, min_time)
-    t_fb = _time(fwd_bwd, device, min_time)
+    t_fwd = _time(fwd, device, min_time, profile)
+    t_fb = _time(fwd_bwd, device, min_time, profile)
     t_bwd = max(t_fb - t_fwd, 1e-12)
     return dict(backend=backend, batch=batch, dim=dim, dstate=dstate, seqlen=seqlen, dtype=str(dtype).split('.')[-1],
                 fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
@@ -105,7 +114,7 @@ def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype:
 
 
 def measure_conv(backend: str, batch: int, dim: int, seqlen: int, width: int, dtype: torch.dtype,
-                 device: torch.device, min_time: float) -> dict:
+                 device: torch.device, min_time: float, profile: bool = False) -> dict:
     g = torch.Generator(device='cpu').manual_seed(0)
     # x as the mixer passes it: a transposed slice of in_proj's (batch, seqlen, 2 * dim) output
     xz = torch.randn(batch, seqlen, 2 * dim, generator=g).to(device=device, dtype=dtype)
@@ -128,8 +137,8 @@ def measure_conv(backend: str, batch: int, dim: int, seqlen: int, width: int, dt
     def fwd_bwd():
         torch.autograd.grad(bidirectional_conv_silu(leaves[0].transpose(1, 2)[:, :dim], *leaves[1:], backend=backend),
                             leaves, grad)
-    t_fwd = _time(fwd, device, min_time)
-    t_bwd = max(_time(fwd_bwd, device, min_time) - t_fwd, 1e-12)
+    t_fwd = _time(fwd, device, min_time, profile)
+    t_bwd = max(_time(fwd_bwd, device, min_time, profile) - t_fwd, 1e-12)
     return dict(backend=backend, batch=batch, dim=dim, width=width, seqlen=seqlen, dtype=str(dtype).split('.')[-1],
                 fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
                 fwd_gbps=fwd_bytes / t_fwd / 1e9, bwd_gbps=bwd_bytes / t_bwd / 1e9,
@@ -148,7 +157,10 @@ def add_floors(row: dict, copy_bps: float, exp_rate: float | None) -> dict:
 
 def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], dim: int, dstate: int,
         backends: list[str], min_time: float, exp_rate: float | None, clock_ghz: float,
-        copy_bytes: int) -> dict:
+        copy_bytes: int, on_row: Callable[[dict], None] | None = None, profile: bool = False) -> dict:
+    """Rows of the scan and the conv per (backend, dtype, shape), with the copy bandwidth and exp rate behind their
+    floors. ``on_row`` gets the partial result after every shape (``complete`` False until the last), so that a run
+    cut off by a time limit keeps what it measured. ``profile``: see :func:`_time`."""
     source = '--exp-rate' if exp_rate is not None else None
     if exp_rate is None and device.type == 'cuda':
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -159,21 +171,26 @@ def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], 
         source = f'measured: vim.kernels.cpu.probe.exp_rate() on {torch.get_num_threads()} threads'
     copy_bps = copy_bandwidth(device, copy_bytes, min_time)
     rows, conv_rows = [], []
+    result = dict(copy_gbps=copy_bps / 1e9, exp_rate=exp_rate, exp_rate_source=source, complete=False, scan=rows,
+                  conv=conv_rows)
     for backend in backends:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             for batch, seqlen in shapes:
-                scan = add_floors(measure(backend, batch, dim, dstate, seqlen, dtype, device, min_time), copy_bps,
-                                  exp_rate)
-                conv = add_floors(measure_conv(backend, batch, dim, seqlen, 4, dtype, device, min_time), copy_bps,
-                                  exp_rate)
+                scan = add_floors(measure(backend, batch, dim, dstate, seqlen, dtype, device, min_time, profile),
+                                  copy_bps, exp_rate)
+                conv = add_floors(measure_conv(backend, batch, dim, seqlen, 4, dtype, device, min_time, profile),
+                                  copy_bps, exp_rate)
                 rows.append(scan)
                 conv_rows.append(conv)
                 for op, row in (('scan', scan), ('conv', conv)):
                     print(f'{op} {backend:9s} {dtype_name} {batch}x{seqlen}: fwd {row["fwd_ms"]:.3f} ms '
                           f'({row["fwd_gbps"]:.0f} GB/s, {row["fwd_x_floor"]:.1f}x floor), bwd {row["bwd_ms"]:.3f} '
                           f'ms ({row["bwd_gbps"]:.0f} GB/s, {row["bwd_x_floor"]:.1f}x floor)', flush=True)
-    return dict(copy_gbps=copy_bps / 1e9, exp_rate=exp_rate, exp_rate_source=source, scan=rows, conv=conv_rows)
+                if on_row is not None:
+                    on_row(result)
+    result['complete'] = True
+    return result
 
 
 def malloc_setting(device: torch.device, glibc_defaults: bool) -> str:
@@ -225,10 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--min-time', type=float, default=1.0)
     p.add_argument('--exp-rate', type=float, default=None, help='exp() per second of the device')
     p.add_argument('--clock-ghz', type=float, default=1.98)
-    p.add_argument('--out', type=Path, default=None, help='JSON output')
+    p.add_argument('--out', type=Path, default=None, help='JSON output, rewritten (atomically) after every shape: '
+                   "'complete' is false in a run that was cut off")
     p.add_argument('--glibc-malloc-defaults', action='store_true',
                    help="CPU: keep glibc's default heap thresholds (by default freed memory is kept for reuse, as in "
                         "tools/benchmark.py: vim.utils.retain_freed_memory)")
+    p.add_argument('--cuda-profile', action='store_true',
+                   help='CUDA: run each timed op once more after its warm-up inside a profiler range, for '
+                        '`ncu --profile-from-start off` (steady-state kernels, not the autotuner\'s trials)')
     args = p.parse_args(argv)
     device = torch.device(args.device)
     malloc = malloc_setting(device, args.glibc_malloc_defaults)
@@ -239,12 +260,18 @@ def main(argv: list[str] | None = None) -> int:
     report = dict(date=started.isoformat(timespec='seconds'), device=device_name(device), torch=torch.__version__,
                   triton=_triton_version(), malloc=malloc,
                   command=' '.join(['python tools/benchmark_scan.py'] + (argv if argv is not None else sys.argv[1:])))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(part: dict) -> None:
+        if args.out:
+            atomic_write(args.out, json.dumps({**report, **part}, indent=1).encode())
+
     report.update(run(device, args.dtypes, shapes, args.dim, args.dstate, args.backends or default_backends(device),
-                      args.min_time, args.exp_rate, args.clock_ghz, copy_bytes))
+                      args.min_time, args.exp_rate, args.clock_ghz, copy_bytes, on_row=save,
+                      profile=args.cuda_profile))
     print(f'copy bandwidth {report["copy_gbps"]:.0f} GB/s; exp rate '
           + (f'{report["exp_rate"]:.3g}/s ({report["exp_rate_source"]})' if report['exp_rate']
              else 'unknown (floor from bytes only)'))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+    save(report)
     return 0
