@@ -1,10 +1,10 @@
 #!/bin/bash
 # One GPU session's measurements, in the order that matters, each step time-limited so that a 10-minute device
 # call keeps what finished. Usage (repository root, CUDA machine):
-#   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile scan bench (default: all four)
+#   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile model scan bench (default: all five)
 # Results go to $OUT (the device tool's folder) or ./gpu-run. Each step's limit: TESTS_S, RANDOM_S, PROFILE_S,
-# SCAN_S, BENCH_S (200, 150, 150, 90, 300 s): with 10-minute calls, run `tests profile` in one call and `scan bench`
-# in the next.
+# MODEL_S, SCAN_S, BENCH_S (200, 150, 150, 120, 90, 300 s): with 10-minute calls, run `tests profile` in one call
+# and `model scan bench` in the next.
 #   tests    pytest -m gpu, one line per test as it ends (gpu-tests.log) and each failure's traceback as soon as
 #            it happens (gpu-test-failures.log, tests/conftest.py), so a cut-off run still says what failed and why.
 #            The targeted tests first (every autotune config, whole models, determinism, offsets past 2^31, compile
@@ -12,13 +12,15 @@
 #            on 2026-11-26 one 340 s run reached 248 of 331 tests in file order, none of the every-config ones.
 #   profile  Nsight Compute on the scan's kernels, forward and backward, at Vim-Ti 1248^2 batch 8: one steady-state
 #            call each after the warm-up (benchmark_scan --cuda-profile), not the autotuner's trial launches
+#   model    tools/profile_model.py: each kernel's time inside Vim-Ti (1248^2 b8 inference, 224^2 b128 training step)
+#            and DeiT-Ti (1248^2 b8), steady state, all in profile-model.txt
 #   scan     tools/benchmark_scan.py: the scan and conv alone against their floor
 #   bench    tools/benchmark.py: Vim against DeiT (SDPA) in one run, the matrix of model_zoo.md
 set -u
 OUT=${OUT:-gpu-run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-steps=${*:-tests profile scan bench}
+steps=${*:-tests profile model scan bench}
 python3 -c 'import vim.kernels' 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . \
     || { echo 'install failed: make install first'; exit 1; }
 python3 -c 'import torch, triton, timm; print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, "timm", timm.__version__)' | tee "$OUT/env.txt"
@@ -40,6 +42,13 @@ for step in $steps; do
           --min-time 0.01 --cuda-profile > "$OUT/ncu-scan.txt" 2>&1
       grep -E '^  [_a-z]+kernel|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|L1/TEX Cache Th|Stall' \
           "$OUT/ncu-scan.txt" | head -60 ;;
+    model)
+      for case in 'vim_tiny_patch16_224 --img-size 1248 --batch-size 8' 'deit_tiny_patch16_224 --img-size 1248 --batch-size 8' \
+                  'vim_tiny_patch16_224 --img-size 224 --batch-size 128 --train'; do
+        timeout -s INT "${MODEL_S:-120}" python3 tools/profile_model.py --device cuda --dtype bf16 --steps 3 --top 30 \
+            --model $case >> "$OUT/profile-model.txt" 2>&1
+      done
+      grep -A8 ' a step$' "$OUT/profile-model.txt" ;;
     scan)
       timeout -s INT "${SCAN_S:-90}" python3 tools/benchmark_scan.py --device cuda --dtypes bf16 fp32 \
           --backends triton --min-time 0.2 --out "$OUT/gpu-scan.json" ;;
