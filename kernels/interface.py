@@ -229,6 +229,17 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
     return name
 
 
+def _scan_backend(backend: str | None, u: torch.Tensor, A: torch.Tensor) -> str:
+    """``resolve_backend`` for a scan: 'auto' does not pick the Triton scan for a d_state it does not take (it
+    raises when asked for by name)."""
+    name = resolve_backend(backend, u)
+    if name == 'triton' and (backend or os.environ.get(ENV_VAR) or 'auto') == 'auto':
+        from .triton.fwd import MAX_DSTATE
+        if A.shape[-1] > MAX_DSTATE:
+            return FALLBACK
+    return name
+
+
 def _implementation(registry: dict[str, Callable], name: str, op: str) -> Callable:
     if name not in registry:
         raise ValueError(f'scan backend {name!r} has no {op}; use one of {sorted(registry)}')
@@ -249,7 +260,7 @@ def selective_scan(
 
     Shapes and semantics: :func:`vim.kernels.selective_scan_ref` (mamba_ssm's ``selective_scan_fn``, real A).
     """
-    name = resolve_backend(backend, u)
+    name = _scan_backend(backend, u, A)
     fn = _implementation(_SELECTIVE, name, 'selective_scan')
     if return_last_state:
         if name not in _SELECTIVE_LAST_STATE:
@@ -270,7 +281,7 @@ def bidirectional_scan(
     :func:`vim.kernels.reference.delta_from_low_rank` of the two (Vim's dt_proj). The ``cpu`` backend computes it
     inside its kernel when no gradient is needed; every other backend gets the full delta computed here.
     """
-    name = resolve_backend(backend, u)
+    name = _scan_backend(backend, u, A)
     fn = _implementation(_BIDIRECTIONAL, name, 'bidirectional_scan')
     if delta_proj_weight is not None:
         if name == 'cpu':

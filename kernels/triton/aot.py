@@ -57,7 +57,7 @@ def scan_arguments(dtype: torch.dtype, layout: str, batch: int, dim: int, dstate
     ptr = lambda t: '*' + TYPES[t.dtype]  # noqa: E731
     args = {f'{n}_ptr': ptr(t) for n, t in x.items()}
     args.update(bias_ptr=ptr(x['delta_bias']), batch=batch, seqlen=seqlen, dim=dim, dstate=dstate, seg_len=seg_len,
-                n_seg=n_seg, s_h_n=dim, s_h_d=1, out_ptr=ptr(x['u']), y1_ptr='*fp32', hseg_ptr='*fp32',
+                n_seg=n_seg, s_h_n=1, s_h_d=dstate, out_ptr=ptr(x['u']), y1_ptr='*fp32', hseg_ptr='*fp32',
                 dtsum_ptr='*fp32', bc_ptr='*fp32', states_ptr='*fp32', gu_ptr=ptr(x['u']), gdelta_ptr=ptr(x['delta']))
     for g in ('gA', 'gB', 'gC', 'gD', 'gbias', 'gz'):
         args[f'{g}_ptr'] = '*fp32'

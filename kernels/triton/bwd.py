@@ -2,7 +2,7 @@
 
 Not yet redesigned like the forward (issue 9; the static report, report.py, predicts it 15-20x above its floor): a
 program is one (dim block, direction, batch element) on a flat grid, with (CHUNK, BLOCK_D, BLOCK_N) tiles whose state
-axis is spread across lanes. It reads the chunk states the forward stores, (batch, 2, n_chunks - 1, dstate, dim).
+axis is spread across lanes. It reads the chunk states the forward stores, (batch, 2, n_chunks - 1, dim, dstate).
 A program walks its direction's chunks from the last to the first,
 carrying G_next, the gradient of the hidden state at the first position of the chunk after the current one. Per chunk:
 
@@ -83,8 +83,8 @@ def _bidirectional_scan_bwd_kernel(
 
     A2 = A * 1.4426950408889634  # exp(dt A) = exp2(dt A log2 e)
     n_chunks = tl.cdiv(seqlen, CHUNK)
-    # states: (batch, 2, n_chunks - 1, dstate, dim), the forward's state after each chunk
-    states_ptr += (b * 2 + k) * (n_chunks - 1) * dim * dstate + offs_n[None, :] * dim + offs_d[:, None]
+    # states: (batch, 2, n_chunks - 1, dim, dstate), the forward's state after each chunk
+    states_ptr += (b * 2 + k) * (n_chunks - 1) * dim * dstate + offs_n[None, :] + offs_d[:, None] * dstate
     first = k * (seqlen - 1)
     step = 1 - 2 * k
     is_first = (offs_p == CHUNK - 1)[:, None, None]  # the chunk's first position, at the end of the reversed tile

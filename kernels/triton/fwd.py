@@ -4,8 +4,10 @@ channels, their 16 states in its own registers.
 Per token and channel the loop computes ``dt = softplus(delta + bias)`` once, then for each state one exp2 (A comes
 pre-scaled by log2 e), ``h = exp2(dt A) h + dt u B`` and ``y += C h``: the sum over states runs inside the thread,
 so the token loop has no shuffles and no barriers (the static report, :mod:`vim.kernels.triton.report`, checks the
-compiled code). B and C come packed token-major in fp32 (pack.py): a token's 2 x 16 values are 8 vector loads. The
-next token's inputs are loaded one iteration ahead (software prefetch).
+compiled code). The state is four (4, BLOCK_D) tiles (4 states x a channel per lane), not one 3-D tile, so that no
+Triton version can spread the state axis over lanes (see MAX_DSTATE). B and C come packed token-major in fp32
+(pack.py): a token's 2 x 16 values are 8 vector loads. The next token's inputs are loaded one iteration ahead
+(software prefetch).
 
 To fill the GPU at small batch the sequence is split into segments of whole chunks (``plan_segments``); then the
 scan runs in three launches, as chunked scans do (mamba_ssm's chunked state passing, flash-linear-attention):
@@ -31,7 +33,7 @@ import triton.language as tl
 from .common import autotune_configs, silu, softplus, tensor_strides
 from .pack import pack_bc
 
-__all__ = ['scan_fwd', 'scan_output', 'plan_segments', 'MIN_SEGMENT']
+__all__ = ['scan_fwd', 'scan_output', 'plan_segments', 'MIN_SEGMENT', 'MAX_DSTATE']
 
 # (BLOCK_D, num_warps, num_stages[, UNROLL]): one channel a thread, whose registers hold its 16 states, 16 A, and the
 # packed B and C of the current and the prefetched token. The output loop unrolled by 2 issues ~20% fewer
@@ -51,10 +53,17 @@ H100_SMS = 132
 # operations per state, from the static report)
 _STATE_PASS_COST = 0.8
 
-# Strides along channels and states are runtime values, never specialised: a stride known to be 1 would let Triton
-# vectorise that load along channels or states, giving it a layout other than the loop's (a thread owns whole
-# channels), and the conversion between the two costs shuffles and barriers inside the token loop.
-_CHANNEL_STRIDES = ['s_u_d', 's_dt_d', 's_A_d', 's_A_n', 's_D_d', 's_bias_d', 's_z_d', 's_h_n', 's_h_d']
+# Strides along channels and states of the inputs are runtime values, never specialised: a stride known to be 1
+# would let Triton vectorise that load along channels, giving it a layout other than the loop's (a thread owns whole
+# channels), and the conversion between the two costs shuffles and barriers inside the token loop. The kernels' own
+# state buffers (hseg, states) are (..., dim, dstate), with s_h_n = 1 and s_h_d = dstate specialised: their stores
+# inside the loop are then 16-byte vectors along a thread's own states, the loop's layout.
+_CHANNEL_STRIDES = ['s_u_d', 's_dt_d', 's_A_d', 's_A_n', 's_D_d', 's_bias_d', 's_z_d']
+# The token loops hold the state as 4 (STATE_J, BLOCK_D) tiles, not one 3-D tile: on a (G, J, BLOCK_D) tile the
+# B load's contiguity ties the group and channel axes, Triton 3.6 (torch 2.11's) breaks the tie towards the group
+# axis and spreads lanes over states, and its token loops compiled with SHFL and BAR (Triton 3.8 broke it the other
+# way). With 2-D tiles a load's axes never tie. Hence d_state <= 4 * STATE_J = 16.
+MAX_DSTATE = 16
 
 
 def plan_segments(batch: int, dim: int, seqlen: int, chunk: int, sms: int = H100_SMS) -> tuple[int, int]:
@@ -81,26 +90,99 @@ def plan_segments(batch: int, dim: int, seqlen: int, chunk: int, sms: int = H100
 
 
 @triton.jit
-def _tile(dim, dstate, pid_d, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr):
-    """Channel offsets (BLOCK_D,), state indices (G, J, 1) and channels (1, 1, BLOCK_D) of a (G, J, BLOCK_D) state
-    tile, G * J = BLOCK_N, and masks. States are split (G, J) so that a token's J states are one 16-byte load:
-    Triton keeps that load's layout (J states a thread) in the loop, and G, J and all 32 lanes along channels mean
-    a thread holds its channel's whole state."""
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    n3 = tl.arange(0, BLOCK_N // STATE_J)[:, None, None] * STATE_J + tl.arange(0, STATE_J)[None, :, None]
-    d3 = offs_d[None, None, :]
-    mask_d = offs_d < dim
-    return offs_d, n3, d3, mask_d, (n3 < dstate) & (d3 < dim)
+def _group(g: tl.constexpr, dstate, offs_d, mask_d, STATE_J: tl.constexpr):
+    """State indices (STATE_J, 1) of state group g, channels (1, BLOCK_D), and the group's tile mask."""
+    n2 = g * STATE_J + tl.arange(0, STATE_J)[:, None]
+    return n2, offs_d[None, :], (n2 < dstate) & mask_d[None, :]
 
 
 @triton.jit
-def _params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k, s_bias_d, k, offs_d, n3, d3,
-            mask_d, mask3):
-    """Direction k's A * log2(e) as a (G, J, BLOCK_D) tile, D and delta bias (BLOCK_D,), fp32."""
-    A2 = tl.load(A_ptr + k * s_A_k + n3 * s_A_n + d3 * s_A_d, mask=mask3, other=0.0).to(tl.float32)
+def _load_groups(ptr, s_n, s_d, dstate, offs_d, mask_d, other_mask, STATE_J: tl.constexpr, N_GROUPS: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """The 4 (STATE_J, BLOCK_D) fp32 tiles of ``ptr[state * s_n + channel * s_d]``; zeros past N_GROUPS."""
+    n2, d2, m = _group(0, dstate, offs_d, mask_d, STATE_J)
+    x0 = tl.load(ptr + n2 * s_n + d2 * s_d, mask=m & other_mask, other=0.0).to(tl.float32)
+    x1 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    x2 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    x3 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    if N_GROUPS > 1:
+        n2, d2, m = _group(1, dstate, offs_d, mask_d, STATE_J)
+        x1 = tl.load(ptr + n2 * s_n + d2 * s_d, mask=m & other_mask, other=0.0).to(tl.float32)
+    if N_GROUPS > 2:
+        n2, d2, m = _group(2, dstate, offs_d, mask_d, STATE_J)
+        x2 = tl.load(ptr + n2 * s_n + d2 * s_d, mask=m & other_mask, other=0.0).to(tl.float32)
+        n2, d2, m = _group(3, dstate, offs_d, mask_d, STATE_J)
+        x3 = tl.load(ptr + n2 * s_n + d2 * s_d, mask=m & other_mask, other=0.0).to(tl.float32)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _store_groups(ptr, s_n, s_d, x0, x1, x2, x3, dstate, offs_d, mask_d, STATE_J: tl.constexpr,
+                  N_GROUPS: tl.constexpr):
+    """Store the tiles of ``_load_groups`` to ``ptr[state * s_n + channel * s_d]``."""
+    n2, d2, m = _group(0, dstate, offs_d, mask_d, STATE_J)
+    tl.store(ptr + n2 * s_n + d2 * s_d, x0, mask=m)
+    if N_GROUPS > 1:
+        n2, d2, m = _group(1, dstate, offs_d, mask_d, STATE_J)
+        tl.store(ptr + n2 * s_n + d2 * s_d, x1, mask=m)
+    if N_GROUPS > 2:
+        n2, d2, m = _group(2, dstate, offs_d, mask_d, STATE_J)
+        tl.store(ptr + n2 * s_n + d2 * s_d, x2, mask=m)
+        n2, d2, m = _group(3, dstate, offs_d, mask_d, STATE_J)
+        tl.store(ptr + n2 * s_n + d2 * s_d, x3, mask=m)
+
+
+@triton.jit
+def _packed(row, STATE_J: tl.constexpr, N_GROUPS: tl.constexpr):
+    """One token's packed B (or C) as 4 (STATE_J, BLOCK_D) tiles, each a 16-byte load broadcast over channels;
+    ``row`` is (STATE_J, BLOCK_D) pointers to the token's first STATE_J values. Zeros past N_GROUPS."""
+    x0 = tl.load(row)
+    x1 = tl.zeros_like(x0)
+    x2 = tl.zeros_like(x0)
+    x3 = tl.zeros_like(x0)
+    if N_GROUPS > 1:
+        x1 = tl.load(row + STATE_J)
+    if N_GROUPS > 2:
+        x2 = tl.load(row + 2 * STATE_J)
+        x3 = tl.load(row + 3 * STATE_J)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _update(h0, h1, h2, h3, A0, A1, A2, A3, B0, B1, B2, B3, dt, x, N_GROUPS: tl.constexpr):
+    """h = exp2(dt A) h + x B for each state group; dt, x: (BLOCK_D,)."""
+    dt2 = dt[None, :]
+    x2 = x[None, :]
+    h0 = tl.exp2(dt2 * A0) * h0 + x2 * B0
+    if N_GROUPS > 1:
+        h1 = tl.exp2(dt2 * A1) * h1 + x2 * B1
+    if N_GROUPS > 2:
+        h2 = tl.exp2(dt2 * A2) * h2 + x2 * B2
+        h3 = tl.exp2(dt2 * A3) * h3 + x2 * B3
+    return h0, h1, h2, h3
+
+
+@triton.jit
+def _contract(h0, h1, h2, h3, C0, C1, C2, C3, N_GROUPS: tl.constexpr):
+    """sum over states of C h: (BLOCK_D,), inside each thread."""
+    y = tl.sum(h0 * C0, axis=0)
+    if N_GROUPS > 1:
+        y += tl.sum(h1 * C1, axis=0)
+    if N_GROUPS > 2:
+        y += tl.sum(h2 * C2, axis=0) + tl.sum(h3 * C3, axis=0)
+    return y
+
+
+@triton.jit
+def _params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k, s_bias_d, k, dstate, offs_d, mask_d,
+            STATE_J: tl.constexpr, N_GROUPS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Direction k's A * log2(e) as 4 (STATE_J, BLOCK_D) tiles, D and delta bias (BLOCK_D,), fp32."""
+    A0, A1, A2, A3 = _load_groups(A_ptr + k * s_A_k, s_A_n, s_A_d, dstate, offs_d, mask_d, True, STATE_J, N_GROUPS,
+                                  BLOCK_D)
     Dk = tl.load(D_ptr + k * s_D_k + offs_d * s_D_d, mask=mask_d, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + k * s_bias_k + offs_d * s_bias_d, mask=mask_d, other=0.0).to(tl.float32)
-    return A2 * 1.4426950408889634, Dk, bias
+    log2e = 1.4426950408889634
+    return A0 * log2e, A1 * log2e, A2 * log2e, A3 * log2e, Dk, bias
 
 
 @triton.jit
@@ -112,12 +194,6 @@ def _step_dt(dt_raw, bias, mask_d, DELTA_SOFTPLUS: tl.constexpr):
     return tl.where(mask_d, dt, 0.0)
 
 
-@triton.jit
-def _bcast(x):
-    """(BLOCK_D,) -> (1, 1, BLOCK_D)."""
-    return x[None, None, :]
-
-
 @triton.autotune(configs=autotune_configs(_STATE_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'])
 @triton.jit(do_not_specialize=['seqlen', 'seg_len', 'n_seg', *_CHANNEL_STRIDES])
 def _segment_state_kernel(
@@ -127,7 +203,8 @@ def _segment_state_kernel(
         s_dt_b, s_dt_k, s_dt_d, s_dt_l,
         s_A_k, s_A_d, s_A_n,
         s_bias_k, s_bias_d,
-        DELTA_SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, BLOCK_D: tl.constexpr,
+        DELTA_SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, N_GROUPS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
 ):
     # program -> (channel block, entry e of (batch, direction)); entry e is segment e (direction 0) or e + 1 (1)
     pid = tl.program_id(0).to(tl.int64)
@@ -136,12 +213,14 @@ def _segment_state_kernel(
     bk = pid // (n_dblocks * (n_seg - 1))
     b = bk // 2
     k = bk % 2
-    offs_d, n3, d3, mask_d, mask3 = _tile(dim, dstate, (pid % n_dblocks).to(tl.int32), BLOCK_D, BLOCK_N, STATE_J)
-    A2, _, bias = _params(A_ptr, A_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, 0, 0, s_bias_k, s_bias_d, k, offs_d,
-                          n3, d3, mask_d, mask3)
+    offs_d = (pid % n_dblocks).to(tl.int32) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    A0, A1, A2, A3, _, bias = _params(A_ptr, A_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, 0, 0, s_bias_k, s_bias_d, k,
+                                      dstate, offs_d, mask_d, STATE_J, N_GROUPS, BLOCK_D)
     u_row = u_ptr + b * s_u_b + k * s_u_k + offs_d.to(tl.int64) * s_u_d
     dt_row = delta_ptr + b * s_dt_b + k * s_dt_k + offs_d.to(tl.int64) * s_dt_d
-    B_row = bc_ptr + bk * seqlen * (2 * BLOCK_N) + n3 + d3 * 0  # packed B of token t at + t * 2 * BLOCK_N
+    # packed B of token t at + t * 2 * BLOCK_N
+    B_row = bc_ptr + bk * seqlen * (2 * BLOCK_N) + tl.arange(0, STATE_J)[:, None] + offs_d[None, :] * 0
     seg = e + k
     t_lo = seg * seg_len
     n_tok = tl.minimum(seqlen - t_lo, seg_len)
@@ -149,25 +228,29 @@ def _segment_state_kernel(
     first = t_lo + k * (n_tok - 1)
     step = 1 - 2 * k
 
-    h = tl.zeros((BLOCK_N // STATE_J, STATE_J, BLOCK_D), dtype=tl.float32)
+    h0 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    h1 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    h2 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    h3 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
     dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     u_n = tl.load(u_row + first * s_u_l, mask=mask_d, other=0.0)
     dt_n = tl.load(dt_row + first * s_dt_l, mask=mask_d, other=0.0)
-    B_n = tl.load(B_row + first * (2 * BLOCK_N))
+    B0n, B1n, B2n, B3n = _packed(B_row + first * (2 * BLOCK_N), STATE_J, N_GROUPS)
     for i in range(n_tok):
-        u, dt_raw, Bt = u_n, dt_n, B_n
+        u, dt_raw, B0, B1, B2, B3 = u_n, dt_n, B0n, B1n, B2n, B3n
         t_next = first + step * tl.minimum(i + 1, n_tok - 1)  # the last iteration re-reads its own token
         u_n = tl.load(u_row + t_next * s_u_l, mask=mask_d, other=0.0)
         dt_n = tl.load(dt_row + t_next * s_dt_l, mask=mask_d, other=0.0)
-        B_n = tl.load(B_row + t_next * (2 * BLOCK_N))
+        B0n, B1n, B2n, B3n = _packed(B_row + t_next * (2 * BLOCK_N), STATE_J, N_GROUPS)
         dt = _step_dt(dt_raw, bias, mask_d, DELTA_SOFTPLUS)
         dtsum += dt
-        h = tl.exp2(_bcast(dt) * A2) * h + _bcast(dt * u.to(tl.float32)) * Bt
+        h0, h1, h2, h3 = _update(h0, h1, h2, h3, A0, A1, A2, A3, B0, B1, B2, B3, dt, dt * u.to(tl.float32),
+                                 N_GROUPS)
 
-    # hseg: (batch, 2, n_seg - 1, dstate, dim) fp32; dtsum: (batch, 2, n_seg - 1, dim) fp32
+    # hseg: (batch, 2, n_seg - 1, dim, dstate) fp32; dtsum: (batch, 2, n_seg - 1, dim) fp32
     row = (bk * (n_seg - 1) + e) * dim
-    tl.store(hseg_ptr + row * dstate + n3 * s_h_n + d3 * s_h_d, h, mask=mask3)
-    tl.store(dtsum_ptr + row + offs_d * s_h_d, dtsum, mask=mask_d)
+    _store_groups(hseg_ptr + row * dstate, s_h_n, s_h_d, h0, h1, h2, h3, dstate, offs_d, mask_d, STATE_J, N_GROUPS)
+    tl.store(dtsum_ptr + row + offs_d, dtsum, mask=mask_d)
 
 
 # In place on hseg: the autotuner's benchmark runs each config several times on the same buffers, so it must restore
@@ -179,38 +262,47 @@ def _segment_boundary_kernel(
         A_ptr, hseg_ptr, dtsum_ptr,
         batch, dim, dstate, n_seg, s_h_n, s_h_d,
         s_A_k, s_A_d, s_A_n,
-        BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, N_GROUPS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     n_dblocks = tl.cdiv(dim, BLOCK_D)
     bk = pid // n_dblocks
     k = bk % 2
-    offs_d, n3, d3, mask_d, mask3 = _tile(dim, dstate, (pid % n_dblocks).to(tl.int32), BLOCK_D, BLOCK_N, STATE_J)
-    A2 = tl.load(A_ptr + k * s_A_k + n3 * s_A_n + d3 * s_A_d, mask=mask3, other=0.0).to(tl.float32) * 1.4426950408889634
-    h = tl.zeros((BLOCK_N // STATE_J, STATE_J, BLOCK_D), dtype=tl.float32)
+    offs_d = (pid % n_dblocks).to(tl.int32) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    A0, A1, A2, A3, _, _ = _params(A_ptr, A_ptr, A_ptr, s_A_k, s_A_d, s_A_n, 0, 0, 0, 0, k, dstate, offs_d, mask_d,
+                                   STATE_J, N_GROUPS, BLOCK_D)
+    h0 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    h1 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    h2 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    h3 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
     for j in range(n_seg - 1):
         e = j + k * (n_seg - 2 - 2 * j)  # entries in scan order: increasing (direction 0), decreasing (1)
         row = (bk * (n_seg - 1) + e) * dim
-        ptrs = hseg_ptr + row * dstate + n3 * s_h_n + d3 * s_h_d
-        dtsum = tl.load(dtsum_ptr + row + offs_d * s_h_d, mask=mask_d, other=0.0)
-        h = tl.exp2(_bcast(dtsum) * A2) * h + tl.load(ptrs, mask=mask3, other=0.0)
-        tl.store(ptrs, h, mask=mask3)
+        dtsum = tl.load(dtsum_ptr + row + offs_d, mask=mask_d, other=0.0)
+        x0, x1, x2, x3 = _load_groups(hseg_ptr + row * dstate, s_h_n, s_h_d, dstate, offs_d, mask_d, True, STATE_J,
+                                      N_GROUPS, BLOCK_D)
+        h0, h1, h2, h3 = _update(h0, h1, h2, h3, A0, A1, A2, A3, x0, x1, x2, x3, dtsum, tl.zeros_like(dtsum) + 1.0,
+                                 N_GROUPS)
+        _store_groups(hseg_ptr + row * dstate, s_h_n, s_h_d, h0, h1, h2, h3, dstate, offs_d, mask_d, STATE_J,
+                      N_GROUPS)
 
 
 @triton.jit
-def _scan_direction(u_row, dt_row, bc_row, s_u_l, s_dt_l, first, step, n_tok, h, A2, Dk, bias, mask_d, mask3,
-                    y1_row, z_row, s_z_l, out_row, s_y_l, states_row, chunk_stride, s_h_n, s_h_d, n3, d3, seqlen,
-                    scan_lo,
+def _scan_direction(u_row, dt_row, bc_row, s_u_l, s_dt_l, first, step, n_tok, h0, h1, h2, h3, A0, A1, A2, A3, Dk,
+                    bias, dstate, offs_d, mask_d, y1_row, z_row, s_z_l, out_row, s_y_l, states_row, chunk_stride,
+                    s_h_n, s_h_d, seqlen, scan_lo,
                     DIRECTION: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
-                    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr):
+                    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, N_GROUPS: tl.constexpr,
+                    UNROLL: tl.constexpr):
     """One direction over one segment: n_tok tokens from token ``first`` by ``step``, from state h. Direction 1
     stores its ungated y to ``y1_row``; direction 0 reads it back and writes the gated mean to ``out_row`` (both rows
     channel-contiguous, ``s_y_l`` apart per token: a warp's store of one token is one contiguous run).
     ``scan_lo`` is the segment's first position in this direction's scan order (for the chunk states)."""
     u_n = tl.load(u_row + first * s_u_l, mask=mask_d, other=0.0)
     dt_n = tl.load(dt_row + first * s_dt_l, mask=mask_d, other=0.0)
-    B_n = tl.load(bc_row + first * (2 * BLOCK_N))
-    C_n = tl.load(bc_row + first * (2 * BLOCK_N) + BLOCK_N)
+    B0n, B1n, B2n, B3n = _packed(bc_row + first * (2 * BLOCK_N), STATE_J, N_GROUPS)
+    C0n, C1n, C2n, C3n = _packed(bc_row + first * (2 * BLOCK_N) + BLOCK_N, STATE_J, N_GROUPS)
     # direction 0 also prefetches the gate and the other direction's y (direction 1 carries unused zeros)
     z_n = tl.zeros_like(u_n)
     y1_n = tl.zeros_like(u_n.to(tl.float32))
@@ -219,20 +311,21 @@ def _scan_direction(u_row, dt_row, bc_row, s_u_l, s_dt_l, first, step, n_tok, h,
         y1_n = tl.load(y1_row + first * s_y_l, mask=mask_d, other=0.0)
     for i in tl.range(n_tok, loop_unroll_factor=UNROLL):  # UNROLL 2: the prefetched tiles alternate, no copies
         t = first + step * i
-        u, dt_raw, Bt, Ct = u_n, dt_n, B_n, C_n
+        u, dt_raw = u_n, dt_n
+        B0, B1, B2, B3, C0, C1, C2, C3 = B0n, B1n, B2n, B3n, C0n, C1n, C2n, C3n
         t_next = first + step * tl.minimum(i + 1, n_tok - 1)  # the last iteration re-reads its own token
         u_n = tl.load(u_row + t_next * s_u_l, mask=mask_d, other=0.0)
         dt_n = tl.load(dt_row + t_next * s_dt_l, mask=mask_d, other=0.0)
-        B_n = tl.load(bc_row + t_next * (2 * BLOCK_N))
-        C_n = tl.load(bc_row + t_next * (2 * BLOCK_N) + BLOCK_N)
+        B0n, B1n, B2n, B3n = _packed(bc_row + t_next * (2 * BLOCK_N), STATE_J, N_GROUPS)
+        C0n, C1n, C2n, C3n = _packed(bc_row + t_next * (2 * BLOCK_N) + BLOCK_N, STATE_J, N_GROUPS)
         z, y_other = z_n, y1_n
         if DIRECTION == 0:
             z_n = tl.load(z_row + t_next * s_z_l, mask=mask_d, other=0.0)
             y1_n = tl.load(y1_row + t_next * s_y_l, mask=mask_d, other=0.0)
         u = u.to(tl.float32)
         dt = _step_dt(dt_raw, bias, mask_d, DELTA_SOFTPLUS)
-        h = tl.exp2(_bcast(dt) * A2) * h + _bcast(dt * u) * Bt
-        y = tl.sum(tl.sum(h * Ct, axis=0), axis=0) + u * Dk
+        h0, h1, h2, h3 = _update(h0, h1, h2, h3, A0, A1, A2, A3, B0, B1, B2, B3, dt, dt * u, N_GROUPS)
+        y = _contract(h0, h1, h2, h3, C0, C1, C2, C3, N_GROUPS) + u * Dk
         if DIRECTION == 1:
             tl.store(y1_row + t * s_y_l, y, mask=mask_d)
         else:
@@ -241,7 +334,8 @@ def _scan_direction(u_row, dt_row, bc_row, s_u_l, s_dt_l, first, step, n_tok, h,
         if STORE_STATES:
             p = scan_lo + i + 1  # positions scanned so far in this direction
             if (p % CHUNK == 0) & (p < seqlen):
-                tl.store(states_row + (p // CHUNK - 1) * chunk_stride + n3 * s_h_n + d3 * s_h_d, h, mask=mask3)
+                _store_groups(states_row + (p // CHUNK - 1) * chunk_stride, s_h_n, s_h_d, h0, h1, h2, h3, dstate,
+                              offs_d, mask_d, STATE_J, N_GROUPS)
 
 
 @triton.autotune(configs=autotune_configs(_OUTPUT_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'])
@@ -256,19 +350,20 @@ def _scan_output_kernel(
         s_bias_k, s_bias_d,
         s_z_b, s_z_d, s_z_l,
         DELTA_SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-        STATE_J: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
+        STATE_J: tl.constexpr, N_GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
 ):
     # program -> (channel block, segment, batch element)
     pid = tl.program_id(0).to(tl.int64)
     n_dblocks = tl.cdiv(dim, BLOCK_D)
     seg = (pid // n_dblocks) % n_seg
     b = pid // (n_dblocks * n_seg)
-    offs_d, n3, d3, mask_d, mask3 = _tile(dim, dstate, (pid % n_dblocks).to(tl.int32), BLOCK_D, BLOCK_N, STATE_J)
+    offs_d = (pid % n_dblocks).to(tl.int32) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
     t_lo = seg * seg_len
     n_tok = tl.minimum(seqlen - t_lo, seg_len)
     n_chunks = tl.cdiv(seqlen, CHUNK)
-    # out, y1: (batch, seqlen, dim) in memory; states (batch, 2, n_chunks - 1, dstate, dim); hseg (batch, 2, n_seg - 1,
-    # dstate, dim)
+    # out, y1: (batch, seqlen, dim) in memory; states (batch, 2, n_chunks - 1, dim, dstate); hseg (batch, 2, n_seg - 1,
+    # dim, dstate)
     out_row = out_ptr + b * seqlen * dim + offs_d
     y1_row = y1_ptr + b * seqlen * dim + offs_d
     z_row = z_ptr + b * s_z_b + offs_d.to(tl.int64) * s_z_d
@@ -276,21 +371,22 @@ def _scan_output_kernel(
 
     for kk in tl.static_range(2):
         k = 1 - kk  # direction 1 first: direction 0 reads its y back
-        A2, Dk, bias = _params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k, s_bias_d, k,
-                               offs_d, n3, d3, mask_d, mask3)
+        A0, A1, A2, A3, Dk, bias = _params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k,
+                                           s_bias_d, k, dstate, offs_d, mask_d, STATE_J, N_GROUPS, BLOCK_D)
         # the state before this segment: the boundary pass's state after the previous segment in scan order
         e = seg - 1 + k  # hseg entry of that segment (entry e holds segment e + k)
         has_prev = (e >= 0) & (e < n_seg - 1)
-        h = tl.load(hseg_ptr + ((b * 2 + k) * (n_seg - 1) + e) * chunk_stride + n3 * s_h_n + d3 * s_h_d,
-                    mask=mask3 & has_prev, other=0.0)
+        h0, h1, h2, h3 = _load_groups(hseg_ptr + ((b * 2 + k) * (n_seg - 1) + e) * chunk_stride, s_h_n, s_h_d,
+                                      dstate, offs_d, mask_d, has_prev, STATE_J, N_GROUPS, BLOCK_D)
         scan_lo = t_lo if k == 0 else seqlen - t_lo - n_tok  # the segment's first position in scan order
+        bc_row = bc_ptr + (b * 2 + k) * seqlen * (2 * BLOCK_N) + tl.arange(0, STATE_J)[:, None] + offs_d[None, :] * 0
         _scan_direction(u_ptr + b * s_u_b + k * s_u_k + offs_d.to(tl.int64) * s_u_d,
                         delta_ptr + b * s_dt_b + k * s_dt_k + offs_d.to(tl.int64) * s_dt_d,
-                        bc_ptr + (b * 2 + k) * seqlen * (2 * BLOCK_N) + n3 + d3 * 0,
-                        s_u_l, s_dt_l, t_lo + k * (n_tok - 1), 1 - 2 * k, n_tok, h, A2, Dk, bias, mask_d, mask3,
+                        bc_row, s_u_l, s_dt_l, t_lo + k * (n_tok - 1), 1 - 2 * k, n_tok, h0, h1, h2, h3,
+                        A0, A1, A2, A3, Dk, bias, dstate, offs_d, mask_d,
                         y1_row, z_row, s_z_l, out_row, dim, states_ptr + (b * 2 + k) * (n_chunks - 1) * chunk_stride,
-                        chunk_stride, s_h_n, s_h_d, n3, d3, seqlen, scan_lo,
-                        k, DELTA_SOFTPLUS, STORE_STATES, CHUNK, BLOCK_N, UNROLL)
+                        chunk_stride, s_h_n, s_h_d, seqlen, scan_lo,
+                        k, DELTA_SOFTPLUS, STORE_STATES, CHUNK, BLOCK_N, STATE_J, N_GROUPS, UNROLL)
 
 
 def scan_output(u: torch.Tensor) -> torch.Tensor:
@@ -310,7 +406,7 @@ def scan_fwd(
 
     Returns:
         out: (batch, dim, seqlen) in u's dtype, a transposed view of (batch, seqlen, dim) memory. states: (batch,
-        2, n_chunks - 1, dstate, dim) fp32, the state after each chunk of ``chunk`` tokens but the last, in each
+        2, n_chunks - 1, dim, dstate) fp32, the state after each chunk of ``chunk`` tokens but the last, in each
         direction's own scan order; None unless ``store_states`` (inference needs none).
     """
     batch, _, dim, seqlen = u.shape
@@ -322,10 +418,11 @@ def scan_fwd(
     block_n = triton.next_power_of_2(dstate)
     out = scan_output(u)
     y1 = torch.empty(batch, seqlen, dim, device=dev, dtype=torch.float32)
-    states = torch.empty(batch, 2, n_chunks - 1 if store_states else 0, dstate, dim, device=dev, dtype=torch.float32)
-    hseg = torch.empty(batch, 2, n_seg - 1, dstate, dim, device=dev, dtype=torch.float32)
+    states = torch.empty(batch, 2, n_chunks - 1 if store_states else 0, dim, dstate, device=dev, dtype=torch.float32)
+    hseg = torch.empty(batch, 2, n_seg - 1, dim, dstate, device=dev, dtype=torch.float32)
     dtsum = torch.empty(batch, 2, n_seg - 1, dim, device=dev, dtype=torch.float32)
     block_j = min(block_n, 4)
+    groups = dict(BLOCK_N=block_n, STATE_J=block_j, N_GROUPS=block_n // block_j)
     bc = pack_bc(B, C, block_n)
     strides = dict(u=tensor_strides(u, 4), delta=tensor_strides(delta, 4), A=tensor_strides(A, 3),
                    D=tensor_strides(D, 2), bias=tensor_strides(delta_bias, 2), z=tensor_strides(z, 3))
@@ -333,17 +430,17 @@ def scan_fwd(
     if n_seg > 1:
         _segment_state_kernel[lambda meta: (blocks(meta) * batch * 2 * (n_seg - 1),)](
             u, delta, A, bc, delta_bias, hseg, dtsum,
-            batch, seqlen, dim, dstate, seg_len, n_seg, dim, 1,
+            batch, seqlen, dim, dstate, seg_len, n_seg, 1, dstate,
             *strides['u'], *strides['delta'], *strides['A'], *strides['bias'],
-            DELTA_SOFTPLUS=delta_softplus, BLOCK_N=block_n, STATE_J=block_j,
+            DELTA_SOFTPLUS=delta_softplus, **groups,
         )
         _segment_boundary_kernel[lambda meta: (blocks(meta) * batch * 2,)](
-            A, hseg, dtsum, batch, dim, dstate, n_seg, dim, 1, *strides['A'], BLOCK_N=block_n, STATE_J=block_j,
+            A, hseg, dtsum, batch, dim, dstate, n_seg, 1, dstate, *strides['A'], **groups,
         )
     _scan_output_kernel[lambda meta: (blocks(meta) * n_seg * batch,)](
         u, delta, A, bc, D, z, delta_bias, out, y1, hseg, states,
-        batch, seqlen, dim, dstate, seg_len, n_seg, dim, 1,
+        batch, seqlen, dim, dstate, seg_len, n_seg, 1, dstate,
         *strides['u'], *strides['delta'], *strides['A'], *strides['D'], *strides['bias'], *strides['z'],
-        DELTA_SOFTPLUS=delta_softplus, STORE_STATES=store_states, CHUNK=chunk, BLOCK_N=block_n, STATE_J=block_j,
+        DELTA_SOFTPLUS=delta_softplus, STORE_STATES=store_states, CHUNK=chunk, **groups,
     )
     return out, states if store_states else None

@@ -15,7 +15,7 @@ from ..reference import bidirectional_conv_silu_ref
 from .bwd import scan_bwd
 from .common import INTERPRET
 from .conv import conv_bwd, conv_fwd, conv_output
-from .fwd import scan_fwd, scan_output
+from .fwd import MAX_DSTATE, scan_fwd, scan_output
 
 __all__ = ['bidirectional_scan_triton', 'bidirectional_conv_silu_triton', 'check_device', 'DEFAULT_CHUNK']
 
@@ -63,6 +63,9 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
         if tuple(named[name].shape) != shape:
             raise ValueError(f'{name} must have shape {shape} for u of shape {tuple(u.shape)} and A of shape '
                              f'{tuple(A.shape)}, got {tuple(named[name].shape)}')
+    if dstate > MAX_DSTATE:
+        raise ValueError(f'the Triton scan takes d_state <= {MAX_DSTATE} (Vim and Mamba use 16), got {dstate}: '
+                         "use backend='reference' (or 'mamba_ssm')")
     check_device(u.device)
 
 
@@ -102,7 +105,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states):
     out = scan_output(u)
     if not store_states:
         return out, u.new_empty(0, dtype=torch.float32)
-    return out, u.new_empty(batch, 2, -(-seqlen // chunk) - 1, A.shape[-1], dim, dtype=torch.float32)
+    return out, u.new_empty(batch, 2, -(-seqlen // chunk) - 1, dim, A.shape[-1], dtype=torch.float32)
 
 
 @torch.library.custom_op('vim::triton_bidirectional_scan_bwd', mutates_args=())

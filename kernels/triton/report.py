@@ -11,7 +11,13 @@ so a launch takes ``ceil(warps / 528) x max(instructions, 8 x MUFU instructions)
 3.0 TB/s if that is longer. Instructions outside the loops count once per warp. Memory latency, cache misses and
 launch gaps are ignored: this is a proxy, a prediction; a GPU run decides.
 
+The compiled code depends on the Triton version: the installed one compiles (the report names it). Triton 3.6
+(torch 2.11's) and 3.8 laid out the same forward differently, with shuffles and barriers in its token loops on 3.6
+only (benchmarks/README.md). To read what a GPU machine's Triton makes, compile with that version beside yours:
+
     vim-kernel-report --json report.json            # or: python -m vim.kernels.triton.report
+    pip download --no-deps triton==3.6.0 -d /tmp/w && pip install --no-deps --target /tmp/t36 /tmp/w/triton-*.whl
+    PYTHONPATH=/tmp/t36 vim-kernel-report --json report-triton3.6.json
 """
 from __future__ import annotations
 
@@ -70,7 +76,7 @@ def _specs():
     from . import bwd, conv, fwd, pack
     from .aot import KernelSpec
     from .common import all_configs
-    scan = dict(DELTA_SOFTPLUS=True, STORE_STATES=True, CHUNK=CHUNK, BLOCK_N=DSTATE, STATE_J=4)
+    scan = dict(DELTA_SOFTPLUS=True, STORE_STATES=True, CHUNK=CHUNK, BLOCK_N=DSTATE, STATE_J=4, N_GROUPS=DSTATE // 4)
 
     class _Plain:  # a kernel without autotuning, seen as an autotuner of its one launch config
         def __init__(self, fn):

@@ -82,3 +82,20 @@ def test_clear_error_on_cpu_without_interpreter(monkeypatch):
         resolve_backend('triton', torch.zeros(1))
     with pytest.raises(RuntimeError, match='needs CUDA tensors'):
         bidirectional_scan_triton(*[a.cpu() for a in _args()])
+
+
+def test_dstate_past_the_triton_tiles(monkeypatch):
+    """The Triton scan holds at most MAX_DSTATE states a channel: asked for by name it raises one clear error
+    before any launch; 'auto' runs the reference for such inputs instead."""
+    from vim.kernels.triton.fwd import MAX_DSTATE
+    x = make_inputs(1, 4, 3, MAX_DSTATE + 1, torch.float32, seed=3)
+    args = [x[n].detach() for n in NAMES]
+    with pytest.raises(ValueError, match=f'd_state <= {MAX_DSTATE}.*got {MAX_DSTATE + 1}'):
+        bidirectional_scan(*args, backend='triton')
+    monkeypatch.delenv('VIM_SCAN_BACKEND', raising=False)
+    # as on a CUDA device, where 'auto' resolves to the self-checked Triton scan
+    monkeypatch.setattr(interface, '_auto_backend', lambda t: 'triton')
+    assert interface._scan_backend(None, args[0], args[2]) == interface.FALLBACK
+    assert interface._scan_backend(None, args[0], args[2][..., :MAX_DSTATE]) == 'triton'
+    assert interface._scan_backend('triton', args[0], args[2]) == 'triton'  # and the op raises, as above
+    torch.testing.assert_close(bidirectional_scan(*args), interface.bidirectional_scan_ref(*args), rtol=0, atol=0)

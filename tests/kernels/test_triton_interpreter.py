@@ -126,6 +126,8 @@ CASES = [  # (batch, dim, seqlen, dstate, chunk_size, dtype, layout)
     (1, 16, 20, 8, 8, torch.float32, 'contiguous'),
     (1, 8, 13, 16, 4, torch.float32, 'contiguous'),  # Vim's 16 states: four 16-byte groups a token
     (1, 8, 9, 5, 4, torch.float32, 'mixer'),        # 5 states padded to 8
+    (1, 8, 9, 1, 4, torch.float32, 'contiguous'),   # one state: a one-state tile (STATE_J 1)
+    (1, 8, 9, 2, 4, torch.float32, 'mixer'),        # two states: STATE_J 2
     (2, 8, 9, 4, 4, torch.float32, 'mixer'),        # the strided views the model passes
     (1, 8, 7, 4, 4, torch.float32, 'strided'),      # token stride 2
     (1, 8, 13, 4, None, torch.float32, 'contiguous'),  # the default chunk: one partial chunk
