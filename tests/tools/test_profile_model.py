@@ -4,15 +4,20 @@ import json
 import torch
 
 import vim.benchmark.profile as profile
+import vim.benchmark.scan as benchmark_scan
 
 
-def test_profile_report_per_step(tmp_path):
+def test_profile_report_per_step(tmp_path, monkeypatch):
+    # the allocator setting recorded instead of applied (it would last for the whole test process)
+    malloc_calls = []
+    monkeypatch.setattr(benchmark_scan, 'retain_freed_memory', lambda: malloc_calls.append(1) or True)
     out = tmp_path / 'profile.json'
     assert profile.main(['--device', 'cpu', '--img-size', '32', '--steps', '2', '--dtype', 'fp32', '--top', '3',
                          '--out', str(out)]) == 0
     report = json.loads(out.read_text())
     assert report['command'].startswith('python tools/profile_model.py --device cpu')
     assert report['torch'] == torch.__version__ and report['steps'] == 2 and report['mode'] == 'inference'
+    assert malloc_calls == [1] and report['malloc'].startswith('freed memory kept')  # as tools/benchmark.py
     rows = report['rows']
     assert [r['ms'] for r in rows] == sorted((r['ms'] for r in rows), reverse=True) and rows[-1]['ms'] > 0
     assert abs(report['total_ms'] - sum(r['ms'] for r in rows)) <= 1e-9 * report['total_ms']

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from vim.benchmark.model import DTYPES, inference_case, training_case
-from vim.benchmark.scan import device_name
+from vim.benchmark.scan import device_name, malloc_setting
 from vim.utils import atomic_write
 
 __all__ = ['profile_steps', 'main']
@@ -61,18 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--top', type=int, default=25, help='rows printed (the JSON holds all)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     p.add_argument('--out', type=Path, default=None, help='JSON report')
+    p.add_argument('--glibc-malloc-defaults', action='store_true',
+                   help="CPU: keep glibc's default heap thresholds (by default freed memory is kept for reuse, as in "
+                        "tools/benchmark.py)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.backend:
         os.environ['VIM_SCAN_BACKEND'] = args.backend
     device = torch.device(args.device)
+    malloc = malloc_setting(device, args.glibc_malloc_defaults)
     make_case = training_case if args.train else inference_case
     run = make_case(args.model, args.img_size, args.batch_size, DTYPES[args.dtype], device)
     rows = profile_steps(run, device, args.steps)
     total = sum(r['ms'] for r in rows)
+    what = 'kernel' if device.type == 'cuda' else 'op self'
     print(f'{args.model} {"train" if args.train else "inference"} {args.img_size}px b{args.batch_size} {args.dtype}, '
-          f'{device_name(device)}: {total:.3f} ms of {"kernel" if device.type == "cuda" else "op self"} time a step')
+          f'{device_name(device)}, {malloc}: {total:.3f} ms of {what} time a step')
     print(f'{"ms/step":>9s} {"share":>6s} {"calls":>7s}  name')
     for r in rows[:args.top]:
         print(f'{r["ms"]:9.3f} {r["ms"] / total:6.1%} {r["calls"]:7.1f}  {r["name"][:110]}')
@@ -80,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         command = ' '.join(['python tools/profile_model.py'] + (argv if argv is not None else sys.argv[1:]))
         report = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'), device=device_name(device),
-                      torch=torch.__version__, model=args.model, img_size=args.img_size, batch=args.batch_size,
-                      dtype=args.dtype, mode='train' if args.train else 'inference', steps=args.steps,
-                      command=command,
-                      total_ms=total, rows=rows)
+                      torch=torch.__version__, malloc=malloc, model=args.model, img_size=args.img_size,
+                      batch=args.batch_size, dtype=args.dtype, mode='train' if args.train else 'inference',
+                      steps=args.steps, command=command, total_ms=total, rows=rows)
         atomic_write(args.out, json.dumps(report, indent=1).encode())
     return 0
