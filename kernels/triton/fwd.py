@@ -36,22 +36,38 @@ from .pack import pack_bc
 __all__ = ['scan_fwd', 'scan_output', 'plan_segments', 'MIN_SEGMENT', 'MAX_DSTATE']
 
 # (BLOCK_D, num_warps, num_stages[, UNROLL]): one channel a thread, whose registers hold its 16 states, 16 A, and the
-# packed B and C of the current and the prefetched token. The output loop unrolled by 2 issues ~20% fewer
-# instructions per element but needs ~225 registers (8 warps an SM), by 1 ~168 (12 warps): the first GPU run
-# found the forward several times slower than its instruction count, i.e. waiting rather than issuing, so both
-# are offered and the autotuner measures which wins.
+# packed B and C of the current and the prefetched token. The output loop unrolled by 2 issues ~5% fewer
+# instructions per element than by 1, at 96-101 registers either way (static report): both are offered and the
+# autotuner measures which wins.
 _OUTPUT_CONFIGS = [(64, 2, 1, 2), (32, 1, 1, 2), (128, 4, 1, 2), (64, 2, 1, 1), (32, 1, 1, 1)]
 _STATE_CONFIGS = [(64, 2, 1), (32, 1, 1), (128, 4, 1)]
 _BOUNDARY_CONFIGS = [(64, 2, 1), (128, 4, 1)]
 
-# The sequence split: segments are whole chunks and at least MIN_SEGMENT tokens; SM_SUBPARTITIONS (4 per SM) are
-# the warp slots the planner fills, the H100's 132 SMs unless the device says otherwise.
+# The sequence split: segments are whole chunks and at least MIN_SEGMENT tokens; SM_SUBPARTITIONS (4 per SM, one
+# warp scheduler each) share the warps, the H100's 132 SMs unless the device says otherwise.
 MIN_SEGMENT = 64
 SUBPARTITIONS_PER_SM = 4
 H100_SMS = 132
 # the segment-state pass's work per token relative to the output pass's, per direction (no C, no y: 4 of its 5
 # operations per state, from the static report)
 _STATE_PASS_COST = 0.8
+# A warp of these sequential token loops issues about once every ISSUE_INTERVAL cycles on its own (dependency
+# chains, load latency), so a scheduler issues every cycle only with that many resident warps. Measured on an H100
+# (Nsight Compute, 2026-11-26, benchmarks/README.md): 6.6 cycles per issued instruction in the segment-state pass
+# with 4 warps a scheduler; the forward ran at 16.6x its floor with ~12 warps a scheduler (8 x 6,085 tokens) and at
+# 95.6x with ~1 (1 x 16,385). RESIDENT_*: the warps a scheduler can hold of each pass (registers, static report:
+# the output pass 96-101, 5 warps; the state pass 64, 8).
+ISSUE_INTERVAL = 6.6
+RESIDENT_OUTPUT = 5
+RESIDENT_STATE = 8
+
+
+def _pass_time(warps: int, per_warp: float, resident: int, slots: int) -> float:
+    """Issue time of ``warps`` warps of ``per_warp`` work each, spread over ``slots`` schedulers that hold at most
+    ``resident`` at once and issue at ``min(1, live warps / ISSUE_INTERVAL)`` per cycle."""
+    per_slot = triton.cdiv(warps, slots)
+    return per_slot * per_warp / min(1.0, min(per_slot, resident) / ISSUE_INTERVAL)
+
 
 # Strides along channels and states of the inputs are runtime values, never specialised: a stride known to be 1
 # would let Triton vectorise that load along channels, giving it a layout other than the loop's (a thread owns whole
@@ -69,10 +85,11 @@ MAX_DSTATE = 16
 def plan_segments(batch: int, dim: int, seqlen: int, chunk: int, sms: int = H100_SMS) -> tuple[int, int]:
     """(segment length, a multiple of ``chunk``; number of segments) for the forward's sequence split.
 
-    Picks the count that minimises a simple issue-time model in warps of 32 channels, each warp on one of the
-    ``4 * sms`` sub-partitions: the output pass costs ``waves(batch x channel warps x segments) x 2 x segment``
-    (both directions), the state pass ``waves(2 x batch x channel warps x (segments - 1)) x 0.8 x segment``.
-    Splitting doubles the exp work, so it pays only where the batch alone leaves sub-partitions idle.
+    Picks the count that minimises a latency-aware issue-time model in warps of 32 channels on the ``4 * sms``
+    schedulers (``_pass_time``): the output pass runs ``batch x channel warps x segments`` warps of ``2 x segment``
+    token steps (both directions), the state pass ``2 x batch x channel warps x (segments - 1)`` warps of
+    ``0.8 x segment``. Splitting adds the state pass's exps, and pays where the batch alone leaves schedulers with
+    too few warps to hide each warp's latency.
     """
     units = batch * triton.cdiv(dim, 32)
     slots = SUBPARTITIONS_PER_SM * sms
@@ -81,9 +98,10 @@ def plan_segments(batch: int, dim: int, seqlen: int, chunk: int, sms: int = H100
         n_seg = triton.cdiv(seqlen, seg)
         if n_seg > 1 and seg < MIN_SEGMENT:
             break
-        cost = triton.cdiv(units * n_seg, slots) * 2 * seg
+        tokens = min(seg, seqlen)  # the longest segment's
+        cost = _pass_time(units * n_seg, 2 * tokens, RESIDENT_OUTPUT, slots)
         if n_seg > 1:
-            cost += triton.cdiv(units * 2 * (n_seg - 1), slots) * _STATE_PASS_COST * seg
+            cost += _pass_time(units * 2 * (n_seg - 1), _STATE_PASS_COST * tokens, RESIDENT_STATE, slots)
         if best is None or cost < best[0]:
             best = (cost, seg, n_seg)
     return best[1], best[2]

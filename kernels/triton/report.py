@@ -6,10 +6,12 @@ MUFU (exp2), SHFL and BAR per (token, channel, state). It then predicts each op'
 with an issue model and compares it with the floor ``max(bytes / 3.0 TB/s, exps / (16 x 132 x 1.98 GHz))``.
 
 The issue model, per kernel launch: each warp runs on one of the 528 sub-partitions (4 per SM), which issue one
-instruction per clock and one MUFU instruction every 8 clocks (16 lanes per SM per clock); the warps spread evenly,
-so a launch takes ``ceil(warps / 528) x max(instructions, 8 x MUFU instructions)`` per warp, or its bytes at
-3.0 TB/s if that is longer. Instructions outside the loops count once per warp. Memory latency, cache misses and
-launch gaps are ignored: this is a proxy, a prediction; a GPU run decides.
+instruction per clock and one MUFU instruction every 8 clocks (16 lanes per SM per clock); the warps spread evenly.
+One warp of these sequential loops issues only about once every ``fwd.ISSUE_INTERVAL`` (6.6) clocks, measured on
+an H100, so a sub-partition holding ``live`` warps at once (its share, capped by the occupancy) issues
+``min(1, live / 6.6)`` a clock. A launch takes ``ceil(warps / 528) x max(instructions / that rate, 8 x MUFU
+instructions)`` per warp, or its bytes at 3.0 TB/s if that is longer. Instructions outside the loops count once
+per warp. Cache misses and launch gaps are ignored: this is a proxy, a prediction; a GPU run decides.
 
 The compiled code depends on the Triton version: the installed one compiles (the report names it). Triton 3.6
 (torch 2.11's) and 3.8 laid out the same forward differently, with shuffles and barriers in its token loops on 3.6
@@ -143,8 +145,20 @@ def _warp_clocks(row: dict, iterations_per_loop: float) -> tuple[float, float]:
 
 
 def _launch_time(row: dict, warps: int, iterations_per_loop: float, nbytes: float) -> float:
+    """Seconds of one launch: each scheduler's warps issue their instructions at ``min(1, live / ISSUE_INTERVAL)``
+    a clock, live = the warps it holds at once (its share of the launch, at most what the occupancy allows), or
+    their MUFU work, or the bytes at the copy bandwidth, whichever is longest."""
+    from .fwd import ISSUE_INTERVAL
     issue, mufu = _warp_clocks(row, iterations_per_loop)
-    return max(_ceil(warps, SLOTS) * max(issue, mufu) / CLOCK_HZ, nbytes / PEAK_BYTES_PER_S)
+    per_slot = _ceil(warps, SLOTS)
+    live = min(per_slot, max(1, int(row['occupancy'] * 64 / 4)))
+    rate = min(1.0, live / ISSUE_INTERVAL)
+    return max(per_slot * max(issue / rate, mufu) / CLOCK_HZ, nbytes / PEAK_BYTES_PER_S)
+
+
+def _issue_interval() -> float:
+    from .fwd import ISSUE_INTERVAL
+    return ISSUE_INTERVAL
 
 
 def _floors(dim: int, seqlen: int, batch: int) -> dict:
@@ -277,7 +291,8 @@ def build_report(layouts=(('bf16', 'mixer'),), progress: bool = False) -> dict:
     return dict(kind='prediction from compiled code (no GPU run)', target='sm_90 (H100 SXM)',
                 date=datetime.date.today().isoformat(), triton=triton.__version__, torch=torch.__version__,
                 model=dict(sms=SMS, clock_hz=CLOCK_HZ, bytes_per_s=PEAK_BYTES_PER_S, exp_per_s=EXP_PER_S,
-                           mufu_clocks_per_warp_instruction=MUFU_CLOCKS, issue_per_clock_per_subpartition=1),
+                           mufu_clocks_per_warp_instruction=MUFU_CLOCKS, issue_per_clock_per_subpartition=1,
+                           clocks_between_one_warps_issues=_issue_interval()),
                 kernels=rows,
                 cases=_predict([r for r in rows if r['dtype'] == 'bf16' and r['layout'] == 'mixer']))
 

@@ -44,8 +44,9 @@ def nan_filled_empty(monkeypatch):
 
 @pytest.fixture
 def split(monkeypatch):
-    """Segments as short as one chunk: tiny test sequences then run the three-pass split forward."""
-    monkeypatch.setattr(fwd, 'MIN_SEGMENT', 1)
+    """Segments of one chunk each, whatever the planner's cost model would pick: tiny test sequences then run the
+    three-pass split forward over as many segments as they have chunks."""
+    monkeypatch.setattr(fwd, 'plan_segments', lambda batch, dim, seqlen, chunk, sms=None: (chunk, -(-seqlen // chunk)))
 
 
 def make_inputs(batch: int, dim: int, seqlen: int, dstate: int, dtype: torch.dtype, *, layout: str = 'contiguous',
