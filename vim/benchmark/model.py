@@ -177,39 +177,50 @@ def plot(results: list[dict], path: Path) -> bool:
     return True
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """--device, --backend, --threads and --glibc-malloc-defaults, as every model benchmark command takes them."""
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--backend', default=None, choices=['auto', *available_backends()],
+                   help='Vim scan backend ($VIM_SCAN_BACKEND; default auto: triton on CUDA, the fused kernels on CPU)')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    p.add_argument('--glibc-malloc-defaults', action='store_true',
+                   help="CPU: keep glibc's default heap thresholds (by default freed memory is kept for reuse, "
+                        "for both models: vim.utils.retain_freed_memory)")
+
+
+def apply_run_arguments(args: argparse.Namespace) -> tuple[torch.device, str]:
+    """Applies ``add_run_arguments``' options (threads, scan backend, allocator setting); returns the device and the
+    allocator line the reports record."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.backend:
+        os.environ['VIM_SCAN_BACKEND'] = args.backend
+    device = torch.device(args.device)
+    return device, malloc_setting(device, args.glibc_malloc_defaults)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    add_run_arguments(p)
     p.add_argument('--pairs', nargs='+', default=['tiny'], choices=['tiny', 'small', 'base'])
     p.add_argument('--img-sizes', nargs='+', type=int, default=[224])
     p.add_argument('--vim-only-sizes', nargs='*', type=int, default=[],
                    help='sizes to time Vim alone at, batch 1 (e.g. 4096)')
-    p.add_argument('--backend', default=None, choices=['auto', *available_backends()],
-                   help='Vim scan backend ($VIM_SCAN_BACKEND; default auto: triton on CUDA, the fused kernels on CPU)')
     p.add_argument('--dtypes', nargs='+', default=['fp32'], choices=sorted(DTYPES))
     p.add_argument('--batch-size', type=int, default=None, help='default: 1 on CPU, 64 (<=512 px) / 8 on CUDA')
     p.add_argument('--train', action='store_true', help='also time a training step at 224 px')
     p.add_argument('--train-batch-size', type=int, default=None, help='default: 8 on CPU, 128 on CUDA')
     p.add_argument('--train-img-size', type=int, default=224)
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     p.add_argument('--flops', action='store_true', help='also count forward GFLOPs per image (on CPU)')
     p.add_argument('--scan', action='store_true', help='also time the scan alone against its floor '
                    '(tools/benchmark_scan.py with its defaults for the device)')
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--min-time', type=float, default=1.0, help='seconds per timing')
     p.add_argument('--out', type=Path, default=None, help='JSON path (default benchmarks/<device>-<date>.json)')
-    p.add_argument('--glibc-malloc-defaults', action='store_true',
-                   help="CPU: keep glibc's default heap thresholds (by default freed memory is kept for reuse, "
-                        "for both models: vim.utils.retain_freed_memory)")
     args = p.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.backend:
-        os.environ['VIM_SCAN_BACKEND'] = args.backend
-    device = torch.device(args.device)
+    device, malloc = apply_run_arguments(args)
     on_cuda = device.type == 'cuda'
-    malloc = malloc_setting(device, args.glibc_malloc_defaults)
     started = dt.datetime.now(dt.timezone.utc)
     out = args.out or Path('benchmarks') / f'{device.type}-{started:%Y%m%d-%H%M}.json'
     out.parent.mkdir(parents=True, exist_ok=True)

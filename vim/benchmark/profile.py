@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from vim.benchmark.model import DTYPES, inference_case, training_case
-from vim.benchmark.scan import device_name, malloc_setting
+from vim.benchmark.model import DTYPES, add_run_arguments, apply_run_arguments, inference_case, training_case
+from vim.benchmark.scan import device_name
 from vim.utils import atomic_write
 
 __all__ = ['profile_steps', 'main']
@@ -50,27 +49,17 @@ def profile_steps(run: Callable[[], object], device: torch.device, steps: int) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    add_run_arguments(p)
     p.add_argument('--model', default='vim_tiny_patch16_224')
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--batch-size', type=int, default=1)
     p.add_argument('--dtype', default='bf16', choices=sorted(DTYPES), help='autocast dtype (fp32: none)')
     p.add_argument('--train', action='store_true', help='profile a training step (AdamW) instead of inference')
-    p.add_argument('--backend', default=None, help='Vim scan backend ($VIM_SCAN_BACKEND; default auto)')
     p.add_argument('--steps', type=int, default=5)
     p.add_argument('--top', type=int, default=25, help='rows printed (the JSON holds all)')
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     p.add_argument('--out', type=Path, default=None, help='JSON report')
-    p.add_argument('--glibc-malloc-defaults', action='store_true',
-                   help="CPU: keep glibc's default heap thresholds (by default freed memory is kept for reuse, as in "
-                        "tools/benchmark.py)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.backend:
-        os.environ['VIM_SCAN_BACKEND'] = args.backend
-    device = torch.device(args.device)
-    malloc = malloc_setting(device, args.glibc_malloc_defaults)
+    device, malloc = apply_run_arguments(args)
     make_case = training_case if args.train else inference_case
     run = make_case(args.model, args.img_size, args.batch_size, DTYPES[args.dtype], device)
     rows = profile_steps(run, device, args.steps)
