@@ -95,7 +95,8 @@ def test_every_autotune_config_is_correct(kernel, monkeypatch):
     assert set(KERNELS) | set(CONV_KERNELS) == set(AUTOTUNED_KERNELS)
     for config in list(kernel.configs):
         monkeypatch.setattr(kernel, 'configs', [config])  # one config: the autotuner runs it without benchmarking
-        # (1, 384, 1100): the split forward (segment states, boundaries, outputs); the others one segment
+        # (2, 384, 197) and (1, 384, 1100): the split forward (segment states, boundaries, outputs), 4 and 18
+        # segments; (1, 40, 33) one segment
         for args in [(2, 384, 197, 16, torch.bfloat16, 'mixer'), (1, 40, 33, 5, torch.float32, 'contiguous'),
                      (1, 384, 1100, 16, torch.bfloat16, 'mixer')]:
             x = make_inputs(*args[:5], layout=args[5], seed=args[2], device='cuda')
