@@ -288,8 +288,10 @@ def _segment_boundary_kernel(
     k = bk % 2
     offs_d = (pid % n_dblocks).to(tl.int32) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
-    A0, A1, A2, A3, _, _ = _params(A_ptr, A_ptr, A_ptr, s_A_k, s_A_d, s_A_n, 0, 0, 0, 0, k, dstate, offs_d, mask_d,
-                                   STATE_J, N_GROUPS, BLOCK_D)
+    A0, A1, A2, A3 = _load_groups(A_ptr + k * s_A_k, s_A_n, s_A_d, dstate, offs_d, mask_d, True, STATE_J, N_GROUPS,
+                                  BLOCK_D)
+    log2e = 1.4426950408889634
+    A0, A1, A2, A3 = A0 * log2e, A1 * log2e, A2 * log2e, A3 * log2e
     h0 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
     h1 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
     h2 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
