@@ -108,6 +108,20 @@ def plan_segments(batch: int, dim: int, seqlen: int, chunk: int, sms: int = H100
 
 
 @triton.jit
+def _channels(pid, n_dblocks, dim, BLOCK_D: tl.constexpr):
+    """Channel offsets (BLOCK_D,) of the program's channel block (``pid`` modulo ``n_dblocks``) and their mask."""
+    offs_d = (pid % n_dblocks).to(tl.int32) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return offs_d, offs_d < dim
+
+
+@triton.jit
+def _packed_rows(bc_ptr, bk, seqlen, offs_d, STATE_J: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(STATE_J, BLOCK_D) pointers to token 0's first STATE_J packed values of (batch, direction) ``bk``, the same
+    for every channel; token t's B at ``+ t * 2 * BLOCK_N``, its C ``BLOCK_N`` further."""
+    return bc_ptr + bk * seqlen * (2 * BLOCK_N) + tl.arange(0, STATE_J)[:, None] + offs_d[None, :] * 0
+
+
+@triton.jit
 def _group(g: tl.constexpr, dstate, offs_d, mask_d, STATE_J: tl.constexpr):
     """State indices (STATE_J, 1) of state group g, channels (1, BLOCK_D), and the group's tile mask."""
     n2 = g * STATE_J + tl.arange(0, STATE_J)[:, None]
@@ -192,15 +206,23 @@ def _contract(h0, h1, h2, h3, C0, C1, C2, C3, N_GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k, s_bias_d, k, dstate, offs_d, mask_d,
-            STATE_J: tl.constexpr, N_GROUPS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Direction k's A * log2(e) as 4 (STATE_J, BLOCK_D) tiles, D and delta bias (BLOCK_D,), fp32."""
+def _scaled_A(A_ptr, s_A_k, s_A_d, s_A_n, k, dstate, offs_d, mask_d, STATE_J: tl.constexpr, N_GROUPS: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """Direction k's A * log2(e) as 4 (STATE_J, BLOCK_D) fp32 tiles: exp(dt A) = exp2(dt A log2 e)."""
     A0, A1, A2, A3 = _load_groups(A_ptr + k * s_A_k, s_A_n, s_A_d, dstate, offs_d, mask_d, True, STATE_J, N_GROUPS,
                                   BLOCK_D)
+    log2e = 1.4426950408889634
+    return A0 * log2e, A1 * log2e, A2 * log2e, A3 * log2e
+
+
+@triton.jit
+def _params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k, s_bias_d, k, dstate, offs_d, mask_d,
+            STATE_J: tl.constexpr, N_GROUPS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Direction k's ``_scaled_A`` tiles, D and delta bias (BLOCK_D,), fp32."""
+    A0, A1, A2, A3 = _scaled_A(A_ptr, s_A_k, s_A_d, s_A_n, k, dstate, offs_d, mask_d, STATE_J, N_GROUPS, BLOCK_D)
     Dk = tl.load(D_ptr + k * s_D_k + offs_d * s_D_d, mask=mask_d, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + k * s_bias_k + offs_d * s_bias_d, mask=mask_d, other=0.0).to(tl.float32)
-    log2e = 1.4426950408889634
-    return A0 * log2e, A1 * log2e, A2 * log2e, A3 * log2e, Dk, bias
+    return A0, A1, A2, A3, Dk, bias
 
 
 @triton.jit
@@ -221,24 +243,22 @@ def _segment_state_kernel(
         s_dt_b, s_dt_k, s_dt_d, s_dt_l,
         s_A_k, s_A_d, s_A_n,
         s_bias_k, s_bias_d,
-        DELTA_SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, N_GROUPS: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        DELTA_SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # program -> (channel block, entry e of (batch, direction)); entry e is segment e (direction 0) or e + 1 (1)
+    N_GROUPS: tl.constexpr = BLOCK_N // STATE_J  # state tiles in use (of 4)
     pid = tl.program_id(0).to(tl.int64)
     n_dblocks = tl.cdiv(dim, BLOCK_D)
     e = (pid // n_dblocks) % (n_seg - 1)
     bk = pid // (n_dblocks * (n_seg - 1))
     b = bk // 2
     k = bk % 2
-    offs_d = (pid % n_dblocks).to(tl.int32) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
+    offs_d, mask_d = _channels(pid, n_dblocks, dim, BLOCK_D)
     A0, A1, A2, A3, _, bias = _params(A_ptr, A_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, 0, 0, s_bias_k, s_bias_d, k,
                                       dstate, offs_d, mask_d, STATE_J, N_GROUPS, BLOCK_D)
     u_row = u_ptr + b * s_u_b + k * s_u_k + offs_d.to(tl.int64) * s_u_d
     dt_row = delta_ptr + b * s_dt_b + k * s_dt_k + offs_d.to(tl.int64) * s_dt_d
-    # packed B of token t at + t * 2 * BLOCK_N
-    B_row = bc_ptr + bk * seqlen * (2 * BLOCK_N) + tl.arange(0, STATE_J)[:, None] + offs_d[None, :] * 0
+    B_row = _packed_rows(bc_ptr, bk, seqlen, offs_d, STATE_J, BLOCK_N)
     seg = e + k
     t_lo = seg * seg_len
     n_tok = tl.minimum(seqlen - t_lo, seg_len)
@@ -280,18 +300,15 @@ def _segment_boundary_kernel(
         A_ptr, hseg_ptr, dtsum_ptr,
         batch, dim, dstate, n_seg, s_h_n, s_h_d,
         s_A_k, s_A_d, s_A_n,
-        BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, N_GROUPS: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    N_GROUPS: tl.constexpr = BLOCK_N // STATE_J  # state tiles in use (of 4)
     pid = tl.program_id(0).to(tl.int64)
     n_dblocks = tl.cdiv(dim, BLOCK_D)
     bk = pid // n_dblocks
     k = bk % 2
-    offs_d = (pid % n_dblocks).to(tl.int32) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    A0, A1, A2, A3 = _load_groups(A_ptr + k * s_A_k, s_A_n, s_A_d, dstate, offs_d, mask_d, True, STATE_J, N_GROUPS,
-                                  BLOCK_D)
-    log2e = 1.4426950408889634
-    A0, A1, A2, A3 = A0 * log2e, A1 * log2e, A2 * log2e, A3 * log2e
+    offs_d, mask_d = _channels(pid, n_dblocks, dim, BLOCK_D)
+    A0, A1, A2, A3 = _scaled_A(A_ptr, s_A_k, s_A_d, s_A_n, k, dstate, offs_d, mask_d, STATE_J, N_GROUPS, BLOCK_D)
     h0 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
     h1 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
     h2 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
@@ -370,15 +387,15 @@ def _scan_output_kernel(
         s_bias_k, s_bias_d,
         s_z_b, s_z_d, s_z_l,
         DELTA_SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-        STATE_J: tl.constexpr, N_GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
+        STATE_J: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
 ):
     # program -> (channel block, segment, batch element)
+    N_GROUPS: tl.constexpr = BLOCK_N // STATE_J  # state tiles in use (of 4)
     pid = tl.program_id(0).to(tl.int64)
     n_dblocks = tl.cdiv(dim, BLOCK_D)
     seg = (pid // n_dblocks) % n_seg
     b = pid // (n_dblocks * n_seg)
-    offs_d = (pid % n_dblocks).to(tl.int32) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
+    offs_d, mask_d = _channels(pid, n_dblocks, dim, BLOCK_D)
     t_lo = seg * seg_len
     n_tok = tl.minimum(seqlen - t_lo, seg_len)
     n_chunks = tl.cdiv(seqlen, CHUNK)
@@ -399,10 +416,10 @@ def _scan_output_kernel(
         h0, h1, h2, h3 = _load_groups(hseg_ptr + ((b * 2 + k) * (n_seg - 1) + e) * chunk_stride, s_h_n, s_h_d,
                                       dstate, offs_d, mask_d, has_prev, STATE_J, N_GROUPS, BLOCK_D)
         scan_lo = t_lo if k == 0 else seqlen - t_lo - n_tok  # the segment's first position in scan order
-        bc_row = bc_ptr + (b * 2 + k) * seqlen * (2 * BLOCK_N) + tl.arange(0, STATE_J)[:, None] + offs_d[None, :] * 0
         _scan_direction(u_ptr + b * s_u_b + k * s_u_k + offs_d.to(tl.int64) * s_u_d,
                         delta_ptr + b * s_dt_b + k * s_dt_k + offs_d.to(tl.int64) * s_dt_d,
-                        bc_row, s_u_l, s_dt_l, t_lo + k * (n_tok - 1), 1 - 2 * k, n_tok, h0, h1, h2, h3,
+                        _packed_rows(bc_ptr, b * 2 + k, seqlen, offs_d, STATE_J, BLOCK_N), s_u_l, s_dt_l,
+                        t_lo + k * (n_tok - 1), 1 - 2 * k, n_tok, h0, h1, h2, h3,
                         A0, A1, A2, A3, Dk, bias, dstate, offs_d, mask_d,
                         y1_row, z_row, s_z_l, out_row, dim, states_ptr + (b * 2 + k) * (n_chunks - 1) * chunk_stride,
                         chunk_stride, s_h_n, s_h_d, seqlen, scan_lo,
@@ -442,7 +459,7 @@ def scan_fwd(
     hseg = torch.empty(batch, 2, n_seg - 1, dim, dstate, device=dev, dtype=torch.float32)
     dtsum = torch.empty(batch, 2, n_seg - 1, dim, device=dev, dtype=torch.float32)
     block_j = min(block_n, 4)
-    groups = dict(BLOCK_N=block_n, STATE_J=block_j, N_GROUPS=block_n // block_j)
+    groups = dict(BLOCK_N=block_n, STATE_J=block_j)
     bc = pack_bc(B, C, block_n)
     strides = dict(u=tensor_strides(u, 4), delta=tensor_strides(delta, 4), A=tensor_strides(A, 3),
                    D=tensor_strides(D, 2), bias=tensor_strides(delta_bias, 2), z=tensor_strides(z, 3))
