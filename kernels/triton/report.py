@@ -78,7 +78,7 @@ def _specs():
     from . import bwd, conv, fwd, pack
     from .aot import KernelSpec
     from .common import all_configs
-    scan = dict(DELTA_SOFTPLUS=True, STORE_STATES=True, CHUNK=CHUNK, BLOCK_N=DSTATE, STATE_J=4, N_GROUPS=DSTATE // 4)
+    scan = dict(DELTA_SOFTPLUS=True, STORE_STATES=True, CHUNK=CHUNK, BLOCK_N=DSTATE, STATE_J=4)
 
     class _Plain:  # a kernel without autotuning, seen as an autotuner of its one launch config
         def __init__(self, fn):
@@ -148,17 +148,11 @@ def _launch_time(row: dict, warps: int, iterations_per_loop: float, nbytes: floa
     """Seconds of one launch: each scheduler's warps issue their instructions at ``min(1, live / ISSUE_INTERVAL)``
     a clock, live = the warps it holds at once (its share of the launch, at most what the occupancy allows), or
     their MUFU work, or the bytes at the copy bandwidth, whichever is longest."""
-    from .fwd import ISSUE_INTERVAL
+    from .fwd import _pass_time  # the same issue model the forward's segment planner minimises
     issue, mufu = _warp_clocks(row, iterations_per_loop)
-    per_slot = _ceil(warps, SLOTS)
-    live = min(per_slot, max(1, int(row['occupancy'] * 64 / 4)))
-    rate = min(1.0, live / ISSUE_INTERVAL)
-    return max(per_slot * max(issue / rate, mufu) / CLOCK_HZ, nbytes / PEAK_BYTES_PER_S)
-
-
-def _issue_interval() -> float:
-    from .fwd import ISSUE_INTERVAL
-    return ISSUE_INTERVAL
+    resident = max(1, int(row['occupancy'] * 64 / 4))  # warps a sub-partition holds at once
+    clocks = max(_pass_time(warps, issue, resident, SLOTS), _ceil(warps, SLOTS) * mufu)
+    return max(clocks / CLOCK_HZ, nbytes / PEAK_BYTES_PER_S)
 
 
 def _floors(dim: int, seqlen: int, batch: int) -> dict:
@@ -287,12 +281,14 @@ def build_report(layouts=(('bf16', 'mixer'),), progress: bool = False) -> dict:
     """The whole report: device model, per-config compiled numbers, and per-case predictions (bf16 rows)."""
     import torch
     import triton
+
+    from .fwd import ISSUE_INTERVAL
     rows = compile_all(layouts, progress)
     return dict(kind='prediction from compiled code (no GPU run)', target='sm_90 (H100 SXM)',
                 date=datetime.date.today().isoformat(), triton=triton.__version__, torch=torch.__version__,
                 model=dict(sms=SMS, clock_hz=CLOCK_HZ, bytes_per_s=PEAK_BYTES_PER_S, exp_per_s=EXP_PER_S,
                            mufu_clocks_per_warp_instruction=MUFU_CLOCKS, issue_per_clock_per_subpartition=1,
-                           clocks_between_one_warps_issues=_issue_interval()),
+                           clocks_between_one_warps_issues=ISSUE_INTERVAL),
                 kernels=rows,
                 cases=_predict([r for r in rows if r['dtype'] == 'bf16' and r['layout'] == 'mixer']))
 
