@@ -204,13 +204,18 @@ def _auto_backend(x: torch.Tensor) -> str:
     return 'reference'
 
 
+def _requested(backend: str | None) -> str:
+    """The backend name asked for: the argument, else $VIM_SCAN_BACKEND, else 'auto'."""
+    return backend or os.environ.get(ENV_VAR) or 'auto'
+
+
 def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
     """The backend that will run for tensor ``x``: explicit argument, else $VIM_SCAN_BACKEND, else auto.
 
     Raises ValueError for an unknown name and RuntimeError when the backend cannot run on ``x`` (``triton``:
     package missing, or CPU tensors without TRITON_INTERPRET=1; ``mamba_ssm``: package missing or CPU tensors).
     """
-    name = backend or os.environ.get(ENV_VAR) or 'auto'
+    name = _requested(backend)
     if name == 'auto':
         return _auto_backend(x)
     if name not in _registered():
@@ -233,7 +238,7 @@ def _scan_backend(backend: str | None, u: torch.Tensor, A: torch.Tensor) -> str:
     """``resolve_backend`` for a scan: 'auto' does not pick the Triton scan for a d_state it does not take (it
     raises when asked for by name)."""
     name = resolve_backend(backend, u)
-    if name == 'triton' and (backend or os.environ.get(ENV_VAR) or 'auto') == 'auto':
+    if name == 'triton' and _requested(backend) == 'auto':
         from .triton.fwd import MAX_DSTATE
         if A.shape[-1] > MAX_DSTATE:
             return FALLBACK
