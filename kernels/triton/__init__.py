@@ -10,11 +10,11 @@ from .common import all_configs
 from .op import DEFAULT_CHUNK, bidirectional_conv_silu_triton, bidirectional_scan_triton, check_device
 
 AUTOTUNED_KERNELS = (fwd._segment_state_kernel, fwd._segment_boundary_kernel, fwd._scan_output_kernel,
-                     bwd._bidirectional_scan_bwd_kernel, conv._bidirectional_conv_fwd_kernel,
+                     bwd._segment_carry_kernel, bwd._bidirectional_scan_bwd_kernel, conv._bidirectional_conv_fwd_kernel,
                      conv._bidirectional_conv_bwd_kernel)
 CONFIGS = {kernel.fn.__name__: all_configs(candidates) for kernel, candidates in zip(AUTOTUNED_KERNELS, (
-    fwd._STATE_CONFIGS, fwd._BOUNDARY_CONFIGS, fwd._OUTPUT_CONFIGS, bwd._CONFIGS, conv._FWD_CONFIGS,
-    conv._BWD_CONFIGS))}
+    fwd._STATE_CONFIGS, fwd._BOUNDARY_CONFIGS, fwd._OUTPUT_CONFIGS, bwd._CARRY_CONFIGS, bwd._CONFIGS,
+    conv._FWD_CONFIGS, conv._BWD_CONFIGS))}
 
 __all__ = ['bidirectional_scan_triton', 'bidirectional_conv_silu_triton', 'check_device', 'DEFAULT_CHUNK',
            'AUTOTUNED_KERNELS', 'CONFIGS']

@@ -28,8 +28,9 @@ TYPES = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
 class KernelSpec:
     """One autotuned kernel: its autotuner, every config it may run, and how its loop relates to the work.
 
-    loop: 'token' (an iteration is one token of each of the thread's channels), 'chunk' (CHUNK tokens of the
-    program's tile), 'segment' (one segment boundary) or 'none' (straight-line code: the program's whole tile).
+    loop: 'token' (an iteration is one token of each of the thread's channels), 'state' (one state of the CHUNK
+    tokens a thread holds, inside a chunk loop), 'segment' (one segment boundary) or 'none' (straight-line code: the
+    program's whole tile).
     """
     name: str
     autotuner: object
@@ -58,7 +59,8 @@ def scan_arguments(dtype: torch.dtype, layout: str, batch: int, dim: int, dstate
     args = {f'{n}_ptr': ptr(t) for n, t in x.items()}
     args.update(bias_ptr=ptr(x['delta_bias']), batch=batch, seqlen=seqlen, dim=dim, dstate=dstate, seg_len=seg_len,
                 n_seg=n_seg, s_h_n=1, s_h_d=dstate, out_ptr=ptr(x['u']), y1_ptr='*fp32', hseg_ptr='*fp32',
-                dtsum_ptr='*fp32', bc_ptr='*fp32', states_ptr='*fp32', gu_ptr=ptr(x['u']), gdelta_ptr=ptr(x['delta']))
+                dtsum_ptr='*fp32', bc_ptr='*fp32', states_ptr='*fp32', gu_ptr=ptr(x['u']), gdelta_ptr=ptr(x['delta']),
+                rseg_ptr='*fp32', carry_ptr='*fp32', gbc_ptr='*fp32', s_c_d=1, s_g_d=1)
     for g in ('gA', 'gB', 'gC', 'gD', 'gbias', 'gz'):
         args[f'{g}_ptr'] = '*fp32'
     prefixes = dict(u='s_u', delta='s_dt', A='s_A', B='s_B', C='s_C', D='s_D', delta_bias='s_bias', z='s_z',

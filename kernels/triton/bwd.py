@@ -1,23 +1,42 @@
-"""Backward kernel of the fused bidirectional selective scan.
+"""Backward pass of the fused bidirectional selective scan: a thread owns a channel, a chunk of its tokens in its own
+registers, and walks the states one at a time.
 
-Not yet redesigned like the forward (issue 9; the static report, report.py, predicts it 15-20x above its floor): a
-program is one (dim block, direction, batch element) on a flat grid, with (CHUNK, BLOCK_D, BLOCK_N) tiles whose state
-axis is spread across lanes. It reads the chunk states the forward stores, (batch, 2, n_chunks - 1, dim, dstate).
-A program walks its direction's chunks from the last to the first,
-carrying G_next, the gradient of the hidden state at the first position of the chunk after the current one. Per chunk:
+The main kernel, ``_bidirectional_scan_bwd_kernel``, is one program per (channel block, segment, batch element),
+``BLOCK_D = 32 x num_warps`` channels, one a thread. It runs direction 1, then direction 0, each over the segment's
+chunks of CHUNK tokens in reverse scan order. Per chunk it loads the (CHUNK, BLOCK_D) tiles of dt (softplus once per
+token), dt u and dy (the CHUNK axis inside each thread), then loops over the states n; per state, with
+``a_t = exp2(dt_t A_n log2 e)`` computed once per (token, channel, state):
 
-1. The chunk is read backwards (addresses only) and the gradient recurrence ``G_t = C_t dy_t + dA_{t+1} G_{t+1}``
-   is a plain forward ``tl.associative_scan`` over that tile: the decay at each position is computed from the delta
-   of the token after it (one more load), so no shifted register copy and no ``reverse=True`` scan is needed (the
-   latter has a history of wrong results for non-commutative combiners in Triton). G is then flipped into scan order.
-2. The chunk is read in scan order; its hidden states H are recomputed from the state saved by the forward pass at
-   the chunk's start (never stored for every token), and every gradient is formed from G, H and the inputs.
-   ``dA_t h_{t-1}`` is taken as ``H_t - dt_t B_t u_t``, so H is never shifted either.
+- ``h_t = a_t h_{t-1} + dt_t u_t B_t`` from the state the forward saved at the chunk's start, and
+  ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` (the state's gradient) from the later chunk's ``a g`` at its first position,
+  position by position inside the thread (``_state_recurrences``): the decay is shared by both, the shift by one
+  token is a register pick, nothing is flipped and no scan op is used (Triton lowers ``associative_scan(...,
+  reverse=True)`` with lane shuffles even along an in-thread axis);
+- per (token, channel), summed over n in registers: ``g B`` (u's gradient), ``g a h_{t-1} A`` with
+  ``a h_{t-1} = h_t - dt u B`` (no shifted h; delta's gradient) and ``C h`` (this direction's y, for the gate);
+  per (channel, state), summed over tokens: ``g a h_{t-1} dt`` (A's gradient);
+- per (token, state), summed over channels: ``g dt u`` (B) and ``h dy`` (C). These are the loop's only cross-lane
+  work, a 5-level butterfly per value within each warp; each warp stores its 32 channels' fp32 partial sums, and a
+  torch sum over channel groups follows.
 
-Gradients owned by one program (u, delta) are stored in their input's dtype. Shared ones are reduced in fp32:
-A, D and delta_bias through per-batch-element partials summed afterwards, and z by adding the two directions'
-halves onto zero (both deterministic); B and C, shared by every dim block, with fp32 atomics, as mamba_ssm does
-(summation order, and so the last bits, may vary between runs).
+Chunks are token ranges ``[c CHUNK, (c + 1) CHUNK)`` in both directions (direction 1 reads its chunk backwards), and
+the forward saves each direction's state at every chunk boundary (fwd.py), so a chunk's start state is one load.
+
+To fill the GPU at small batch the sequence is split into segments of whole chunks (``plan_backward_segments``),
+as the forward does; the gradient recurrence is linear in the carry, so the same three-pass scheme applies:
+
+1. ``_segment_carry_kernel``: per (channel block, direction, batch element, segment) the carry ``a g`` at the
+   segment's first position in scan order from a zero carry at its end, walked with the state in registers (the
+   forward's token loop, one exp2 per element), and the segment's sum of dt;
+2. the forward's ``_segment_boundary_kernel`` with ``REVERSE``: the true carry into each segment, in place;
+3. the main kernel, starting each direction from its segment's carry.
+
+The per-(state, channel) carry between chunks and gA live in private fp32 rows that the same thread writes at the
+first chunk it walks before any read, so the autotuner's repeated runs stay idempotent. Direction 1 stores its y to
+a private fp32 row that direction 0 reads back to write the gate's gradient once. The gradients of u, delta and z are
+written once, in their input's dtype, channel-contiguous (a warp's store of a token is one run); A, D and delta_bias
+are reduced per (batch element, segment) and summed afterwards. No memset, no atomics, no flips. Token offsets are
+int64.
 """
 from __future__ import annotations
 
@@ -25,144 +44,328 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    affine_combine,
-    autotune_configs,
-    input_rows,
-    load_direction_params,
-    program_slab,
-    sigmoid,
-    silu,
-    silu_grad,
-    softplus,
-    tensor_strides,
+from .common import autotune_configs, sigmoid, silu, softplus, tensor_strides
+from .fwd import (
+    H100_SMS,
+    _channels,
+    _packed,
+    _packed_rows,
+    _params,
+    _segment_boundary_kernel,
+    _step_dt,
+    _store_groups,
+    plan_split,
 )
+from .pack import pack_bc
 
-__all__ = ['scan_bwd']
+__all__ = ['scan_bwd', 'grad_buffer', 'plan_backward_segments']
 
-# (BLOCK_D, num_warps, num_stages). The backward keeps several (CHUNK, BLOCK_D, BLOCK_N) tiles live: at CHUNK 32,
-# BLOCK_D 8 needs 8 warps to stay clear of register spills (tests/kernels/test_triton_compile.py).
-_CONFIGS = [(8, 8, 1), (4, 4, 1), (4, 8, 1)]
+# (BLOCK_D, num_warps, num_stages): one channel a thread, one warp a program. With several warps the per-warp gB/gC
+# partials, a (BLOCK_D // 32,) vector spread over warps, reach their store through shared memory: 32 BAR and 32
+# STS/LDS per state iteration (static report, Triton 3.6 and 3.8).
+_CONFIGS = [(32, 1, 1)]
+_CARRY_CONFIGS = [(64, 2, 1), (32, 1, 1), (128, 4, 1)]
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Channel and token strides are runtime values (see fwd._CHANNEL_STRIDES): a stride specialised to 1 would let
+# Triton vectorise along it and give that load a layout other than the loop's. s_c_d and s_g_d are the channel
+# strides (1) of the kernel's own rows: carry and gA, and the gradients.
+_STRIDES = ['s_u_d', 's_u_l', 's_dt_d', 's_dt_l', 's_A_d', 's_A_n', 's_D_d', 's_bias_d', 's_z_d', 's_z_l', 's_go_d',
+            's_go_l', 's_c_d', 's_g_d']
+
+# The segment plan's weights (fwd.plan_split), relative to the forward's output pass per token and direction: the
+# main kernel issues ~5x its instructions per element (62 against 11-13, static report), the carry pass about as
+# many as the forward's state pass. RESIDENT_*: warps a scheduler holds (static report: 255 registers, occupancy
+# 0.12; 72 registers, 0.44).
+_MAIN_COST = 5.0
+_CARRY_COST = 0.8
+RESIDENT_MAIN = 2
+RESIDENT_CARRY = 7
 
 
-@triton.autotune(configs=autotune_configs(_CONFIGS), key=['dim', 'dstate', 'batch'],
-                 reset_to_zero=['gB_ptr', 'gC_ptr', 'gz_ptr'])
-@triton.jit(do_not_specialize=['seqlen'])
+def plan_backward_segments(batch: int, dim: int, seqlen: int, chunk: int, sms: int = H100_SMS) -> tuple[int, int]:
+    """(segment length, a multiple of ``chunk``; number of segments) for the backward's sequence split: the plan of
+    least modelled issue time (``fwd.plan_split``) with the main kernel's and the carry pass's weights."""
+    return plan_split(batch, dim, seqlen, chunk, sms, _MAIN_COST, RESIDENT_MAIN, _CARRY_COST, RESIDENT_CARRY)
+
+
+@triton.autotune(configs=autotune_configs(_CARRY_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'])
+@triton.jit(do_not_specialize=['seqlen', 'seg_len', 'n_seg', *_STRIDES])
+def _segment_carry_kernel(
+        delta_ptr, A_ptr, bc_ptr, z_ptr, bias_ptr, gout_ptr, rseg_ptr, dtsum_ptr,
+        batch, seqlen, dim, dstate, seg_len, n_seg, s_h_n, s_h_d,
+        s_dt_b, s_dt_k, s_dt_d, s_dt_l,
+        s_A_k, s_A_d, s_A_n,
+        s_bias_k, s_bias_d,
+        s_z_b, s_z_d, s_z_l,
+        s_go_b, s_go_d, s_go_l,
+        DELTA_SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # program -> (channel block, entry e of (batch, direction)); entry e is segment e + 1 (direction 0) or e (1): the
+    # segments whose carry a neighbour needs (not the first of each scan order)
+    N_GROUPS: tl.constexpr = BLOCK_N // STATE_J
+    pid = tl.program_id(0).to(tl.int64)
+    n_dblocks = tl.cdiv(dim, BLOCK_D)
+    e = (pid // n_dblocks) % (n_seg - 1)
+    bk = pid // (n_dblocks * (n_seg - 1))
+    b = bk // 2
+    k = bk % 2
+    offs_d, mask_d = _channels(pid, n_dblocks, dim, BLOCK_D)
+    A0, A1, A2, A3, _, bias = _params(A_ptr, A_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, 0, 0, s_bias_k, s_bias_d, k,
+                                      dstate, offs_d, mask_d, STATE_J, N_GROUPS, BLOCK_D)
+    d64 = offs_d.to(tl.int64)
+    dt_row = delta_ptr + b * s_dt_b + k * s_dt_k + d64 * s_dt_d
+    z_row = z_ptr + b * s_z_b + d64 * s_z_d
+    go_row = gout_ptr + b * s_go_b + d64 * s_go_d
+    C_row = _packed_rows(bc_ptr, bk, seqlen, offs_d, STATE_J, BLOCK_N) + BLOCK_N
+    seg = e + 1 - k
+    t_lo = seg * seg_len
+    n_tok = tl.minimum(seqlen - t_lo, seg_len)
+    # reverse scan order: direction 0 from the segment's last token down, direction 1 from its first up
+    first = t_lo + (1 - k) * (n_tok - 1)
+    step = 2 * k - 1
+
+    r0 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    r1 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    r2 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    r3 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dt_n = tl.load(dt_row + first * s_dt_l, mask=mask_d, other=0.0)
+    z_n = tl.load(z_row + first * s_z_l, mask=mask_d, other=0.0)
+    go_n = tl.load(go_row + first * s_go_l, mask=mask_d, other=0.0)
+    C0n, C1n, C2n, C3n = _packed(C_row + first * (2 * BLOCK_N), STATE_J, N_GROUPS)
+    for i in range(n_tok):
+        dt_raw, z, go, C0, C1, C2, C3 = dt_n, z_n, go_n, C0n, C1n, C2n, C3n
+        t_next = first + step * tl.minimum(i + 1, n_tok - 1)  # the last iteration re-reads its own token
+        dt_n = tl.load(dt_row + t_next * s_dt_l, mask=mask_d, other=0.0)
+        z_n = tl.load(z_row + t_next * s_z_l, mask=mask_d, other=0.0)
+        go_n = tl.load(go_row + t_next * s_go_l, mask=mask_d, other=0.0)
+        C0n, C1n, C2n, C3n = _packed(C_row + t_next * (2 * BLOCK_N), STATE_J, N_GROUPS)
+        dt = _step_dt(dt_raw, bias, mask_d, DELTA_SOFTPLUS)
+        dtsum += dt
+        dy = (go.to(tl.float32) * silu(z.to(tl.float32)) * 0.5)[None, :]
+        dt2 = dt[None, :]
+        # g_t = C_t dy_t + r, then r = a_t g_t: the carry to the position before
+        r0 = tl.exp2(dt2 * A0) * (r0 + dy * C0)
+        if N_GROUPS > 1:
+            r1 = tl.exp2(dt2 * A1) * (r1 + dy * C1)
+        if N_GROUPS > 2:
+            r2 = tl.exp2(dt2 * A2) * (r2 + dy * C2)
+            r3 = tl.exp2(dt2 * A3) * (r3 + dy * C3)
+
+    # rseg: (batch, 2, n_seg - 1, dim, dstate) fp32; dtsum: (batch, 2, n_seg - 1, dim) fp32
+    row = (bk * (n_seg - 1) + e) * dim
+    _store_groups(rseg_ptr + row * dstate, s_h_n, s_h_d, r0, r1, r2, r3, dstate, offs_d, mask_d, STATE_J, N_GROUPS)
+    tl.store(dtsum_ptr + row + offs_d, dtsum, mask=mask_d)
+
+
+@triton.jit
+def _at(X, p, i):
+    """Row i (BLOCK_D,) of a (CHUNK, BLOCK_D) tile whose CHUNK axis lives in each thread: a register pick (-0.0 is
+    the exact identity of the sum, so the masked-out terms fold away)."""
+    return tl.sum(tl.where(p == i, X, -0.0), axis=0)
+
+
+@triton.jit
+def _put(X, p, i, x):
+    """X with row i replaced by the vector x (BLOCK_D,): a register write."""
+    return tl.where(p == i, x[None, :], X)
+
+
+@triton.jit
+def _dt(dt_raw, mask, DELTA_SOFTPLUS: tl.constexpr):
+    """dt: softplus of delta + bias (or it as is), fp32, 0 on masked channels and tokens."""
+    if DELTA_SOFTPLUS:
+        return tl.where(mask, softplus(dt_raw), 0.0)
+    return tl.where(mask, dt_raw, 0.0)
+
+
+@triton.jit
+def _dt_grad(dt_raw, dt, DELTA_SOFTPLUS: tl.constexpr):
+    """d dt / d (delta + bias): sigmoid(x) = exp(x - softplus(x)), one exp2 from the dt already computed (accurate:
+    the argument's error is that of x, and it is <= 0)."""
+    if DELTA_SOFTPLUS:
+        return tl.exp2((dt_raw - dt) * 1.4426950408889634)
+    return tl.full(dt_raw.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _load(row, tok, stride, mask):
+    return tl.load(row + tok * stride, mask=mask, other=0.0).to(tl.float32)
+
+
+# Every load and store is a (BLOCK_D,) vector of one token (or, for the gB/gC partials, (BLOCK_D // 32,)): a 2-D
+# (CHUNK, BLOCK_D) memory op with runtime strides on both axes ties its axes' contiguity, and Triton 3.6 breaks the
+# tie towards the token axis, laying lanes over tokens and the whole state loop out with shuffles and barriers (the
+# static report compiled with 3.6 showed 426 SHFL and 19-43 BAR per state iteration; 3.8 broke it the other way).
+# The (CHUNK, BLOCK_D) tiles only hold a chunk's per-token vectors in registers (_put, _at: compile-time picks).
+@triton.autotune(configs=autotune_configs(_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'])
+@triton.jit(do_not_specialize=['seqlen', 'seg_len', 'n_seg', *_STRIDES])
 def _bidirectional_scan_bwd_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gout_ptr, states_ptr,
-        gu_ptr, gdelta_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, gz_ptr,
-        batch, seqlen, dim, dstate,
+        u_ptr, delta_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, gout_ptr, states_ptr, rseg_ptr, y1_ptr, carry_ptr,
+        gu_ptr, gdelta_ptr, gA_ptr, gbc_ptr, gD_ptr, gbias_ptr, gz_ptr,
+        batch, seqlen, dim, dstate, seg_len, n_seg, s_h_n, s_h_d, s_c_d, s_g_d,
         s_u_b, s_u_k, s_u_d, s_u_l,
         s_dt_b, s_dt_k, s_dt_d, s_dt_l,
         s_A_k, s_A_d, s_A_n,
-        s_B_b, s_B_k, s_B_n, s_B_l,
-        s_C_b, s_C_k, s_C_n, s_C_l,
         s_D_k, s_D_d,
         s_bias_k, s_bias_d,
         s_z_b, s_z_d, s_z_l,
         s_go_b, s_go_d, s_go_l,
         DELTA_SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    k, b, offs_d, offs_n, mask_d, mask_n, mask_dn = program_slab(dim, dstate, BLOCK_D, BLOCK_N)
-    offs_p = tl.arange(0, CHUNK)
-    offs_d64 = offs_d.to(tl.int64)  # channel * seqlen may pass 2**31
-    u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr = input_rows(
-        u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, s_u_b, s_u_k, s_u_d, s_dt_b, s_dt_k, s_dt_d, s_B_b, s_B_k, s_B_n,
-        s_C_b, s_C_k, s_C_n, s_z_b, s_z_d, b, k, offs_d, offs_n)
-    gout_ptr += b * s_go_b + offs_d.to(tl.int64)[None, :] * s_go_d
-    # gradient buffers are contiguous: gu, gdelta (batch, 2, dim, seqlen); gB, gC (batch, 2, dstate, seqlen) fp32;
-    # gz (batch, dim, seqlen) fp32; gA (batch, 2, dim, dstate), gD and gbias (batch, 2, dim) fp32 partials
-    gu_ptr += (b * 2 + k) * dim * seqlen + offs_d64[None, :] * seqlen
-    gdelta_ptr += (b * 2 + k) * dim * seqlen + offs_d64[None, :] * seqlen
-    gB_ptr += (b * 2 + k) * dstate * seqlen + offs_n[None, :] * seqlen
-    gC_ptr += (b * 2 + k) * dstate * seqlen + offs_n[None, :] * seqlen
-    gz_ptr += b * dim * seqlen + offs_d64[None, :] * seqlen
-
-    A, Dk, bias = load_direction_params(A_ptr, D_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, s_D_k, s_D_d, s_bias_k,
-                                        s_bias_d, k, offs_d, offs_n, mask_d, mask_dn)
-
-    A2 = A * 1.4426950408889634  # exp(dt A) = exp2(dt A log2 e)
+    # program -> (channel block, segment, batch element)
+    pid = tl.program_id(0).to(tl.int64)
+    n_dblocks = tl.cdiv(dim, BLOCK_D)
+    seg = (pid // n_dblocks) % n_seg
+    b = pid // (n_dblocks * n_seg)
+    pid_d = (pid % n_dblocks).to(tl.int32)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    d64 = offs_d.to(tl.int64)
+    dg = d64 * s_g_d  # channel offsets in the gradient rows
+    p = tl.arange(0, CHUNK)[:, None]  # position in the chunk, inside each thread
     n_chunks = tl.cdiv(seqlen, CHUNK)
-    # states: (batch, 2, n_chunks - 1, dim, dstate), the forward's state after each chunk
-    states_ptr += (b * 2 + k) * (n_chunks - 1) * dim * dstate + offs_n[None, :] + offs_d[:, None] * dstate
-    first = k * (seqlen - 1)
-    step = 1 - 2 * k
-    is_first = (offs_p == CHUNK - 1)[:, None, None]  # the chunk's first position, at the end of the reversed tile
+    t_lo = seg * seg_len
+    c_lo = t_lo // CHUNK
+    n_c = tl.cdiv(tl.minimum(seqlen - t_lo, seg_len), CHUNK)
+    n_groups = tl.cdiv(dim, 32)  # warps of 32 channels: the partial sums of gB and gC
+    group = pid_d * (BLOCK_D // 32) + tl.arange(0, BLOCK_D // 32)
+    mask_g = group < n_groups
+    z_row = z_ptr + b * s_z_b + d64 * s_z_d
+    go_row = gout_ptr + b * s_go_b + d64 * s_go_d
+    # y1, gz: (batch, seqlen, dim); gu, gdelta: (batch, 2, seqlen, dim); all channel-contiguous
+    y1_row = y1_ptr + b * seqlen * dim + dg
+    gz_row = gz_ptr + b * seqlen * dim + dg
+    part = b * n_seg + seg  # this program's partials of gA, gD and gbias, and its carry rows
 
-    G_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # G at the first position of the chunk after this one
-    gA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    gD = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    gbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for i in range(n_chunks):
-        c = n_chunks - 1 - i
-        # 1. G_t = C_t dy_t + dA_{t+1} G_{t+1} over the chunk read backwards: (CHUNK, BLOCK_D[, BLOCK_N]) tiles
-        # whose position p holds scan position c * CHUNK + CHUNK - 1 - p. The decay at p is that of the token
-        # after it (one more load of delta, no shifted register copy), so a plain affine scan suffices.
-        s = c * CHUNK + (CHUNK - 1 - offs_p)
-        tok = (first + step * s)[:, None]
-        mask_l = s < seqlen
-        mask = mask_l[:, None] & mask_d[None, :]
-        mask_next = (s + 1 < seqlen)[:, None] & mask_d[None, :]
-        dt_next = tl.load(delta_ptr + (tok + step) * s_dt_l, mask=mask_next, other=0.0).to(tl.float32) + bias[None, :]
-        if DELTA_SOFTPLUS:
-            dt_next = softplus(dt_next)
-        dt_next = tl.where(mask_next, dt_next, 0.0)
-        Cc = tl.load(C_ptr + tok * s_C_l, mask=mask_l[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + tok * s_z_l, mask=mask, other=0.0).to(tl.float32)
-        gout = tl.load(gout_ptr + tok * s_go_l, mask=mask, other=0.0).to(tl.float32)
-        dy = gout * silu(z) * 0.5  # gradient of this direction's y (before the gate and the average)
-        decay, G = tl.associative_scan(
-            (tl.exp2(dt_next[:, :, None] * A2[None, :, :]), dy[:, :, None] * Cc[:, None, :]), 0, affine_combine)
-        G = decay * G_next[None, :, :] + G  # gradient of the hidden states
-        G_next = tl.sum(tl.where(is_first, G, 0.0), axis=0)
-        G = tl.flip(G, 0)
+    for kk in tl.static_range(2):
+        k = 1 - kk  # direction 1 first: direction 0 reads its y back
+        Dk = tl.load(D_ptr + k * s_D_k + offs_d * s_D_d, mask=mask_d, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + k * s_bias_k + offs_d * s_bias_d, mask=mask_d, other=0.0).to(tl.float32)
+        u_row = u_ptr + b * s_u_b + k * s_u_k + d64 * s_u_d
+        dt_row = delta_ptr + b * s_dt_b + k * s_dt_k + d64 * s_dt_d
+        gu_row = gu_ptr + (b * 2 + k) * seqlen * dim + dg
+        gdt_row = gdelta_ptr + (b * 2 + k) * seqlen * dim + dg
+        bc_row = bc_ptr + (b * 2 + k) * seqlen * (2 * BLOCK_N) + offs_d * 0  # the same address for every channel
+        # states: (batch, 2, n_chunks - 1, dim, dstate), entry j the state at token boundary (j + 1) CHUNK
+        st_row = states_ptr + (b * 2 + k) * (n_chunks - 1) * dim * dstate + offs_d * s_h_d
+        # gbc: (batch, 2, n_groups, 2, dstate, seqlen) fp32 partials per warp of channels
+        gbc_row = gbc_ptr + ((b * 2 + k) * n_groups + group) * (2 * dstate * seqlen)
+        # the carry into the segment from the next one in scan order (the boundary pass's, in rseg's layout): entry
+        # seg - k holds segment seg + 1 (direction 0) or seg - 1 (direction 1)
+        e = seg - k
+        has_carry = (e >= 0) & (e < n_seg - 1)
+        rseg_row = rseg_ptr + ((b * 2 + k) * (n_seg - 1) + e) * dim * dstate + offs_d * s_h_d
+        # per (state, channel) rows of this program (batch, n_seg, 2, dstate, dim) fp32: the carry between chunks
+        # and gA, written at the first chunk walked before any read
+        carry_row = carry_ptr + (part * 2 + k) * dstate * dim + offs_d * s_c_d
+        gA_row = gA_ptr + (part * 2 + k) * dstate * dim + offs_d * s_c_d
+        gD = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        gbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for i in range(n_c):
+            c = c_lo + i + (1 - k) * (n_c - 1 - 2 * i)  # reverse scan order: the last chunk first in direction 0
+            t0 = c.to(tl.int64) * CHUNK  # the chunk's first token; position t is token t0 + t (t0 + CHUNK - 1 - t)
+            n_in = seqlen - t0  # tokens of the chunk inside the sequence: positions past it (or, in direction 1,
+            # before it) are masked, dt 0 (decay 1, no input), dy 0
+            # per (token, channel), live across the state loop: dt, dt u, dy
+            DT = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+            DTU = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+            DY = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+            for t in tl.static_range(CHUNK):
+                q = t + k * (CHUNK - 1 - 2 * t)
+                m = mask_d & (q < n_in)
+                dt = _dt(_load(dt_row, t0 + q, s_dt_l, m) + bias, m, DELTA_SOFTPLUS)
+                z = _load(z_row, t0 + q, s_z_l, m)
+                DT = _put(DT, p, t, dt)
+                DTU = _put(DTU, p, t, dt * _load(u_row, t0 + q, s_u_l, m))
+                DY = _put(DY, p, t, _load(go_row, t0 + q, s_go_l, m) * z * sigmoid(z) * 0.5)
+            GDU = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # sum_n g B
+            GDA = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # sum_n g a h_{t-1} A log2 e
+            Y = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # sum_n C h
+            # the chunk's start state in scan order: boundary c CHUNK (direction 0) or (c + 1) CHUNK (1)
+            j = c - 1 + k
+            st = st_row + j.to(tl.int64) * dim * dstate
+            has_h0 = mask_d & (j >= 0) & (j < n_chunks - 1)
+            bc_c = bc_row + t0 * (2 * BLOCK_N)  # the chunk's packed B and C
+            gbc_c = gbc_row + t0  # its gB and gC partials
+            for n in range(dstate):
+                A2n = tl.load(A_ptr + k * s_A_k + offs_d * s_A_d + n * s_A_n, mask=mask_d,
+                              other=0.0).to(tl.float32) * 1.4426950408889634
+                # h_t = a_t h_{t-1} + dt_t u_t B_t from the saved state, a_t = exp2(dt_t A_n log2 e) once
+                h = tl.load(st + n * s_h_n, mask=has_h0, other=0.0)
+                AT = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+                H = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+                BU = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+                for t in tl.static_range(CHUNK):
+                    q = t + k * (CHUNK - 1 - 2 * t)
+                    a = tl.exp2(_at(DT, p, t) * A2n)
+                    # packed B: a compile-time token stride, so a chunk's loads share one address register
+                    bu = _at(DTU, p, t) * tl.load(bc_c + q * (2 * BLOCK_N) + n, mask=q < n_in, other=0.0)
+                    h = a * h + bu
+                    AT = _put(AT, p, t, a)
+                    H = _put(H, p, t, h)
+                    BU = _put(BU, p, t, bu)
+                # g_t = C_t dy_t + a_{t+1} g_{t+1} from the later chunk's a g, and every gradient term of position t
+                g = (tl.load(carry_row + n * dim, mask=mask_d & (i > 0), other=0.0)
+                     + tl.load(rseg_row + n * s_h_n, mask=mask_d & (i == 0) & has_carry, other=0.0))
+                gA_n = tl.load(gA_row + n * dim, mask=mask_d & (i > 0), other=0.0)
+                for tt in tl.static_range(CHUNK):
+                    r = CHUNK - 1 - tt  # positions in reverse
+                    q = r + k * (CHUNK - 1 - 2 * r)
+                    h = _at(H, p, r)
+                    dy = _at(DY, p, r)
+                    Bq = tl.load(bc_c + q * (2 * BLOCK_N) + n, mask=q < n_in, other=0.0)
+                    Cq = tl.load(bc_c + q * (2 * BLOCK_N) + (BLOCK_N + n), mask=q < n_in, other=0.0)
+                    g = Cq * dy + g
+                    w = g * (h - _at(BU, p, r))  # g a h_{r-1}, with a h_{r-1} = h - dt u B (no shifted h)
+                    gA_n += w * _at(DT, p, r)
+                    GDA = _put(GDA, p, r, _at(GDA, p, r) + w * A2n)
+                    GDU = _put(GDU, p, r, _at(GDU, p, r) + g * Bq)
+                    Y = _put(Y, p, r, _at(Y, p, r) + h * Cq)
+                    # per (token, state), summed over the warp's channels: the only cross-lane work
+                    m_bc = mask_g & (q < n_in)
+                    ptr = gbc_c + q + n * seqlen
+                    tl.store(ptr, tl.sum(tl.reshape(g * _at(DTU, p, r), (BLOCK_D // 32, 32)), axis=1), mask=m_bc)
+                    tl.store(ptr + dstate * seqlen, tl.sum(tl.reshape(h * dy, (BLOCK_D // 32, 32)), axis=1),
+                             mask=m_bc)
+                    if r > 0:
+                        g = _at(AT, p, r) * g
+                tl.store(carry_row + n * dim, _at(AT, p, 0) * g, mask=mask_d)
+                tl.store(gA_row + n * dim, gA_n, mask=mask_d)
+            for t in tl.static_range(CHUNK):
+                q = t + k * (CHUNK - 1 - 2 * t)
+                m = mask_d & (q < n_in)
+                tok = t0 + q
+                u = _load(u_row, tok, s_u_l, m)
+                dt = _at(DT, p, t)
+                dy = _at(DY, p, t)
+                gdu = _at(GDU, p, t)
+                gdt = _dt_grad(_load(dt_row, tok, s_dt_l, m) + bias, dt, DELTA_SOFTPLUS)
+                gdt = tl.where(m, (gdu * u + _at(GDA, p, t) * LN2) * gdt, 0.0)
+                tl.store(gu_row + tok * dim, (gdu * dt + dy * Dk).to(gu_ptr.dtype.element_ty), mask=m)
+                tl.store(gdt_row + tok * dim, gdt.to(gdelta_ptr.dtype.element_ty), mask=m)
+                gD += dy * u
+                gbias += gdt
+                y = _at(Y, p, t) + u * Dk
+                if k == 1:
+                    tl.store(y1_row + tok * dim, y, mask=m)
+                else:
+                    y += tl.load(y1_row + tok * dim, mask=m, other=0.0)
+                    z = _load(z_row, tok, s_z_l, m)
+                    sz = sigmoid(z)
+                    gz = _load(go_row, tok, s_go_l, m) * 0.5 * y * sz * (1.0 + z * (1.0 - sz))
+                    tl.store(gz_row + tok * dim, gz.to(gz_ptr.dtype.element_ty), mask=m)
 
-        # 2. the chunk in scan order: hidden states recomputed from the saved state at its start, then gradients
-        s = c * CHUNK + offs_p
-        tok = (first + step * s)[:, None]
-        mask_l = s < seqlen
-        mask = mask_l[:, None] & mask_d[None, :]
-        mask_ln = mask_l[:, None] & mask_n[None, :]
-        u = tl.load(u_ptr + tok * s_u_l, mask=mask, other=0.0).to(tl.float32)
-        dt_raw = tl.load(delta_ptr + tok * s_dt_l, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
-        dt = dt_raw
-        if DELTA_SOFTPLUS:
-            dt = softplus(dt_raw)
-        dt = tl.where(mask, dt, 0.0)
-        Bc = tl.load(B_ptr + tok * s_B_l, mask=mask_ln, other=0.0).to(tl.float32)
-        Cc = tl.load(C_ptr + tok * s_C_l, mask=mask_ln, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + tok * s_z_l, mask=mask, other=0.0).to(tl.float32)
-        gout = tl.load(gout_ptr + tok * s_go_l, mask=mask, other=0.0).to(tl.float32)
-        dy = gout * silu(z) * 0.5
-        h0 = tl.load(states_ptr + (c - 1).to(tl.int64) * dim * dstate, mask=mask_dn & (c > 0), other=0.0)
-        du = dt * u
-        decay, H = tl.associative_scan(
-            (tl.exp2(dt[:, :, None] * A2[None, :, :]), du[:, :, None] * Bc[:, None, :]), 0, affine_combine)
-        H = decay * h0[None, :, :] + H
-        y = tl.sum(H * Cc[:, None, :], axis=2) + u * Dk[None, :]
-        gC = tl.sum(H * dy[:, :, None], axis=1)
-        # G_t * dA_t * h_{t-1}, without shifting H. Exactly 0 at the direction's first token (h_{-1} = 0): on a GPU
-        # the subtraction contracts into an FMA and would leave the product's rounding error, all of gA at length 1
-        g_log_decay = tl.where((s > 0)[:, None, None], G * (H - du[:, :, None] * Bc[:, None, :]), 0.0)
-        gA += tl.sum(g_log_decay * dt[:, :, None], axis=0)
-        g_du = tl.sum(G * Bc[:, None, :], axis=2)
-        g_dt = g_du * u + tl.sum(g_log_decay * A[None, :, :], axis=2)
-        gB = tl.sum(G * du[:, :, None], axis=1)
-        if DELTA_SOFTPLUS:
-            g_dt = g_dt * sigmoid(dt_raw)
-        g_dt = tl.where(mask, g_dt, 0.0)
-        gbias += tl.sum(g_dt, axis=0)
-        gD += tl.sum(dy * u, axis=0)
-        tl.store(gu_ptr + tok, (g_du * dt + dy * Dk[None, :]).to(gu_ptr.dtype.element_ty), mask=mask)
-        tl.store(gdelta_ptr + tok, g_dt.to(gdelta_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_add(gz_ptr + tok, gout * 0.5 * y * silu_grad(z), mask=mask, sem='relaxed')
-        tl.atomic_add(gB_ptr + tok, gB, mask=mask_ln, sem='relaxed')
-        tl.atomic_add(gC_ptr + tok, gC, mask=mask_ln, sem='relaxed')
+        # gD, gbias: (batch, n_seg, 2, dim) fp32 partials
+        tl.store(gD_ptr + (part * 2 + k) * dim + dg, gD, mask=mask_d)
+        tl.store(gbias_ptr + (part * 2 + k) * dim + dg, gbias, mask=mask_d)
 
-    part = (b * 2 + k) * dim + offs_d
-    tl.store(gA_ptr + part[:, None] * dstate + offs_n[None, :], gA, mask=mask_dn)
-    tl.store(gD_ptr + part, gD, mask=mask_d)
-    tl.store(gbias_ptr + part, gbias, mask=mask_d)
+
+def grad_buffer(batch: int, lead: tuple, dim: int, seqlen: int, device, dtype) -> torch.Tensor:
+    """An (batch, *lead, dim, seqlen) gradient as a transposed view of channel-contiguous (batch, *lead, seqlen,
+    dim) memory, the layout the backward writes (a warp's store of one token is one contiguous run)."""
+    return torch.empty(batch, *lead, seqlen, dim, device=device, dtype=dtype).transpose(-1, -2)
 
 
 def scan_bwd(
@@ -170,29 +373,54 @@ def scan_bwd(
         C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, states: torch.Tensor,
         delta_softplus: bool, chunk: int,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward kernel. Returns the gradients of (u, delta, A, B, C, D, z, delta_bias), each in the
-    dtype of its input."""
+    """Launch the backward pass. ``states`` as ``fwd.scan_fwd`` returns them. Returns the gradients of (u, delta,
+    A, B, C, D, z, delta_bias), each in the dtype of its input; those of u, delta and z channel-contiguous
+    (``grad_buffer``), the others contiguous."""
     batch, _, dim, seqlen = u.shape
     dstate = A.shape[-1]
     dev = u.device
-    gu = torch.empty(batch, 2, dim, seqlen, device=dev, dtype=u.dtype)
-    gdelta = torch.empty(batch, 2, dim, seqlen, device=dev, dtype=delta.dtype)
-    gB = torch.zeros(batch, 2, dstate, seqlen, device=dev, dtype=torch.float32)
-    gC = torch.zeros(batch, 2, dstate, seqlen, device=dev, dtype=torch.float32)
-    gz = torch.zeros(batch, dim, seqlen, device=dev, dtype=torch.float32)
-    gA = torch.empty(batch, 2, dim, dstate, device=dev, dtype=torch.float32)
-    gD = torch.empty(batch, 2, dim, device=dev, dtype=torch.float32)
-    gbias = torch.empty(batch, 2, dim, device=dev, dtype=torch.float32)
-    # flat grid: programs (channel block, direction, batch element), batch-major (no 65,535 limit on batch)
-    grid = lambda meta: (triton.cdiv(dim, meta['BLOCK_D']) * 2 * batch,)  # noqa: E731
-    _bidirectional_scan_bwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, gout, states,
-        gu, gdelta, gA, gB, gC, gD, gbias, gz,
-        batch, seqlen, dim, dstate,
-        *tensor_strides(u, 4), *tensor_strides(delta, 4), *tensor_strides(A, 3),
-        *tensor_strides(B, 4), *tensor_strides(C, 4), *tensor_strides(D, 2), *tensor_strides(delta_bias, 2),
-        *tensor_strides(z, 3), *tensor_strides(gout, 3),
-        DELTA_SOFTPLUS=delta_softplus, CHUNK=chunk, BLOCK_N=triton.next_power_of_2(dstate),
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == 'cuda' else H100_SMS
+    seg_len, n_seg = plan_backward_segments(batch, dim, seqlen, chunk, sms)
+    block_n = triton.next_power_of_2(dstate)
+    n_groups = triton.cdiv(dim, 32)
+    f32 = torch.float32
+    gu = grad_buffer(batch, (2,), dim, seqlen, dev, u.dtype)
+    gdelta = grad_buffer(batch, (2,), dim, seqlen, dev, delta.dtype)
+    gz = grad_buffer(batch, (), dim, seqlen, dev, z.dtype)
+    y1 = torch.empty(batch, seqlen, dim, device=dev, dtype=f32)
+    gbc = torch.empty(batch, 2, n_groups, 2, dstate, seqlen, device=dev, dtype=f32)
+    gA = torch.empty(batch, n_seg, 2, dstate, dim, device=dev, dtype=f32)
+    carry = torch.empty(batch, n_seg, 2, dstate, dim, device=dev, dtype=f32)
+    gD = torch.empty(batch, n_seg, 2, dim, device=dev, dtype=f32)
+    gbias = torch.empty(batch, n_seg, 2, dim, device=dev, dtype=f32)
+    rseg = torch.empty(batch, 2, n_seg - 1, dim, dstate, device=dev, dtype=f32)
+    dtsum = torch.empty(batch, 2, n_seg - 1, dim, device=dev, dtype=f32)
+    bc = pack_bc(B, C, block_n)
+    groups = dict(BLOCK_N=block_n, STATE_J=min(block_n, 4))
+    strides = dict(u=tensor_strides(u, 4), delta=tensor_strides(delta, 4), A=tensor_strides(A, 3),
+                   D=tensor_strides(D, 2), bias=tensor_strides(delta_bias, 2), z=tensor_strides(z, 3),
+                   gout=tensor_strides(gout, 3))
+    blocks = lambda meta: triton.cdiv(dim, meta['BLOCK_D'])  # noqa: E731
+    if n_seg > 1:
+        _segment_carry_kernel[lambda meta: (blocks(meta) * batch * 2 * (n_seg - 1),)](
+            delta, A, bc, z, delta_bias, gout, rseg, dtsum,
+            batch, seqlen, dim, dstate, seg_len, n_seg, 1, dstate,
+            *strides['delta'], *strides['A'], *strides['bias'], *strides['z'], *strides['gout'],
+            DELTA_SOFTPLUS=delta_softplus, **groups,
+        )
+        _segment_boundary_kernel[lambda meta: (blocks(meta) * batch * 2,)](
+            A, rseg, dtsum, batch, dim, dstate, n_seg, 1, dstate, *strides['A'], REVERSE=1, **groups,
+        )
+    # flat grid: programs (channel block, segment, batch element), batch-major (no 65,535 limit on batch)
+    _bidirectional_scan_bwd_kernel[lambda meta: (blocks(meta) * n_seg * batch,)](
+        u, delta, A, bc, D, z, delta_bias, gout, states, rseg, y1, carry,
+        gu, gdelta, gA, gbc, gD, gbias, gz,
+        batch, seqlen, dim, dstate, seg_len, n_seg, 1, dstate, 1, 1,
+        *strides['u'], *strides['delta'], *strides['A'], *strides['D'], *strides['bias'], *strides['z'],
+        *strides['gout'],
+        DELTA_SOFTPLUS=delta_softplus, CHUNK=chunk, BLOCK_N=block_n,
     )
-    return (gu, gdelta, gA.sum(0).to(A.dtype), gB.to(B.dtype), gC.to(C.dtype), gD.sum(0).to(D.dtype),
-            gz.to(z.dtype), gbias.sum(0).to(delta_bias.dtype))
+    gbc = gbc.sum(2)  # (batch, 2, 2, dstate, seqlen), token order
+    gB, gC = (gbc[:, :, i].to(t.dtype).contiguous() for i, t in ((0, B), (1, C)))
+    return (gu, gdelta, gA.sum((0, 1)).transpose(1, 2).to(A.dtype).contiguous(), gB, gC, gD.sum((0, 1)).to(D.dtype),
+            gz, gbias.sum((0, 1)).to(delta_bias.dtype))

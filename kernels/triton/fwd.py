@@ -20,7 +20,8 @@ scan runs in three launches, as chunked scans do (mamba_ssm's chunked state pass
 3. ``_scan_output_kernel``: per (channel block, batch element, segment) both directions from their true start
    states; the backward direction first, its ungated y kept in a private fp32 row that the forward direction reads
    back to write ``(y0 + y1) silu(z) / 2`` once, in the output's dtype (no zero fill, no atomics, no cast kernel).
-   With a backward pass to follow it also stores the state after every CHUNK tokens of each scan order.
+   With a backward pass to follow it also stores the state at every CHUNK-token boundary of the sequence, in both
+   directions.
 
 Without a split (enough batch elements) only launch 3 runs. Every tensor offset is int64 (batch and token terms).
 """
@@ -33,7 +34,7 @@ import triton.language as tl
 from .common import autotune_configs, silu, softplus, tensor_strides
 from .pack import pack_bc
 
-__all__ = ['scan_fwd', 'scan_output', 'plan_segments', 'MIN_SEGMENT', 'MAX_DSTATE']
+__all__ = ['scan_fwd', 'scan_output', 'plan_segments', 'plan_split', 'MIN_SEGMENT', 'MAX_DSTATE']
 
 # (BLOCK_D, num_warps, num_stages[, UNROLL]): one channel a thread, whose registers hold its 16 states, 16 A, and the
 # packed B and C of the current and the prefetched token. The output loop unrolled by 2 issues ~5% fewer
@@ -91,6 +92,15 @@ def plan_segments(batch: int, dim: int, seqlen: int, chunk: int, sms: int = H100
     ``0.8 x segment``. Splitting adds the state pass's exps, and pays where the batch alone leaves schedulers with
     too few warps to hide each warp's latency.
     """
+    return plan_split(batch, dim, seqlen, chunk, sms, 1.0, RESIDENT_OUTPUT, _STATE_PASS_COST, RESIDENT_STATE)
+
+
+def plan_split(batch: int, dim: int, seqlen: int, chunk: int, sms: int, main_cost: float, main_resident: int,
+               side_cost: float, side_resident: int) -> tuple[int, int]:
+    """The segment plan of a split scan (forward or backward): a main pass of ``batch x channel warps x segments``
+    warps, each ``main_cost`` per token and direction over both directions of its segment, after a side pass of
+    ``2 x batch x channel warps x (segments - 1)`` warps of ``side_cost`` per token; ``*_resident``: the warps a
+    scheduler holds of each. Returns the (segment length, count) of least ``_pass_time``."""
     units = batch * triton.cdiv(dim, 32)
     slots = SUBPARTITIONS_PER_SM * sms
     best = None
@@ -99,9 +109,9 @@ def plan_segments(batch: int, dim: int, seqlen: int, chunk: int, sms: int = H100
         if n_seg > 1 and seg < MIN_SEGMENT:
             break
         tokens = min(seg, seqlen)  # the longest segment's
-        cost = _pass_time(units * n_seg, 2 * tokens, RESIDENT_OUTPUT, slots)
+        cost = _pass_time(units * n_seg, 2 * main_cost * tokens, main_resident, slots)
         if n_seg > 1:
-            cost += _pass_time(units * 2 * (n_seg - 1), _STATE_PASS_COST * tokens, RESIDENT_STATE, slots)
+            cost += _pass_time(units * 2 * (n_seg - 1), side_cost * tokens, side_resident, slots)
         if best is None or cost < best[0]:
             best = (cost, seg, n_seg)
     return best[1], best[2]
@@ -300,7 +310,7 @@ def _segment_boundary_kernel(
         A_ptr, hseg_ptr, dtsum_ptr,
         batch, dim, dstate, n_seg, s_h_n, s_h_d,
         s_A_k, s_A_d, s_A_n,
-        BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, BLOCK_D: tl.constexpr,
+        REVERSE: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     N_GROUPS: tl.constexpr = BLOCK_N // STATE_J  # state tiles in use (of 4)
     pid = tl.program_id(0).to(tl.int64)
@@ -314,7 +324,9 @@ def _segment_boundary_kernel(
     h2 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
     h3 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
     for j in range(n_seg - 1):
-        e = j + k * (n_seg - 2 - 2 * j)  # entries in scan order: increasing (direction 0), decreasing (1)
+        # entries in scan order: increasing (direction 0), decreasing (1); REVERSE (the backward's gradient carries,
+        # bwd.py) walks them against it
+        e = j + (k ^ REVERSE) * (n_seg - 2 - 2 * j)
         row = (bk * (n_seg - 1) + e) * dim
         dtsum = tl.load(dtsum_ptr + row + offs_d, mask=mask_d, other=0.0)
         x0, x1, x2, x3 = _load_groups(hseg_ptr + row * dstate, s_h_n, s_h_d, dstate, offs_d, mask_d, True, STATE_J,
@@ -328,14 +340,13 @@ def _segment_boundary_kernel(
 @triton.jit
 def _scan_direction(u_row, dt_row, bc_row, s_u_l, s_dt_l, first, step, n_tok, h0, h1, h2, h3, A0, A1, A2, A3, Dk,
                     bias, dstate, offs_d, mask_d, y1_row, z_row, s_z_l, out_row, s_y_l, states_row, chunk_stride,
-                    s_h_n, s_h_d, seqlen, scan_lo,
+                    s_h_n, s_h_d, seqlen,
                     DIRECTION: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
                     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, N_GROUPS: tl.constexpr,
                     UNROLL: tl.constexpr):
     """One direction over one segment: n_tok tokens from token ``first`` by ``step``, from state h. Direction 1
     stores its ungated y to ``y1_row``; direction 0 reads it back and writes the gated mean to ``out_row`` (both rows
-    channel-contiguous, ``s_y_l`` apart per token: a warp's store of one token is one contiguous run).
-    ``scan_lo`` is the segment's first position in this direction's scan order (for the chunk states)."""
+    channel-contiguous, ``s_y_l`` apart per token: a warp's store of one token is one contiguous run)."""
     u_n = tl.load(u_row + first * s_u_l, mask=mask_d, other=0.0)
     dt_n = tl.load(dt_row + first * s_dt_l, mask=mask_d, other=0.0)
     B0n, B1n, B2n, B3n = _packed(bc_row + first * (2 * BLOCK_N), STATE_J, N_GROUPS)
@@ -369,9 +380,12 @@ def _scan_direction(u_row, dt_row, bc_row, s_u_l, s_dt_l, first, step, n_tok, h0
             y = (y + y_other) * silu(z.to(tl.float32)) * 0.5
             tl.store(out_row + t * s_y_l, y.to(out_row.dtype.element_ty), mask=mask_d)
         if STORE_STATES:
-            p = scan_lo + i + 1  # positions scanned so far in this direction
-            if (p % CHUNK == 0) & (p < seqlen):
-                _store_groups(states_row + (p // CHUNK - 1) * chunk_stride, s_h_n, s_h_d, h0, h1, h2, h3, dstate,
+            # the state at each token boundary j * CHUNK inside the sequence, as entry j - 1, in both directions
+            # (after token j * CHUNK - 1 in direction 0, after token j * CHUNK in 1): chunks and segments are the
+            # same token ranges in both scan orders
+            bnd = t + 1 - DIRECTION
+            if (bnd % CHUNK == 0) & (bnd > 0) & (bnd < seqlen):
+                _store_groups(states_row + (bnd // CHUNK - 1) * chunk_stride, s_h_n, s_h_d, h0, h1, h2, h3, dstate,
                               offs_d, mask_d, STATE_J, N_GROUPS)
 
 
@@ -415,14 +429,13 @@ def _scan_output_kernel(
         has_prev = (e >= 0) & (e < n_seg - 1)
         h0, h1, h2, h3 = _load_groups(hseg_ptr + ((b * 2 + k) * (n_seg - 1) + e) * chunk_stride, s_h_n, s_h_d,
                                       dstate, offs_d, mask_d, has_prev, STATE_J, N_GROUPS, BLOCK_D)
-        scan_lo = t_lo if k == 0 else seqlen - t_lo - n_tok  # the segment's first position in scan order
         _scan_direction(u_ptr + b * s_u_b + k * s_u_k + offs_d.to(tl.int64) * s_u_d,
                         delta_ptr + b * s_dt_b + k * s_dt_k + offs_d.to(tl.int64) * s_dt_d,
                         _packed_rows(bc_ptr, b * 2 + k, seqlen, offs_d, STATE_J, BLOCK_N), s_u_l, s_dt_l,
                         t_lo + k * (n_tok - 1), 1 - 2 * k, n_tok, h0, h1, h2, h3,
                         A0, A1, A2, A3, Dk, bias, dstate, offs_d, mask_d,
                         y1_row, z_row, s_z_l, out_row, dim, states_ptr + (b * 2 + k) * (n_chunks - 1) * chunk_stride,
-                        chunk_stride, s_h_n, s_h_d, seqlen, scan_lo,
+                        chunk_stride, s_h_n, s_h_d, seqlen,
                         k, DELTA_SOFTPLUS, STORE_STATES, CHUNK, BLOCK_N, STATE_J, N_GROUPS, UNROLL)
 
 
@@ -443,8 +456,9 @@ def scan_fwd(
 
     Returns:
         out: (batch, dim, seqlen) in u's dtype, a transposed view of (batch, seqlen, dim) memory. states: (batch,
-        2, n_chunks - 1, dim, dstate) fp32, the state after each chunk of ``chunk`` tokens but the last, in each
-        direction's own scan order; None unless ``store_states`` (inference needs none).
+        2, n_chunks - 1, dim, dstate) fp32, each direction's state at token boundary ``(j + 1) x chunk`` as entry
+        j (direction 0 after the tokens before it, direction 1 after those from it on); None unless
+        ``store_states`` (inference needs none).
     """
     batch, _, dim, seqlen = u.shape
     dstate = A.shape[-1]
@@ -472,7 +486,7 @@ def scan_fwd(
             DELTA_SOFTPLUS=delta_softplus, **groups,
         )
         _segment_boundary_kernel[lambda meta: (blocks(meta) * batch * 2,)](
-            A, hseg, dtsum, batch, dim, dstate, n_seg, 1, dstate, *strides['A'], **groups,
+            A, hseg, dtsum, batch, dim, dstate, n_seg, 1, dstate, *strides['A'], REVERSE=0, **groups,
         )
     _scan_output_kernel[lambda meta: (blocks(meta) * n_seg * batch,)](
         u, delta, A, bc, D, z, delta_bias, out, y1, hseg, states,

@@ -12,15 +12,17 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ..reference import bidirectional_conv_silu_ref
-from .bwd import scan_bwd
+from .bwd import grad_buffer, scan_bwd
 from .common import INTERPRET
 from .conv import conv_bwd, conv_fwd, conv_output
 from .fwd import MAX_DSTATE, scan_fwd, scan_output
 
 __all__ = ['bidirectional_scan_triton', 'bidirectional_conv_silu_triton', 'check_device', 'DEFAULT_CHUNK']
 
-# Tokens per chunk: the length of the scanned tile, and the spacing of the states saved for the backward pass.
-DEFAULT_CHUNK = 32
+# Tokens per chunk: the spacing of the states the forward saves, and the backward's tile (a thread holds CHUNK tokens
+# of its channel in registers: 8 compiles without spills for sm_90). The saved states cost 2 x dstate x 4 / CHUNK
+# bytes per (token, channel): 16 at 8.
+DEFAULT_CHUNK = 8
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -118,7 +120,12 @@ def _scan_bwd_op(gout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: to
 
 @_scan_bwd_op.register_fake
 def _(gout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, chunk):
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    batch, _, dim, seqlen = u.shape
+    # u, delta and z: channel-contiguous, as the kernel writes them (bwd.grad_buffer)
+    owned = [grad_buffer(batch, lead, dim, seqlen, u.device, t.dtype) for lead, t in (((2,), u), ((2,), delta))]
+    shared = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (A, B, C, D)]
+    return [*owned, *shared, grad_buffer(batch, (), dim, seqlen, u.device, z.dtype),
+            torch.empty_like(delta_bias, memory_format=torch.contiguous_format)]
 
 
 def _scan_setup_context(ctx, inputs, output):

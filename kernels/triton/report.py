@@ -42,7 +42,7 @@ EXP_PER_S = 16 * SMS * CLOCK_HZ
 MUFU_CLOCKS = 8  # a warp's MUFU instruction occupies its sub-partition's 4 special-function lanes for 8 clocks
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
-DSTATE, CHUNK, WIDTH, RANK = 16, 32, 4, 12
+DSTATE, CHUNK, WIDTH, RANK = 16, 8, 4, 12  # CHUNK: op.DEFAULT_CHUNK
 DTYPE_BYTES = 2  # bf16
 
 # (name, d_inner, seqlen, batch): Vim-Ti and Vim-S at 224 px (197 tokens, batch 64) and 1248 px (6,085 tokens)
@@ -78,7 +78,7 @@ def _specs():
     from . import bwd, conv, fwd, pack
     from .aot import KernelSpec
     from .common import all_configs
-    scan = dict(DELTA_SOFTPLUS=True, STORE_STATES=True, CHUNK=CHUNK, BLOCK_N=DSTATE, STATE_J=4)
+    scan = dict(DELTA_SOFTPLUS=True, STORE_STATES=True, CHUNK=CHUNK, BLOCK_N=DSTATE, STATE_J=4, REVERSE=0)
 
     class _Plain:  # a kernel without autotuning, seen as an autotuner of its one launch config
         def __init__(self, fn):
@@ -91,7 +91,8 @@ def _specs():
         (KernelSpec('segment_boundary', fwd._segment_boundary_kernel, all_configs(fwd._BOUNDARY_CONFIGS),
                     'segment', scan), 1),
         (KernelSpec('scan_output', fwd._scan_output_kernel, all_configs(fwd._OUTPUT_CONFIGS), 'token', scan), 1),
-        (KernelSpec('scan_bwd', bwd._bidirectional_scan_bwd_kernel, all_configs(bwd._CONFIGS), 'chunk', scan),
+        (KernelSpec('segment_carry', bwd._segment_carry_kernel, all_configs(bwd._CARRY_CONFIGS), 'token', scan), 1),
+        (KernelSpec('scan_bwd', bwd._bidirectional_scan_bwd_kernel, all_configs(bwd._CONFIGS), 'state', scan),
          CHUNK),
         (KernelSpec('conv_fwd', conv._bidirectional_conv_fwd_kernel, all_configs(conv._FWD_CONFIGS), 'none',
                     dict(WIDTH=WIDTH, BLOCK_L=conv.CONV_BLOCK_L)), 1),
@@ -102,32 +103,40 @@ def _specs():
 
 def _analyse(spec, tokens_per_iteration: int, config, compiled: dict) -> dict:
     """Per-config numbers from the compiled code: registers, occupancy, token-loop counts per element."""
-    from .sass import parse_sass, straight_line, token_loops
+    from .sass import enclosing_loops, parse_sass, straight_line, token_loops
     instructions = parse_sass(compiled['sass'])
     loops = token_loops(instructions) if spec.loop != 'none' else []
+    # 'state': the exp loop walks the states of one chunk (CHUNK tokens a thread), inside the chunk loop, whose own
+    # body (per-token inputs, gradients of u, delta, z) runs once a chunk
+    around = enclosing_loops(instructions, loops) if spec.loop == 'state' else [None] * len(loops)
     threads = 32 * config.num_warps
     block_d = config.kwargs.get('BLOCK_D', 1)
     # elements (token, channel, state) a thread handles per loop iteration
     if spec.loop == 'token':
         tokens_per_iteration = config.kwargs.get('UNROLL', tokens_per_iteration)
         per_iteration = tokens_per_iteration * max(block_d / threads, 1) * DSTATE
-    elif spec.loop == 'chunk':
-        per_iteration = CHUNK * block_d * DSTATE / threads
+    elif spec.loop == 'state':  # counted per chunk iteration: the chunk loop's own body + DSTATE state iterations
+        per_iteration = CHUNK * max(block_d / threads, 1) * DSTATE
     else:  # one segment boundary per iteration, or the straight-line tile of (token, channel) for the conv
         per_iteration = max(block_d / threads, 1) * DSTATE
     rows = []
-    for lp in loops:
+    for lp, outer in zip(loops, around):
         main, cond = lp.main_path, lp.conditional
         # conditional code in a token loop is the chunk-state store: it runs for one token in CHUNK
         weight = 1 / CHUNK if spec.loop == 'token' else 1.0
         executed = {c: main[c] + weight * cond[c] for c in ('all', 'mufu', 'ex2', 'shfl', 'bar', 'global_load',
                                                             'global_store', 'shared', 'fp32')}
+        if outer is not None:
+            executed = {c: outer.counts[c] + DSTATE * v for c, v in executed.items()}
         rows.append(dict(start=hex(lp.start), end=hex(lp.end), body=lp.instructions,
                          conditional=cond['all'],
                          per_iteration={c: round(v, 2) for c, v in executed.items()},
                          per_element={c: round(v / per_iteration, 3) for c, v in executed.items()},
-                         shfl_in_loop=lp.counts['shfl'], bar_in_loop=lp.counts['bar']))
-    outside = straight_line(instructions, loops)
+                         shfl_in_loop=lp.counts['shfl'], bar_in_loop=lp.counts['bar'],
+                         **({} if outer is None else dict(chunk_body=outer.counts['all'],
+                                                          shfl_in_chunk_body=outer.counts['shfl'],
+                                                          bar_in_chunk_body=outer.counts['bar']))))
+    outside = straight_line(instructions, loops + [o for o in around if o is not None])
     return dict(kernel=spec.name, config=dict(config.kwargs, num_warps=config.num_warps,
                                               num_stages=config.num_stages),
                 registers=compiled['registers'], spill_stores=compiled['spill_stores'],
@@ -147,11 +156,12 @@ def _warp_clocks(row: dict, iterations_per_loop: float) -> tuple[float, float]:
 def _launch_time(row: dict, warps: int, iterations_per_loop: float, nbytes: float) -> float:
     """Seconds of one launch: each scheduler's warps issue their instructions at ``min(1, live / ISSUE_INTERVAL)``
     a clock, live = the warps it holds at once (its share of the launch, at most what the occupancy allows), or
-    their MUFU work, or the bytes at the copy bandwidth, whichever is longest."""
+    their MUFU work, or the bytes at the copy bandwidth, whichever is longest (bytes only for a launch of no
+    warps of ours: a torch reduction)."""
     from .fwd import _pass_time  # the same issue model the forward's segment planner minimises
     issue, mufu = _warp_clocks(row, iterations_per_loop)
     resident = max(1, int(row['occupancy'] * 64 / 4))  # warps a sub-partition holds at once
-    clocks = max(_pass_time(warps, issue, resident, SLOTS), _ceil(warps, SLOTS) * mufu)
+    clocks = max(_pass_time(warps, issue, resident, SLOTS), _ceil(warps, SLOTS) * mufu) if warps else 0.0
     return max(clocks / CLOCK_HZ, nbytes / PEAK_BYTES_PER_S)
 
 
@@ -171,9 +181,11 @@ def _floors(dim: int, seqlen: int, batch: int) -> dict:
 
 def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -> list[tuple[dict, Launch]]:
     """The launches of ``op`` for a case, each with the config row it runs (row_of(kernel) -> best row)."""
+    from .bwd import plan_backward_segments
     from .fwd import plan_segments
     e, tokens = DTYPE_BYTES, batch * seqlen
     seg, n_seg = plan_segments(batch, dim, seqlen, CHUNK)
+    bseg, bn_seg = plan_backward_segments(batch, dim, seqlen, CHUNK)
     n_chunks = _ceil(seqlen, CHUNK)
 
     def warps(row, programs_per_block_d):
@@ -199,9 +211,26 @@ def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -
                               tokens * (dim * (4 * e + e + e + 8) + 2 * 2 * DSTATE * 4)
                               + batch * 2 * n_chunks * DSTATE * dim * 4)))
     elif op == 'scan_bwd':
+        groups = _ceil(dim, 32)
+        r = row_of('pack_bc')
+        out.append((r, Launch('pack_bc', _ceil(seqlen, 64) * batch * 2 * 4, 0, tokens * 2 * 2 * DSTATE * (e + 8))))
+        if bn_seg > 1:
+            r = row_of('segment_carry')
+            st_tokens = batch * 2 * (seqlen - bseg)
+            out.append((r, Launch('segment_carry', warps(r, lambda nb: nb * batch * 2 * (bn_seg - 1)), bseg,
+                                  st_tokens * (3 * dim * e + DSTATE * 4)
+                                  + batch * 2 * bn_seg * dim * (DSTATE + 1) * 4)))
+            r = row_of('segment_boundary')
+            out.append((r, Launch('segment_boundary', warps(r, lambda nb: nb * batch * 2), bn_seg - 1,
+                                  batch * 2 * bn_seg * dim * (2 * DSTATE + 1) * 4)))
         r = row_of('scan_bwd')
-        out.append((r, Launch('scan_bwd', warps(r, lambda nb: nb * 2 * batch), n_chunks,
-                              tokens * (dim * e * 9 + dim * 4 * 2 + 2 * 2 * DSTATE * (e + 8)))))
+        # per (token, channel): u, delta both directions, z and gout once per direction, gu, gdelta, gz, direction
+        # 1's y (fp32, written and read back), the saved states; per token: packed B, C and the gB, gC partials
+        out.append((r, Launch('scan_bwd', warps(r, lambda nb: nb * bn_seg * batch), _ceil(bseg, CHUNK),
+                              tokens * (dim * (e * 13 + 8 + 2 * DSTATE * 4 / CHUNK)
+                                        + 2 * 2 * DSTATE * 4 * (1 + groups)))))
+        # the partials summed over channel groups and cast (torch): bytes only
+        out.append((row_of('pack_bc'), Launch('bc_partials_sum', 0, 0, tokens * 2 * 2 * DSTATE * (4 * groups + e))))
     elif op in ('conv_fwd', 'conv_bwd'):
         r = row_of(op)
         block_d = r['config']['BLOCK_D']
@@ -221,6 +250,7 @@ def _best_row(by_kernel: dict, op: str, kernel: str, dim: int, seqlen: int, batc
 
 
 def _predict(rows: list[dict]) -> list[dict]:
+    from .bwd import plan_backward_segments
     from .fwd import plan_segments
     by_kernel: dict[str, list[dict]] = {}
     for r in rows:
@@ -230,8 +260,10 @@ def _predict(rows: list[dict]) -> list[dict]:
     for name, dim, seqlen, batch in CASES:
         floors = _floors(dim, seqlen, batch)
         seg, n_seg = plan_segments(batch, dim, seqlen, CHUNK)
+        bseg, bn_seg = plan_backward_segments(batch, dim, seqlen, CHUNK)
         case = dict(case=name, dim=dim, seqlen=seqlen, batch=batch, dstate=DSTATE, dtype='bf16', segments=n_seg,
-                    segment_length=seg, exps=floors['exps'], ops={})
+                    segment_length=seg, backward_segments=bn_seg, backward_segment_length=bseg, exps=floors['exps'],
+                    ops={})
         for op in ('scan_fwd', 'scan_bwd', 'conv_fwd', 'conv_bwd'):
             def best_row(kernel, op=op, dim=dim, seqlen=seqlen, batch=batch):
                 return _best_row(by_kernel, op, kernel, dim, seqlen, batch)
@@ -315,11 +347,12 @@ def format_report(report: dict) -> str:
                              f" {lp['shfl_in_loop']:>5} {lp['bar_in_loop']:>4}")
             else:
                 lines.append(f"{head}    - (no token loop: {r['total_instructions']} instructions a thread)")
-    lines += ['', 'case                 op        predicted us   floor us   ratio   forward segments']
+    lines += ['', 'case                 op        predicted us   floor us   ratio   segments']
     for c in report['cases']:
         for op, v in c['ops'].items():
+            segments = c['backward_segments'] if op == 'scan_bwd' else c['segments'] if op == 'scan_fwd' else ''
             lines.append(f"{c['case']:<20} {op:<9} {v['predicted_us']:>12.2f} {v['floor_us']:>10.2f} "
-                         f"{v['ratio']:>7.2f}   {c['segments']}")
+                         f"{v['ratio']:>7.2f}   {segments}")
     return '\n'.join(lines)
 
 

@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ['Instruction', 'Loop', 'parse_sass', 'token_loops', 'straight_line']
+__all__ = ['Instruction', 'Loop', 'parse_sass', 'token_loops', 'enclosing_loops', 'straight_line']
 
 _LINE = re.compile(r'/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);')
 _TARGET = re.compile(r'0x([0-9a-f]+)')
@@ -104,6 +104,22 @@ def token_loops(instructions: list[Instruction]) -> list[Loop]:
             if ins.address < target <= e:  # a forward branch inside the body: the code it jumps over
                 skipped.update(i.address for i in body if ins.address < i.address < target)
         result.append(Loop(s, e, _count(body), _count([i for i in body if i.address in skipped])))
+    return result
+
+
+def enclosing_loops(instructions: list[Instruction], loops: list[Loop]) -> list[Loop]:
+    """For each of ``loops``, the smallest loop around it, counting only its own body (the inner loop left out): in
+    the backward kernel the token loop is the loop over states, and this is the chunk loop around it."""
+    spans = [(target, ins.address) for ins, target in _branches(instructions) if target < ins.address]
+    result = []
+    for lp in loops:
+        around = [(s, e) for s, e in spans if s <= lp.start and lp.end <= e and (s, e) != (lp.start, lp.end)]
+        if not around:
+            result.append(Loop(lp.start, lp.end))
+            continue
+        s, e = min(around, key=lambda se: se[1] - se[0])
+        own = [i for i in instructions if s <= i.address <= e and not lp.start <= i.address <= lp.end]
+        result.append(Loop(s, e, _count(own)))
     return result
 
 

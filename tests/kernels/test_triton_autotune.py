@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip('triton')
 
-from vim.kernels.triton import AUTOTUNED_KERNELS, CONFIGS, fwd  # noqa: E402
+from vim.kernels.triton import AUTOTUNED_KERNELS, CONFIGS, bwd, fwd  # noqa: E402
 
 from tests.kernels.test_triton_conv_interpreter import check_conv_against_reference, make_conv_inputs  # noqa: E402
 from tests.kernels.test_triton_interpreter import (  # noqa: E402,F401  (nan_filled_empty: autouse fixture)
@@ -52,9 +52,10 @@ def benchmarked_autotuning(monkeypatch) -> list[int]:
 
 
 def test_scan_autotuning_leaves_results_unchanged(benchmarked_autotuning, monkeypatch):
-    monkeypatch.setattr(fwd, 'MIN_SEGMENT', 1)  # segments of one chunk: the tiny sequence runs the split forward
+    monkeypatch.setattr(fwd, 'MIN_SEGMENT', 1)  # segments of one chunk: the tiny sequence runs the split passes
     x = make_inputs(1, 10, 13, 4, torch.float32, seed=3)
     assert fwd.plan_segments(1, 10, 13, 4)[1] > 2  # the boundary walk crosses several segments
+    assert bwd.plan_backward_segments(1, 10, 13, 4)[1] > 2  # the backward's too (the same kernel, reversed)
     check_against_reference(x, chunk_size=4, seed=3)
     scan_kernels = [k for k in AUTOTUNED_KERNELS if 'conv' not in k.fn.__name__]
     assert len(benchmarked_autotuning) == sum(len(CONFIGS[k.fn.__name__]) for k in scan_kernels

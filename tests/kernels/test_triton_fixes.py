@@ -52,11 +52,13 @@ class _GridRecorder:
 def test_launch_grids_hold_a_batch_above_65535(monkeypatch):
     grids = []
     for module, name in ((fwd, '_segment_state_kernel'), (fwd, '_segment_boundary_kernel'),
-                         (fwd, '_scan_output_kernel'), (bwd, '_bidirectional_scan_bwd_kernel'),
+                         (fwd, '_scan_output_kernel'), (bwd, '_segment_carry_kernel'),
+                         (bwd, '_segment_boundary_kernel'), (bwd, '_bidirectional_scan_bwd_kernel'),
                          (conv, '_bidirectional_conv_fwd_kernel'), (conv, '_bidirectional_conv_bwd_kernel'),
                          (pack, '_pack_bc_kernel')):
         monkeypatch.setattr(module, name, _GridRecorder(name, grids))
     monkeypatch.setattr(fwd, 'plan_segments', lambda *args: (2, 2))  # the split forward's launches too
+    monkeypatch.setattr(bwd, 'plan_backward_segments', lambda *args: (2, 2))  # and the split backward's
     batch, dim, seqlen, dstate, chunk = 70_000, 2, 4, 2, 2
     f32 = dict(device=DEVICE)
     u, delta = torch.zeros(batch, 2, dim, seqlen, **f32), torch.zeros(batch, 2, dim, seqlen, **f32)

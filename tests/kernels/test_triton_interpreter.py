@@ -44,9 +44,11 @@ def nan_filled_empty(monkeypatch):
 
 @pytest.fixture
 def split(monkeypatch):
-    """Segments of one chunk each, whatever the planner's cost model would pick: tiny test sequences then run the
-    three-pass split forward over as many segments as they have chunks."""
-    monkeypatch.setattr(fwd, 'plan_segments', lambda batch, dim, seqlen, chunk, sms=None: (chunk, -(-seqlen // chunk)))
+    """Segments of one chunk each, whatever the planners' cost models would pick: tiny test sequences then run the
+    three-pass split forward and backward over as many segments as they have chunks."""
+    one_chunk = lambda batch, dim, seqlen, chunk, sms=None: (chunk, -(-seqlen // chunk))  # noqa: E731
+    monkeypatch.setattr(fwd, 'plan_segments', one_chunk)
+    monkeypatch.setattr(bwd, 'plan_backward_segments', one_chunk)
 
 
 def make_inputs(batch: int, dim: int, seqlen: int, dstate: int, dtype: torch.dtype, *, layout: str = 'contiguous',
@@ -131,7 +133,7 @@ CASES = [  # (batch, dim, seqlen, dstate, chunk_size, dtype, layout)
     (1, 8, 9, 2, 4, torch.float32, 'mixer'),        # two states: STATE_J 2
     (2, 8, 9, 4, 4, torch.float32, 'mixer'),        # the strided views the model passes
     (1, 8, 7, 4, 4, torch.float32, 'strided'),      # token stride 2
-    (1, 8, 13, 4, None, torch.float32, 'contiguous'),  # the default chunk: one partial chunk
+    (1, 8, 13, 4, None, torch.float32, 'contiguous'),  # the default chunk (8): the second chunk partial
     (2, 8, 10, 4, 4, torch.bfloat16, 'contiguous'),
     (1, 8, 9, 4, 4, torch.bfloat16, 'mixer'),
     (1, 8, 9, 4, 4, torch.float16, 'contiguous'),
@@ -156,12 +158,13 @@ def test_matches_reference(case, split):
 def test_matches_reference_without_split(case):
     batch, dim, seqlen, dstate, chunk, dtype, layout = case
     assert fwd.plan_segments(batch, dim, seqlen, chunk)[1] == 1
+    assert bwd.plan_backward_segments(batch, dim, seqlen, chunk)[1] == 1
     x = make_inputs(batch, dim, seqlen, dstate, dtype, layout=layout, seed=seqlen)
     check_against_reference(x, chunk_size=chunk, seed=seqlen)
 
 
 SCAN_KERNELS = (fwd._segment_state_kernel, fwd._segment_boundary_kernel, fwd._scan_output_kernel,
-                bwd._bidirectional_scan_bwd_kernel)
+                bwd._segment_carry_kernel, bwd._bidirectional_scan_bwd_kernel)
 SCAN_CONFIGS = [(k, i) for k in SCAN_KERNELS for i in range(len(CONFIGS[k.fn.__name__]))]
 
 
@@ -170,7 +173,7 @@ def test_every_autotune_config(kernel, config, split, monkeypatch):
     """Each config of each scan kernel on its own (the autotuner runs a lone config without benchmarking), on a
     case with partial chunks, a partial channel block of every config, the split forward and both directions."""
     monkeypatch.setattr(kernel, 'configs', [CONFIGS[kernel.fn.__name__][config]])
-    dstate = 4 if kernel is bwd._bidirectional_scan_bwd_kernel else 16  # its (chunk, channel, state) tiles are slow
+    dstate = 4 if kernel is bwd._bidirectional_scan_bwd_kernel else 16  # its position loops are slow to interpret
     x = make_inputs(1, 36, 9, dstate, torch.float32, seed=config)
     check_against_reference(x, chunk_size=4, seed=config)
 
