@@ -47,13 +47,14 @@ import triton.language as tl
 from .common import autotune_configs, sigmoid, silu, softplus, tensor_strides
 from .fwd import (
     H100_SMS,
-    _channels,
     _packed,
     _packed_rows,
     _params,
     _segment_boundary_kernel,
+    _side_program,
     _step_dt,
     _store_groups,
+    _zero_groups,
     plan_split,
 )
 from .pack import pack_bc
@@ -101,16 +102,10 @@ def _segment_carry_kernel(
         s_go_b, s_go_d, s_go_l,
         DELTA_SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # program -> (channel block, entry e of (batch, direction)); entry e is segment e + 1 (direction 0) or e (1): the
-    # segments whose carry a neighbour needs (not the first of each scan order)
+    # entry e is segment e + 1 (direction 0) or e (1): not the first of each scan order
     N_GROUPS: tl.constexpr = BLOCK_N // STATE_J
-    pid = tl.program_id(0).to(tl.int64)
-    n_dblocks = tl.cdiv(dim, BLOCK_D)
-    e = (pid // n_dblocks) % (n_seg - 1)
-    bk = pid // (n_dblocks * (n_seg - 1))
-    b = bk // 2
-    k = bk % 2
-    offs_d, mask_d = _channels(pid, n_dblocks, dim, BLOCK_D)
+    e, b, k, offs_d, mask_d = _side_program(dim, n_seg, BLOCK_D)
+    bk = b * 2 + k
     A0, A1, A2, A3, _, bias = _params(A_ptr, A_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, 0, 0, s_bias_k, s_bias_d, k,
                                       dstate, offs_d, mask_d, STATE_J, N_GROUPS, BLOCK_D)
     d64 = offs_d.to(tl.int64)
@@ -125,10 +120,7 @@ def _segment_carry_kernel(
     first = t_lo + (1 - k) * (n_tok - 1)
     step = 2 * k - 1
 
-    r0 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
-    r1 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
-    r2 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
-    r3 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    r0, r1, r2, r3 = _zero_groups(STATE_J, BLOCK_D)
     dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dt_n = tl.load(dt_row + first * s_dt_l, mask=mask_d, other=0.0)
     z_n = tl.load(z_row + first * s_z_l, mask=mask_d, other=0.0)

@@ -125,6 +125,19 @@ def _channels(pid, n_dblocks, dim, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _side_program(dim, n_seg, BLOCK_D: tl.constexpr):
+    """A side pass's program (a split's per-segment state or carry pass): channel block and entry e of (batch,
+    direction) bk = 2 b + k. Returns (e, b, k, offs_d, mask_d); entry e is one of the n_seg - 1 segments whose state
+    a neighbour needs."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_dblocks = tl.cdiv(dim, BLOCK_D)
+    e = (pid // n_dblocks) % (n_seg - 1)
+    bk = pid // (n_dblocks * (n_seg - 1))
+    offs_d, mask_d = _channels(pid, n_dblocks, dim, BLOCK_D)
+    return e, bk // 2, bk % 2, offs_d, mask_d
+
+
+@triton.jit
 def _packed_rows(bc_ptr, bk, seqlen, offs_d, STATE_J: tl.constexpr, BLOCK_N: tl.constexpr):
     """(STATE_J, BLOCK_D) pointers to token 0's first STATE_J packed values of (batch, direction) ``bk``, the same
     for every channel; token t's B at ``+ t * 2 * BLOCK_N``, its C ``BLOCK_N`` further."""
@@ -136,6 +149,13 @@ def _group(g: tl.constexpr, dstate, offs_d, mask_d, STATE_J: tl.constexpr):
     """State indices (STATE_J, 1) of state group g, channels (1, BLOCK_D), and the group's tile mask."""
     n2 = g * STATE_J + tl.arange(0, STATE_J)[:, None]
     return n2, offs_d[None, :], (n2 < dstate) & mask_d[None, :]
+
+
+@triton.jit
+def _zero_groups(STATE_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Four (STATE_J, BLOCK_D) fp32 zero tiles: a state (or carry) of 16 states a channel."""
+    z = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    return z, z, z, z
 
 
 @triton.jit
@@ -255,15 +275,10 @@ def _segment_state_kernel(
         s_bias_k, s_bias_d,
         DELTA_SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # program -> (channel block, entry e of (batch, direction)); entry e is segment e (direction 0) or e + 1 (1)
+    # entry e is segment e (direction 0) or e + 1 (1)
     N_GROUPS: tl.constexpr = BLOCK_N // STATE_J  # state tiles in use (of 4)
-    pid = tl.program_id(0).to(tl.int64)
-    n_dblocks = tl.cdiv(dim, BLOCK_D)
-    e = (pid // n_dblocks) % (n_seg - 1)
-    bk = pid // (n_dblocks * (n_seg - 1))
-    b = bk // 2
-    k = bk % 2
-    offs_d, mask_d = _channels(pid, n_dblocks, dim, BLOCK_D)
+    e, b, k, offs_d, mask_d = _side_program(dim, n_seg, BLOCK_D)
+    bk = b * 2 + k
     A0, A1, A2, A3, _, bias = _params(A_ptr, A_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, 0, 0, s_bias_k, s_bias_d, k,
                                       dstate, offs_d, mask_d, STATE_J, N_GROUPS, BLOCK_D)
     u_row = u_ptr + b * s_u_b + k * s_u_k + offs_d.to(tl.int64) * s_u_d
@@ -276,10 +291,7 @@ def _segment_state_kernel(
     first = t_lo + k * (n_tok - 1)
     step = 1 - 2 * k
 
-    h0 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
-    h1 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
-    h2 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
-    h3 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    h0, h1, h2, h3 = _zero_groups(STATE_J, BLOCK_D)
     dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     u_n = tl.load(u_row + first * s_u_l, mask=mask_d, other=0.0)
     dt_n = tl.load(dt_row + first * s_dt_l, mask=mask_d, other=0.0)
@@ -319,10 +331,7 @@ def _segment_boundary_kernel(
     k = bk % 2
     offs_d, mask_d = _channels(pid, n_dblocks, dim, BLOCK_D)
     A0, A1, A2, A3 = _scaled_A(A_ptr, s_A_k, s_A_d, s_A_n, k, dstate, offs_d, mask_d, STATE_J, N_GROUPS, BLOCK_D)
-    h0 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
-    h1 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
-    h2 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
-    h3 = tl.zeros((STATE_J, BLOCK_D), dtype=tl.float32)
+    h0, h1, h2, h3 = _zero_groups(STATE_J, BLOCK_D)
     for j in range(n_seg - 1):
         # entries in scan order: increasing (direction 0), decreasing (1); REVERSE (the backward's gradient carries,
         # bwd.py) walks them against it

@@ -192,18 +192,24 @@ def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -
         cfg = row['config']
         return programs_per_block_d(_ceil(dim, cfg.get('BLOCK_D', 1))) * cfg['num_warps']
 
-    out = []
-    if op == 'scan_fwd':
+    def split_passes(side, seg, n_seg, inputs):
+        """B and C packed, then, if the sequence is split, the side pass (reading ``inputs`` values per (token,
+        channel) and the packed B or C) and the boundary walk."""
         r = row_of('pack_bc')
-        out.append((r, Launch('pack_bc', _ceil(seqlen, 64) * batch * 2 * 4, 0, tokens * 2 * 2 * DSTATE * (e + 8))))
+        out = [(r, Launch('pack_bc', _ceil(seqlen, 64) * batch * 2 * 4, 0, tokens * 2 * 2 * DSTATE * (e + 8)))]
         if n_seg > 1:
-            r = row_of('segment_state')
-            st_tokens = batch * 2 * (seqlen - seg)
-            out.append((r, Launch('segment_state', warps(r, lambda nb: nb * batch * 2 * (n_seg - 1)), seg,
-                                  st_tokens * (2 * dim * e + DSTATE * 4) + batch * 2 * n_seg * dim * (DSTATE + 1) * 4)))
+            r = row_of(side)
+            out.append((r, Launch(side, warps(r, lambda nb: nb * batch * 2 * (n_seg - 1)), seg,
+                                  batch * 2 * (seqlen - seg) * (inputs * dim * e + DSTATE * 4)
+                                  + batch * 2 * n_seg * dim * (DSTATE + 1) * 4)))
             r = row_of('segment_boundary')
             out.append((r, Launch('segment_boundary', warps(r, lambda nb: nb * batch * 2), n_seg - 1,
                                   batch * 2 * n_seg * dim * (2 * DSTATE + 1) * 4)))
+        return out
+
+    out = []
+    if op == 'scan_fwd':
+        out += split_passes('segment_state', seg, n_seg, 2)  # u, delta
         r = row_of('scan_output')
         # per warp: seg tokens in each direction; the loops are unrolled by UNROLL tokens
         unroll = r['config'].get('UNROLL', 1)
@@ -212,17 +218,7 @@ def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -
                               + batch * 2 * n_chunks * DSTATE * dim * 4)))
     elif op == 'scan_bwd':
         groups = _ceil(dim, 32)
-        r = row_of('pack_bc')
-        out.append((r, Launch('pack_bc', _ceil(seqlen, 64) * batch * 2 * 4, 0, tokens * 2 * 2 * DSTATE * (e + 8))))
-        if bn_seg > 1:
-            r = row_of('segment_carry')
-            st_tokens = batch * 2 * (seqlen - bseg)
-            out.append((r, Launch('segment_carry', warps(r, lambda nb: nb * batch * 2 * (bn_seg - 1)), bseg,
-                                  st_tokens * (3 * dim * e + DSTATE * 4)
-                                  + batch * 2 * bn_seg * dim * (DSTATE + 1) * 4)))
-            r = row_of('segment_boundary')
-            out.append((r, Launch('segment_boundary', warps(r, lambda nb: nb * batch * 2), bn_seg - 1,
-                                  batch * 2 * bn_seg * dim * (2 * DSTATE + 1) * 4)))
+        out += split_passes('segment_carry', bseg, bn_seg, 3)  # delta, z, gout
         r = row_of('scan_bwd')
         # per (token, channel): u, delta both directions, z and gout once per direction, gu, gdelta, gz, direction
         # 1's y (fp32, written and read back), the saved states; per token: packed B, C and the gB, gC partials
