@@ -20,9 +20,10 @@ from .fwd import MAX_DSTATE, scan_fwd, scan_output
 __all__ = ['bidirectional_scan_triton', 'bidirectional_conv_silu_triton', 'check_device', 'DEFAULT_CHUNK']
 
 # Tokens per chunk: the spacing of the states the forward saves, and the backward's tile (a thread holds CHUNK tokens
-# of its channel in registers: 8 compiles without spills for sm_90). The saved states cost 2 x dstate x 4 / CHUNK
-# bytes per (token, channel): 16 at 8.
+# of its channel in registers, its per-token code unrolled: 8 compiles without spills for sm_90; at 16 ptxas had not
+# finished after 10 minutes). The saved states cost 2 x dstate x 4 / CHUNK bytes per (token, channel): 16 at 8.
 DEFAULT_CHUNK = 8
+MAX_CHUNK = 8
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -207,13 +208,13 @@ def bidirectional_scan_triton(
     Same arguments and result as :func:`vim.kernels.bidirectional_scan_ref`: u, delta (batch, 2, dim, seqlen),
     A (2, dim, dstate), B, C (batch, 2, dstate, seqlen), D, delta_bias (2, dim), z (batch, dim, seqlen) ->
     (batch, dim, seqlen) in u's dtype, a transposed view of channel-contiguous (batch, seqlen, dim) memory (what
-    out_proj reads). Inputs may be non-contiguous views. ``chunk_size`` (a power of two) is the
+    out_proj reads). Inputs may be non-contiguous views. ``chunk_size`` (a power of two, 2 to 8) is the
     scan tile length and the spacing of the saved states; tests shrink it to cover several chunks cheaply.
     Without autograd (inference) no chunk states are written.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    if chunk_size < 2 or chunk_size & (chunk_size - 1):
-        raise ValueError(f'chunk_size must be a power of two >= 2, got {chunk_size}')
+    if chunk_size < 2 or chunk_size > MAX_CHUNK or chunk_size & (chunk_size - 1):
+        raise ValueError(f'chunk_size must be a power of two from 2 to {MAX_CHUNK}, got {chunk_size}')
     if u.numel() == 0:  # nothing to launch; keep the (empty) result attached to the graph
         return (u.sum(1) + z).to(u.dtype)
     inputs = (u, delta, A, B, C, D, z, delta_bias)

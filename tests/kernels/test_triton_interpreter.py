@@ -215,8 +215,9 @@ def test_rejects_bad_inputs():
         bidirectional_scan_triton(args[0], *args[1:6], args[6][..., :4], args[7])
     with pytest.raises(TypeError, match='fp32, bf16 or fp16'):
         bidirectional_scan_triton(*[a.double() for a in args])
-    with pytest.raises(ValueError, match='power of two'):
-        bidirectional_scan_triton(*args, chunk_size=6)
+    for chunk in (6, 1, 16):  # not a power of two; below 2; past the backward's register tile (op.MAX_CHUNK)
+        with pytest.raises(ValueError, match='power of two from 2 to 8'):
+            bidirectional_scan_triton(*args, chunk_size=chunk)
 
 
 def test_fake_impls_match_the_kernels():
