@@ -9,11 +9,11 @@ token), dt u and dy (the CHUNK axis inside each thread), then loops over the sta
 
 - ``h_t = a_t h_{t-1} + dt_t u_t B_t`` from the state the forward saved at the chunk's start, and
   ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` (the state's gradient) from the later chunk's ``a g`` at its first position,
-  position by position inside the thread (``_state_recurrences``): the decay is shared by both, the shift by one
+  position by position inside the thread (unrolled over the chunk): the decay is shared by both, the shift by one
   token is a register pick, nothing is flipped and no scan op is used (Triton lowers ``associative_scan(...,
   reverse=True)`` with lane shuffles even along an in-thread axis);
 - per (token, channel), summed over n in registers: ``g B`` (u's gradient), ``g a h_{t-1} A`` with
-  ``a h_{t-1} = h_t - dt u B`` (no shifted h; delta's gradient) and ``C h`` (this direction's y, for the gate);
+  ``a h_{t-1}`` kept from the recompute (delta's gradient) and ``C h`` (this direction's y, for the gate);
   per (channel, state), summed over tokens: ``g a h_{t-1} dt`` (A's gradient);
 - per (token, state), summed over channels: ``g dt u`` (B) and ``h dy`` (C). These are the loop's only cross-lane
   work, a 5-level butterfly per value within each warp; each warp stores its 32 channels' fp32 partial sums, and a
@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, sigmoid, silu, softplus, tensor_strides
+from .common import autotune_configs, sigmoid, silu, tensor_strides
 from .fwd import (
     H100_SMS,
     _packed,
@@ -165,14 +165,6 @@ def _put(X, p, i, x):
 
 
 @triton.jit
-def _dt(dt_raw, mask, DELTA_SOFTPLUS: tl.constexpr):
-    """dt: softplus of delta + bias (or it as is), fp32, 0 on masked channels and tokens."""
-    if DELTA_SOFTPLUS:
-        return tl.where(mask, softplus(dt_raw), 0.0)
-    return tl.where(mask, dt_raw, 0.0)
-
-
-@triton.jit
 def _dt_grad(dt_raw, dt, DELTA_SOFTPLUS: tl.constexpr):
     """d dt / d (delta + bias): sigmoid(x) = exp(x - softplus(x)), one exp2 from the dt already computed (accurate:
     the argument's error is that of x, and it is <= 0)."""
@@ -267,7 +259,7 @@ def _bidirectional_scan_bwd_kernel(
             for t in tl.static_range(CHUNK):
                 q = t + k * (CHUNK - 1 - 2 * t)
                 m = mask_d & (q < n_in)
-                dt = _dt(_load(dt_row, t0 + q, s_dt_l, m) + bias, m, DELTA_SOFTPLUS)
+                dt = _step_dt(_load(dt_row, t0 + q, s_dt_l, m), bias, m, DELTA_SOFTPLUS)
                 z = _load(z_row, t0 + q, s_z_l, m)
                 DT = _put(DT, p, t, dt)
                 DTU = _put(DTU, p, t, dt * _load(u_row, t0 + q, s_u_l, m))
@@ -288,16 +280,19 @@ def _bidirectional_scan_bwd_kernel(
                 h = tl.load(st + n * s_h_n, mask=has_h0, other=0.0)
                 AT = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
                 H = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
-                BU = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+                AH = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # a_t h_{t-1}
                 for t in tl.static_range(CHUNK):
                     q = t + k * (CHUNK - 1 - 2 * t)
                     a = tl.exp2(_at(DT, p, t) * A2n)
                     # packed B: a compile-time token stride, so a chunk's loads share one address register
                     bu = _at(DTU, p, t) * tl.load(bc_c + q * (2 * BLOCK_N) + n, mask=q < n_in, other=0.0)
-                    h = a * h + bu
+                    # kept as a product, not recovered as h_t - dt u B: exactly 0 at the direction's first token
+                    # (a GPU contracts that subtraction into an FMA and leaves the product's rounding error)
+                    ah = a * h
+                    h = ah + bu
                     AT = _put(AT, p, t, a)
                     H = _put(H, p, t, h)
-                    BU = _put(BU, p, t, bu)
+                    AH = _put(AH, p, t, ah)
                 # g_t = C_t dy_t + a_{t+1} g_{t+1} from the later chunk's a g, and every gradient term of position t
                 g = (tl.load(carry_row + n * dim, mask=mask_d & (i > 0), other=0.0)
                      + tl.load(rseg_row + n * s_h_n, mask=mask_d & (i == 0) & has_carry, other=0.0))
@@ -310,7 +305,7 @@ def _bidirectional_scan_bwd_kernel(
                     Bq = tl.load(bc_c + q * (2 * BLOCK_N) + n, mask=q < n_in, other=0.0)
                     Cq = tl.load(bc_c + q * (2 * BLOCK_N) + (BLOCK_N + n), mask=q < n_in, other=0.0)
                     g = Cq * dy + g
-                    w = g * (h - _at(BU, p, r))  # g a h_{r-1}, with a h_{r-1} = h - dt u B (no shifted h)
+                    w = g * _at(AH, p, r)  # g a h_{r-1}
                     gA_n += w * _at(DT, p, r)
                     GDA = _put(GDA, p, r, _at(GDA, p, r) + w * A2n)
                     GDU = _put(GDU, p, r, _at(GDU, p, r) + g * Bq)
