@@ -47,6 +47,7 @@ import triton.language as tl
 from .common import autotune_configs, sigmoid, silu, tensor_strides
 from .fwd import (
     H100_SMS,
+    _channels,
     _packed,
     _packed_rows,
     _params,
@@ -55,11 +56,13 @@ from .fwd import (
     _step_dt,
     _store_groups,
     _zero_groups,
+    channel_contiguous,
     plan_split,
+    sm_count,
 )
 from .pack import pack_bc
 
-__all__ = ['scan_bwd', 'grad_buffer', 'plan_backward_segments']
+__all__ = ['scan_bwd', 'plan_backward_segments']
 
 # (BLOCK_D, num_warps, num_stages): one channel a thread, one warp a program. With several warps the per-warp gB/gC
 # partials, a (BLOCK_D // 32,) vector spread over warps, reach their store through shared memory: 32 BAR and 32
@@ -203,9 +206,7 @@ def _bidirectional_scan_bwd_kernel(
     n_dblocks = tl.cdiv(dim, BLOCK_D)
     seg = (pid // n_dblocks) % n_seg
     b = pid // (n_dblocks * n_seg)
-    pid_d = (pid % n_dblocks).to(tl.int32)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
+    offs_d, mask_d = _channels(pid, n_dblocks, dim, BLOCK_D)
     d64 = offs_d.to(tl.int64)
     dg = d64 * s_g_d  # channel offsets in the gradient rows
     p = tl.arange(0, CHUNK)[:, None]  # position in the chunk, inside each thread
@@ -214,7 +215,7 @@ def _bidirectional_scan_bwd_kernel(
     c_lo = t_lo // CHUNK
     n_c = tl.cdiv(tl.minimum(seqlen - t_lo, seg_len), CHUNK)
     n_groups = tl.cdiv(dim, 32)  # warps of 32 channels: the partial sums of gB and gC
-    group = pid_d * (BLOCK_D // 32) + tl.arange(0, BLOCK_D // 32)
+    group = (pid % n_dblocks).to(tl.int32) * (BLOCK_D // 32) + tl.arange(0, BLOCK_D // 32)
     mask_g = group < n_groups
     z_row = z_ptr + b * s_z_b + d64 * s_z_d
     go_row = gout_ptr + b * s_go_b + d64 * s_go_d
@@ -349,12 +350,6 @@ def _bidirectional_scan_bwd_kernel(
         tl.store(gbias_ptr + (part * 2 + k) * dim + dg, gbias, mask=mask_d)
 
 
-def grad_buffer(batch: int, lead: tuple, dim: int, seqlen: int, device, dtype) -> torch.Tensor:
-    """An (batch, *lead, dim, seqlen) gradient as a transposed view of channel-contiguous (batch, *lead, seqlen,
-    dim) memory, the layout the backward writes (a warp's store of one token is one contiguous run)."""
-    return torch.empty(batch, *lead, seqlen, dim, device=device, dtype=dtype).transpose(-1, -2)
-
-
 def scan_bwd(
         gout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, states: torch.Tensor,
@@ -362,18 +357,18 @@ def scan_bwd(
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward pass. ``states`` as ``fwd.scan_fwd`` returns them. Returns the gradients of (u, delta,
     A, B, C, D, z, delta_bias), each in the dtype of its input; those of u, delta and z channel-contiguous
-    (``grad_buffer``), the others contiguous."""
+    (``fwd.channel_contiguous``), the others contiguous."""
     batch, _, dim, seqlen = u.shape
     dstate = A.shape[-1]
     dev = u.device
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == 'cuda' else H100_SMS
+    sms = sm_count(dev)
     seg_len, n_seg = plan_backward_segments(batch, dim, seqlen, chunk, sms)
     block_n = triton.next_power_of_2(dstate)
     n_groups = triton.cdiv(dim, 32)
     f32 = torch.float32
-    gu = grad_buffer(batch, (2,), dim, seqlen, dev, u.dtype)
-    gdelta = grad_buffer(batch, (2,), dim, seqlen, dev, delta.dtype)
-    gz = grad_buffer(batch, (), dim, seqlen, dev, z.dtype)
+    gu = channel_contiguous(batch, (2,), dim, seqlen, dev, u.dtype)
+    gdelta = channel_contiguous(batch, (2,), dim, seqlen, dev, delta.dtype)
+    gz = channel_contiguous(batch, (), dim, seqlen, dev, z.dtype)
     y1 = torch.empty(batch, seqlen, dim, device=dev, dtype=f32)
     gbc = torch.empty(batch, 2, n_groups, 2, dstate, seqlen, device=dev, dtype=f32)
     gA = torch.empty(batch, n_seg, 2, dstate, dim, device=dev, dtype=f32)

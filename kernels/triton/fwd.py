@@ -34,7 +34,8 @@ import triton.language as tl
 from .common import autotune_configs, silu, softplus, tensor_strides
 from .pack import pack_bc
 
-__all__ = ['scan_fwd', 'scan_output', 'plan_segments', 'plan_split', 'MIN_SEGMENT', 'MAX_DSTATE']
+__all__ = ['scan_fwd', 'scan_output', 'channel_contiguous', 'sm_count', 'plan_segments', 'plan_split', 'MIN_SEGMENT',
+           'MAX_DSTATE']
 
 # (BLOCK_D, num_warps, num_stages[, UNROLL]): one channel a thread, whose registers hold its 16 states, 16 A, and the
 # packed B and C of the current and the prefetched token. The output loop unrolled by 2 issues ~5% fewer
@@ -448,12 +449,23 @@ def _scan_output_kernel(
                         k, DELTA_SOFTPLUS, STORE_STATES, CHUNK, BLOCK_N, STATE_J, N_GROUPS, UNROLL)
 
 
+def channel_contiguous(batch: int, lead: tuple, dim: int, seqlen: int, device, dtype) -> torch.Tensor:
+    """An empty (batch, *lead, dim, seqlen) tensor as a transposed view of (batch, *lead, seqlen, dim) memory: the
+    layout the kernels write, a thread owning a channel, so that a warp's per-token store is one contiguous run
+    (token-contiguous rows cost a sector per thread). in_proj's output and out_proj's input have it too."""
+    return torch.empty(batch, *lead, seqlen, dim, device=device, dtype=dtype).transpose(-1, -2)
+
+
 def scan_output(u: torch.Tensor) -> torch.Tensor:
-    """The forward's output buffer for u (batch, 2, dim, seqlen): (batch, dim, seqlen) in u's dtype, a transposed view
-    of (batch, seqlen, dim) memory. Channel-contiguous, as in_proj's output and out_proj's input are: a thread owns a
-    channel, so a warp's per-token store is one contiguous run (token-contiguous rows cost a sector per thread)."""
+    """The forward's output buffer for u (batch, 2, dim, seqlen): (batch, dim, seqlen) in u's dtype,
+    channel-contiguous."""
     batch, _, dim, seqlen = u.shape
-    return torch.empty(batch, seqlen, dim, device=u.device, dtype=u.dtype).transpose(1, 2)
+    return channel_contiguous(batch, (), dim, seqlen, u.device, u.dtype)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors the split plans fill: the device's, or an H100's off a GPU (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == 'cuda' else H100_SMS
 
 
 def scan_fwd(
@@ -472,7 +484,7 @@ def scan_fwd(
     batch, _, dim, seqlen = u.shape
     dstate = A.shape[-1]
     dev = u.device
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == 'cuda' else H100_SMS
+    sms = sm_count(dev)
     seg_len, n_seg = plan_segments(batch, dim, seqlen, chunk, sms)
     n_chunks = triton.cdiv(seqlen, chunk)
     block_n = triton.next_power_of_2(dstate)
