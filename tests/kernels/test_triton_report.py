@@ -123,6 +123,48 @@ def test_segment_plan(batch, seqlen, plan):
         assert n_seg == 1, (seg, n_seg)
 
 
+def _plan_by_every_length(batch, dim, seqlen, chunk, sms, main_cost, main_resident, side_cost, side_resident):
+    """The plan's definition: the least modelled time over every allowed segment length, longest first, the first
+    of equal cost kept."""
+    import triton
+    from vim.kernels.triton import fwd
+    units, slots, best = batch * triton.cdiv(dim, 32), fwd.SUBPARTITIONS_PER_SM * sms, None
+    for seg in range(triton.cdiv(seqlen, chunk) * chunk, 0, -chunk):
+        n_seg = triton.cdiv(seqlen, seg)
+        if n_seg > 1 and seg < fwd.MIN_SEGMENT:
+            break
+        tokens = min(seg, seqlen)
+        cost = fwd._pass_time(units * n_seg, 2 * main_cost * tokens, main_resident, slots)
+        if n_seg > 1:
+            cost += fwd._pass_time(units * 2 * (n_seg - 1), side_cost * tokens, side_resident, slots)
+        if best is None or cost < best[0]:
+            best = (cost, seg, n_seg)
+    return best[1], best[2]
+
+
+def test_plan_visits_few_lengths_and_finds_the_same_plan():
+    """The planner runs on the host before every launch (walking all 761 lengths of 8 x 6,085 tokens took ~4 ms a call
+    on the H100 machine, longer than the forward's kernels): it skips lengths that cannot win and caches, and must
+    still pick what the walk over every length picks."""
+    import random
+
+    from vim.kernels.triton import bwd, fwd
+    weights = [(1.0, fwd.RESIDENT_OUTPUT, fwd._STATE_PASS_COST, fwd.RESIDENT_STATE),
+               (bwd._MAIN_COST, bwd.RESIDENT_MAIN, bwd._CARRY_COST, bwd.RESIDENT_CARRY)]
+    rng = random.Random(0)
+    cases = [(b, d, seqlen, chunk, 132) for b in (1, 3, 64) for d in (10, 384) for chunk in (2, 8, 32)
+             for seqlen in (1, 7, 64, 65, 197, 1025, 6085)]
+    cases += [(rng.randint(1, 200), rng.randint(1, 2000), rng.randint(1, 20000), rng.choice((4, 8, 16, 128)),
+               rng.choice((132, 114, 16, 1))) for _ in range(60)]
+    for case in cases:
+        for w in weights:
+            assert fwd.plan_split.__wrapped__(*case, *w) == _plan_by_every_length(*case, *w), (case, w)
+    fwd.plan_split.cache_clear()
+    fwd.plan_segments(8, 384, 6085, 8)
+    fwd.plan_segments(8, 384, 6085, 8)
+    assert fwd.plan_split.cache_info().hits == 1
+
+
 def test_report_is_a_prediction_with_its_floor(sm90_report):
     assert 'prediction' in sm90_report['kind']
     for c in sm90_report['cases']:
