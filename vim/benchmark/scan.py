@@ -58,6 +58,19 @@ def _time(fn, device: torch.device, min_time: float, profile: bool = False) -> f
             return (time.perf_counter() - start) / calls
 
 
+def _device_ms(fn, device: torch.device, calls: int = 3) -> float | None:
+    """CUDA: milliseconds per call that the GPU spends in ``fn``'s kernels (torch.profiler's device time, after
+    :func:`_time`'s warm-up); the wall time above it is host work that leaves the GPU idle (launches, the split
+    plan). None off CUDA."""
+    if device.type != 'cuda':
+        return None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / calls
+
+
 def copy_bandwidth(device: torch.device, nbytes: int, min_time: float) -> float:
     """Bytes per second of a device-to-device copy (read + write counted)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
@@ -107,8 +120,11 @@ def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype:
     t_fwd = _time(fwd, device, min_time, profile)
     t_fb = _time(fwd_bwd, device, min_time, profile)
     t_bwd = max(t_fb - t_fwd, 1e-12)
+    # (not under Nsight Compute, the --cuda-profile runs: torch.profiler's CUPTI session would compete with it)
+    k_fwd, k_fb = (None, None) if profile else (_device_ms(fwd, device), _device_ms(fwd_bwd, device))
     return dict(backend=backend, batch=batch, dim=dim, dstate=dstate, seqlen=seqlen, dtype=str(dtype).split('.')[-1],
-                fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
+                fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, fwd_device_ms=k_fwd,
+                bwd_device_ms=None if k_fwd is None else k_fb - k_fwd, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
                 fwd_exps=exps, bwd_exps=exps, fwd_gbps=fwd_bytes / t_fwd / 1e9, bwd_gbps=bwd_bytes / t_bwd / 1e9,
                 fwd_exp_per_s=exps / t_fwd, bwd_exp_per_s=exps / t_bwd)
 
@@ -184,9 +200,11 @@ def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], 
                 rows.append(scan)
                 conv_rows.append(conv)
                 for op, row in (('scan', scan), ('conv', conv)):
+                    kernels = ('' if row.get('fwd_device_ms') is None else
+                               f' [GPU busy: fwd {row["fwd_device_ms"]:.3f} ms, bwd {row["bwd_device_ms"]:.3f} ms]')
                     print(f'{op} {backend:9s} {dtype_name} {batch}x{seqlen}: fwd {row["fwd_ms"]:.3f} ms '
                           f'({row["fwd_gbps"]:.0f} GB/s, {row["fwd_x_floor"]:.1f}x floor), bwd {row["bwd_ms"]:.3f} '
-                          f'ms ({row["bwd_gbps"]:.0f} GB/s, {row["bwd_x_floor"]:.1f}x floor)', flush=True)
+                          f'ms ({row["bwd_gbps"]:.0f} GB/s, {row["bwd_x_floor"]:.1f}x floor){kernels}', flush=True)
                 if on_row is not None:
                     on_row(result)
     result['complete'] = True
