@@ -187,7 +187,7 @@ def _load(row, tok, stride, mask):
 # static report compiled with 3.6 showed 426 SHFL and 19-43 BAR per state iteration; 3.8 broke it the other way).
 # The (CHUNK, BLOCK_D) tiles only hold a chunk's per-token vectors in registers (_put, _at: compile-time picks).
 @triton.autotune(configs=autotune_configs(_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'])
-@triton.jit(do_not_specialize=['seqlen', 'seg_len', 'n_seg', *_STRIDES])
+@triton.jit(do_not_specialize=['batch', 'dim', 'dstate', 'seqlen', 'seg_len', 'n_seg', *_STRIDES])
 def _bidirectional_scan_bwd_kernel(
         u_ptr, delta_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, gout_ptr, states_ptr, rseg_ptr, y1_ptr, carry_ptr,
         gu_ptr, gdelta_ptr, gA_ptr, gbc_ptr, gD_ptr, gbias_ptr, gz_ptr,
