@@ -133,6 +133,21 @@ def test_resample_is_the_official_plain_bicubic(old_grid, new_grid):
     assert (out - _hand_resample(pos, old_grid, new_grid, antialias=True)).abs().max() > 1e-3
 
 
+def test_resample_runs_on_timm_without_align_corners(monkeypatch):
+    """timm before 1.0.31 (pyproject allows 1.0.21 on) has no ``align_corners`` in resample_abs_pos_embed: on the GPU
+    machine's timm 1.0.29 passing it raised TypeError in feature extraction. The call passes only what 1.0.21 takes
+    (the same arguments as 1.0.15's)."""
+    from vim.models import checkpoint
+    timm_1_0_31 = checkpoint.resample_abs_pos_embed
+
+    def timm_1_0_21(posemb, new_size, old_size=None, num_prefix_tokens=1, interpolation='bicubic', antialias=True,
+                    verbose=False):
+        return timm_1_0_31(posemb, new_size, old_size, num_prefix_tokens, interpolation, antialias, verbose)
+    monkeypatch.setattr(checkpoint, 'resample_abs_pos_embed', timm_1_0_21)
+    pos = _sincos_pos_embed((14, 14), 64)
+    torch.testing.assert_close(resample_pos_embed(pos, (24, 24), (14, 14)), _hand_resample(pos, (14, 14), (24, 24)))
+
+
 @pytest.mark.parametrize('kwargs, grid', [
     (dict(img_size=96), (12, 12)),
     (dict(img_size=(96, 48)), (12, 6)),

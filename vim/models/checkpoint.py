@@ -167,9 +167,10 @@ def resample_pos_embed(
     cls_idx = num_patches // 2
     cls_row = pos_embed[:, cls_idx:cls_idx + 1]
     patches = torch.cat([pos_embed[:, :cls_idx], pos_embed[:, cls_idx + 1:]], dim=1)
+    # align_corners is left at F.interpolate's default (False): timm added the argument only in 1.0.31
     patches = resample_abs_pos_embed(
         patches, new_size=list(new_grid), old_size=list(old_grid), num_prefix_tokens=0,
-        interpolation=interpolation, antialias=antialias, align_corners=False)
+        interpolation=interpolation, antialias=antialias)
     new_idx = (new_grid[0] * new_grid[1]) // 2
     return torch.cat([patches[:, :new_idx], cls_row, patches[:, new_idx:]], dim=1)
 
