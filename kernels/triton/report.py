@@ -92,8 +92,9 @@ def _specs():
                     'segment', scan), 1),
         (KernelSpec('scan_output', fwd._scan_output_kernel, all_configs(fwd._OUTPUT_CONFIGS), 'token', scan), 1),
         (KernelSpec('segment_carry', bwd._segment_carry_kernel, all_configs(bwd._CARRY_CONFIGS), 'token', scan), 1),
-        (KernelSpec('scan_bwd', bwd._bidirectional_scan_bwd_kernel, all_configs(bwd._CONFIGS), 'state', scan),
-         CHUNK),
+        # the backward's main kernel: one compile and launch per direction (direction 1 first)
+        *((KernelSpec(f'scan_bwd_k{k}', bwd._bidirectional_scan_bwd_kernel, all_configs(bwd._CONFIGS), 'state',
+                      dict(scan, K=k)), CHUNK) for k in (1, 0)),
         (KernelSpec('conv_fwd', conv._bidirectional_conv_fwd_kernel, all_configs(conv._FWD_CONFIGS), 'none',
                     dict(WIDTH=WIDTH, BLOCK_L=conv.CONV_BLOCK_L)), 1),
         (KernelSpec('conv_bwd', conv._bidirectional_conv_bwd_kernel, all_configs(conv._BWD_CONFIGS), 'none',
@@ -219,12 +220,14 @@ def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -
     elif op == 'scan_bwd':
         groups = _ceil(dim, 32)
         out += split_passes('segment_carry', bseg, bn_seg, 3)  # delta, z, gout
-        r = row_of('scan_bwd')
         # per (token, channel): u, delta both directions, z and gout once per direction, gu, gdelta, gz, direction
-        # 1's y (fp32, written and read back), the saved states; per token: packed B, C and the gB, gC partials
-        out.append((r, Launch('scan_bwd', warps(r, lambda nb: nb * bn_seg * batch), _ceil(bseg, CHUNK),
-                              tokens * (dim * (e * 13 + 8 + 2 * DSTATE * 4 / CHUNK)
-                                        + 2 * 2 * DSTATE * 4 * (1 + groups)))))
+        # 1's y (fp32, written and read back), the saved states; per token: packed B, C and the gB, gC partials.
+        # One launch per direction, each with half of those bytes.
+        for k in (1, 0):
+            r = row_of(f'scan_bwd_k{k}')
+            out.append((r, Launch(f'scan_bwd_k{k}', warps(r, lambda nb: nb * bn_seg * batch), _ceil(bseg, CHUNK),
+                                  tokens * (dim * (e * 13 + 8 + 2 * DSTATE * 4 / CHUNK)
+                                            + 2 * 2 * DSTATE * 4 * (1 + groups)) / 2)))
         # the partials summed over channel groups and cast (torch): bytes only
         out.append((row_of('pack_bc'), Launch('bc_partials_sum', 0, 0, tokens * 2 * 2 * DSTATE * (4 * groups + e))))
     elif op in ('conv_fwd', 'conv_bwd'):

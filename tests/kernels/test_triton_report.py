@@ -58,10 +58,11 @@ def test_forward_within_budget(sm90_report):
     assert all(r <= FWD_BUDGET for r in ratios.values()), ratios
 
 
-@pytest.mark.xfail(strict=True, reason='predicted 27.5-31.5x on Triton 3.6 and 3.8 (2026-11-26-d reports): ~62 '
+@pytest.mark.xfail(strict=True, reason='predicted 23.3-31.8x on Triton 3.8, 27.1-31.1x on 3.6 (2026-11-26-e '
+                   'reports; an H100 measured ~35x for the kernels before the split by direction): ~61-64 '
                    'instructions per element against 8 issue slots per exp, 20 of them the two per-(token, state) '
-                   'channel sums (a 5-level butterfly each), and 255 registers leave 2 warps a scheduler, each '
-                   'issuing once every ~6.6 clocks in the model (benchmarks/README.md)')
+                   'channel sums (a 5-level butterfly each), and 148-255 registers leave 2-3 warps a scheduler, '
+                   'each issuing once every ~6.6 clocks in the model (8.2 measured) (benchmarks/README.md)')
 def test_backward_within_budget(sm90_report):
     ratios = _ratios(sm90_report, 'scan_bwd')
     assert all(r <= BWD_BUDGET for r in ratios.values()), ratios
@@ -73,8 +74,9 @@ def test_backward_state_loop_design(sm90_report):
     spills, and as its only cross-lane work the two per-(token, state) channel sums, a 5-level butterfly each:
     10 SHFL per element, no barrier, none in the chunk loop around it."""
     from vim.kernels.triton.op import DEFAULT_CHUNK
-    rows = _rows(sm90_report, 'scan_bwd')
-    assert rows
+    by_direction = [_rows(sm90_report, f'scan_bwd_k{k}') for k in (1, 0)]  # one compile and launch per direction
+    assert all(by_direction)
+    rows = by_direction[0] + by_direction[1]
     for r in rows:
         assert r['elements_per_iteration'] == DEFAULT_CHUNK * 16, r['elements_per_iteration']  # the report's CHUNK
         assert r['spill_stores'] == 0 and r['loops'], r['config']
@@ -89,7 +91,7 @@ def test_backward_state_loop_design(sm90_report):
 # registers, so its planner stops splitting sooner): a warp for each and two for the busiest
 @pytest.mark.parametrize('op, passes, segments, min_warps', [
     ('scan_fwd', ('segment_state', 'scan_output'), 'segments', 2 * 4 * 132),
-    ('scan_bwd', ('segment_carry', 'scan_bwd'), 'backward_segments', 4 * 132 + 1)])
+    ('scan_bwd', ('segment_carry', 'scan_bwd_k1', 'scan_bwd_k0'), 'backward_segments', 4 * 132 + 1)])
 def test_fills_the_gpu_at_batch_one(sm90_report, op, passes, segments, min_warps):
     """At 1248 px batch 1 the forward and the backward split the sequence over the schedulers (one warp a scheduler
     ran 95x the floor on an H100)."""
