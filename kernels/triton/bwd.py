@@ -4,8 +4,9 @@ registers, and walks the states one at a time.
 The main kernel, ``_bidirectional_scan_bwd_kernel``, is one program per (channel block, segment, batch element),
 ``BLOCK_D = 32 x num_warps`` channels, one a thread, over the segment's chunks of CHUNK tokens in reverse scan order.
 It is launched once per direction (``K``, a compile-time constant), direction 1 first: one kernel holding both
-directions took 85-112 s to compile (95% in Triton's coalescing pass, whose cost grows with the square of the
-kernel's size) and 255 registers; one direction at a time compiles in ~20 s each, at 148 and 220 registers (sm_90).
+directions took 80-98 s to compile for sm_90 (95% in Triton's coalescing pass, whose cost grows faster than the
+kernel) at 255 registers; one direction takes 22-31 s, at 148-199 (direction 1) and 220-255 registers (triton 3.8 /
+3.6).
 Per chunk it loads the (CHUNK, BLOCK_D) tiles of dt (softplus once per token), dt u and dy (the CHUNK axis inside
 each thread), then loops over the states n; per state, with ``a_t = exp2(dt_t A_n log2 e)`` computed once per
 (token, channel, state):
