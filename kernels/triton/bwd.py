@@ -5,8 +5,7 @@ The main kernel, ``_bidirectional_scan_bwd_kernel``, is one program per (channel
 ``BLOCK_D = 32 x num_warps`` channels, one a thread, over the segment's chunks of CHUNK tokens in reverse scan order.
 It is launched once per direction (``K``, a compile-time constant), direction 1 first: one kernel holding both
 directions took 80-98 s to compile for sm_90 (95% in Triton's coalescing pass, whose cost grows faster than the
-kernel) at 255 registers; one direction takes 22-31 s, at 148-199 (direction 1) and 220-255 registers (triton 3.8 /
-3.6).
+kernel) at 255 registers; one direction takes 22-31 s (triton 3.8 / 3.6, before the gB/gC reduce-scatter below).
 Per chunk it loads the (CHUNK, BLOCK_D) tiles of dt (softplus once per token), dt u and dy (the CHUNK axis inside
 each thread), then loops over the states n; per state, with ``a_t = exp2(dt_t A_n log2 e)`` computed once per
 (token, channel, state):
@@ -20,8 +19,10 @@ each thread), then loops over the states n; per state, with ``a_t = exp2(dt_t A_
   ``a h_{t-1}`` kept from the recompute (delta's gradient) and ``C h`` (this direction's y, for the gate);
   per (channel, state), summed over tokens: ``g a h_{t-1} dt`` (A's gradient);
 - per (token, state), summed over channels: ``g dt u`` (B) and ``h dy`` (C). These are the loop's only cross-lane
-  work, a 5-level butterfly per value within each warp; each warp stores its 32 channels' fp32 partial sums, and a
-  torch sum over channel groups follows.
+  work: the chunk's 2 CHUNK sums are reduced together by a reduce-scatter over the warp's lanes (a level exchanges
+  half of the values still held, one SHFL each: 2 CHUNK SHFL a state iteration where a 5-level butterfly per sum
+  took 10 CHUNK), which leaves each sum in its own lane; one store writes the warp's fp32 partial sums, and a torch
+  sum over channel groups follows.
 
 Chunks are token ranges ``[c CHUNK, (c + 1) CHUNK)`` in both directions (direction 1 reads its chunk backwards), and
 the forward saves each direction's state at every chunk boundary (fwd.py), so a chunk's start state is one load.
@@ -82,10 +83,10 @@ _STRIDES = ['s_u_d', 's_u_l', 's_dt_d', 's_dt_l', 's_A_d', 's_A_n', 's_D_d', 's_
             's_go_l', 's_c_d', 's_g_d']
 
 # The segment plan's weights (fwd.plan_split), relative to the forward's output pass per token and direction: the
-# main kernel issues ~5x its instructions per element (63-64 against 11-13, static report), the carry pass about as
-# many as the forward's state pass. RESIDENT_*: warps a scheduler holds (static report: the main kernel's direction 0
-# at 220 registers, 2; direction 1 at 148 holds 3; the carry pass at 72 registers, 0.44).
-_MAIN_COST = 5.0
+# main kernel issues ~3.7x its instructions per element (44-47 against 11-13, static report), the carry pass about
+# as many as the forward's state pass. RESIDENT_*: warps a scheduler holds (static report: the main kernel at 243-255
+# registers, 2 in both directions; the carry pass at 72 registers, 0.44).
+_MAIN_COST = 3.7
 _CARRY_COST = 0.8
 RESIDENT_MAIN = 2
 RESIDENT_CARRY = 7
@@ -181,6 +182,15 @@ def _dt_grad(dt_raw, dt, DELTA_SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _exchange(a, b, lane, m: tl.constexpr):
+    """One level of a warp's reduce-scatter: lanes with bit ``m`` clear keep a and receive their partner's a (lane
+    ^ m), the others keep b and receive b; each returns its kept value plus the received one. A single SHFL
+    (``tl.gather`` along one warp's lanes), where summing a and b each over the pair would take two."""
+    bit = (lane & m) != 0
+    return tl.where(bit, b, a) + tl.gather(tl.where(bit, a, b), lane ^ m, 0)
+
+
+@triton.jit
 def _load(row, tok, stride, mask):
     return tl.load(row + tok * stride, mask=mask, other=0.0).to(tl.float32)
 
@@ -212,6 +222,8 @@ def _bidirectional_scan_bwd_kernel(
     seg = (pid // n_dblocks) % n_seg
     b = pid // (n_dblocks * n_seg)
     offs_d, mask_d = _channels(pid, n_dblocks, dim, BLOCK_D)
+    tl.static_assert(BLOCK_D == 32, 'one warp a program: the gB/gC reduce-scatter is over its lanes')
+    lane = tl.arange(0, BLOCK_D)
     d64 = offs_d.to(tl.int64)
     dg = d64 * s_g_d  # channel offsets in the gradient rows
     p = tl.arange(0, CHUNK)[:, None]  # position in the chunk, inside each thread
@@ -302,6 +314,7 @@ def _bidirectional_scan_bwd_kernel(
             g = (tl.load(carry_row + n * dim, mask=mask_d & (i > 0), other=0.0)
                  + tl.load(rseg_row + n * s_h_n, mask=mask_d & (i == 0) & has_carry, other=0.0))
             gA_n = tl.load(gA_row + n * dim, mask=mask_d & (i > 0), other=0.0)
+            RS = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
             for tt in tl.static_range(CHUNK):
                 r = CHUNK - 1 - tt  # positions in reverse
                 q = r + k * (CHUNK - 1 - 2 * r)
@@ -315,14 +328,34 @@ def _bidirectional_scan_bwd_kernel(
                 GDA = _put(GDA, p, r, _at(GDA, p, r) + w * A2n)
                 GDU = _put(GDU, p, r, _at(GDU, p, r) + g * Bq)
                 Y = _put(Y, p, r, _at(Y, p, r) + h * Cq)
-                # per (token, state), summed over the warp's channels: the only cross-lane work
-                m_bc = mask_g & (q < n_in)
-                ptr = gbc_c + q + n * seqlen
-                tl.store(ptr, tl.sum(tl.reshape(g * _at(DTU, p, r), (BLOCK_D // 32, 32)), axis=1), mask=m_bc)
-                tl.store(ptr + dstate * seqlen, tl.sum(tl.reshape(h * dy, (BLOCK_D // 32, 32)), axis=1),
-                         mask=m_bc)
+                # gB and gC of (token, state), summed over the warp's channels (the only cross-lane work): a
+                # reduce-scatter of the chunk's 2 CHUNK sums. First level: B's kept by lanes 0-15, C's by 16-31;
+                # then, as soon as both are there, positions r and r + 1 (even r) exchange over lane bit 3, pairs
+                # over bit 2, quadruples over bit 1: one value pending per level (in RS), so few live registers
+                X = _exchange(g * _at(DTU, p, r), h * dy, lane, 16)
+                for lvl in tl.static_range(3):
+                    if (1 << lvl) < CHUNK and r % (1 << lvl) == 0:
+                        if (r >> lvl) % 2 == 1:
+                            RS = _put(RS, p, lvl, X)  # the odd group comes first (reverse order): it waits
+                        else:
+                            X = _exchange(X, _at(RS, p, lvl), lane, 8 >> lvl)
                 if r > 0:
                     g = _at(AT, p, r) * g
+            # X: each lane's sum over the reduce-scatter's lane bits; the bits below them by a plain butterfly
+            gbc_sum = X
+            for lvl in tl.static_range(3):
+                if (4 >> lvl) < 16 // CHUNK:
+                    gbc_sum += tl.gather(gbc_sum, lane ^ (4 >> lvl), 0)
+            # one (token, B or C) a lane: lane l holds B's (l < 16) or C's sum of position r_rs, bit lvl of r_rs
+            # being lane bit 3 - lvl; the lanes that are multiples of 16 // CHUNK store it (worked out here rather
+            # than once a chunk: live across the state loop, these registers made ptxas spill)
+            r_rs = lane * 0
+            for lvl in tl.static_range(3):
+                if (1 << lvl) < CHUNK:
+                    r_rs += ((lane >> (3 - lvl)) & 1) << lvl
+            q_rs = r_rs + k * (CHUNK - 1 - 2 * r_rs)
+            tl.store(gbc_c + q_rs + ((lane // 16) * dstate + n) * seqlen, gbc_sum,
+                     mask=mask_g & (lane % (16 // CHUNK) == 0) & (q_rs < n_in))
             tl.store(carry_row + n * dim, _at(AT, p, 0) * g, mask=mask_d)
             tl.store(gA_row + n * dim, gA_n, mask=mask_d)
         for t in tl.static_range(CHUNK):
