@@ -195,7 +195,7 @@ def _load(row, tok, stride, mask):
     return tl.load(row + tok * stride, mask=mask, other=0.0).to(tl.float32)
 
 
-# Every load and store is a (BLOCK_D,) vector of one token (or, for the gB/gC partials, (BLOCK_D // 32,)): a 2-D
+# Every load and store is a (BLOCK_D,) vector of one token (the gB/gC partials: one (token, state) sum a lane): a 2-D
 # (CHUNK, BLOCK_D) memory op with runtime strides on both axes ties its axes' contiguity, and Triton 3.6 breaks the
 # tie towards the token axis, laying lanes over tokens and the whole state loop out with shuffles and barriers (the
 # static report compiled with 3.6 showed 426 SHFL and 19-43 BAR per state iteration; 3.8 broke it the other way).
