@@ -46,6 +46,20 @@ struct StateRows {
     const scalar_t* q = p + b * sb + g * sg + t * st;
     for (int64_t n = 0; n < N; ++n) out[n] = q[n * sn];
   }
+  // the token's N values: in place when they are contiguous, else gathered into buf
+  const scalar_t* row(int64_t b, int64_t g, int64_t t, int64_t N, scalar_t* buf) const {
+    if (sn == 1) return p + b * sb + g * sg + t * st;
+    gather(b, g, t, N, buf);
+    return buf;
+  }
+};
+
+// K vectors without ATen's zero-initialisation (Vectorized's default constructor stores zeros, 3 x 8 stores per token
+// in the forward's token loop that GCC did not remove)
+template <typename Vec, int64_t K>
+struct UninitVecs {
+  alignas(Vec) unsigned char raw[K * sizeof(Vec)];
+  Vec* data() { return reinterpret_cast<Vec*>(raw); }
 };
 
 // out[k] = sum_r W[r * K + k] v[r] for k < K, summed in order of r. The sums stay in registers: accumulated in out
@@ -83,7 +97,9 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
     // state tile and scaled A, channel-vector-major: h[k * N + n] holds states n of the block's vector k, so that the
     // inner loop over the states walks contiguous memory with one vector's dt, delta * u and accumulators in registers
     std::vector<Vec> h(N * K), A(N * K), A_rows(N * K), Wp(R * K);
-    std::vector<scalar_t> Bt(N), Ct(N), dtl(R);
+    std::vector<scalar_t> Bbuf(N), Cbuf(N), dtl(R);
+    const scalar_t* Bt = nullptr;
+    const scalar_t* Ct = nullptr;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblocks, c0 = (task % nblocks) * Blk::C;
       const Blk blk(c0, dim);
@@ -156,12 +172,14 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
               prefetch_row<Blk>(outp + (b * L + ta) * dim + c0);
             }
           }
-          Vec dt[K], u[K], y[K];
+          UninitVecs<Vec, K> dt_, u_, y_;
+          Vec* dt = dt_.data();
+          Vec* u = u_.data();
+          Vec* y = y_.data();
           if (R == 0) {
             blk.load(Dr.at(b, g, t) + c0, dt);
           } else {  // delta = dproj @ dt_low for this token, summed over the rank in order
-            DTr.gather(b, g, t, R, dtl.data());
-            low_rank_product<K>(Wp.data(), dtl.data(), R, dt);
+            low_rank_product<K>(Wp.data(), DTr.row(b, g, t, R, dtl.data()), R, dt);
           }
           blk.load(Ur.at(b, g, t) + c0, u);
           for (int64_t k = 0; k < K; ++k) dt[k] = dt[k] + bias[k];
@@ -170,8 +188,8 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
             y[k] = Dv[k] * u[k];
             u[k] = dt[k] * u[k];  // delta * u from here on
           }
-          Br.gather(b, g, t, N, Bt.data());
-          Cr.gather(b, g, t, N, Ct.data());
+          Bt = Br.row(b, g, t, N, Bbuf.data());
+          Ct = Cr.row(b, g, t, N, Cbuf.data());
           if (decays_below_one) state_loop(std::true_type{}, dt, u, y);
           else state_loop(std::false_type{}, dt, u, y);
           scalar_t* o = outp + (b * L + t) * dim + c0;
@@ -179,7 +197,10 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
             blk.store(o, y);  // direction 0's y, until direction 1 reaches this token
             continue;
           }
-          Vec prev[K], zv[K], sz[K];
+          UninitVecs<Vec, K> prev_, zv_, sz_;
+          Vec* prev = prev_.data();
+          Vec* zv = zv_.data();
+          Vec* sz = sz_.data();
           blk.load(o, prev);
           blk.load(Zr.at(b, 0, t) + c0, zv);
           sigmoid_n<K>(zv, sz);
