@@ -60,6 +60,14 @@ struct Block {
   }
 };
 
+// K vectors left uninitialised, for a token loop's temporaries: ATen's Vectorized() stores zeros, which GCC keeps when
+// the array is then filled through branches (Block::load), e.g. 48 stores per token in the scan's forward
+template <typename Vec, int64_t K>
+struct UninitVecs {
+  alignas(Vec) unsigned char raw[K * sizeof(Vec)];
+  Vec* data() { return reinterpret_cast<Vec*>(raw); }
+};
+
 // Software prefetch of one token's row of a block (Blk::C channels, e.g. 256 bytes in fp32) a few tokens ahead of
 // its use. The kernels walk token-major rows whose token stride is the whole channel axis (1.5-3 KiB): a few cache
 // lines, then a jump, which the hardware prefetchers follow poorly, so without this the token loops wait on memory

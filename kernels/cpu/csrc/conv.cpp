@@ -40,7 +40,10 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tens
         for (int64_t t = 0; t < L; ++t) {
           const int64_t ahead = t + (W - 1) + kPrefetchTokens;  // the newest row either branch reads, a few tokens on
           if (ahead < L) prefetch_row<Blk>(xp + b * sxb + ahead * sxt + c0);
-          Vec acc[K], xv[K];
+          UninitVecs<Vec, K> acc_, xv_, sg_;
+          Vec* acc = acc_.data();
+          Vec* xv = xv_.data();
+          Vec* sg = sg_.data();
           for (int64_t k = 0; k < K; ++k) acc[k] = bv[k];
           for (int64_t j = 0; j < W; ++j) {
             const int64_t s = g == 0 ? t - (W - 1) + j : t + (W - 1) - j;
@@ -50,7 +53,6 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tens
           }
           const int64_t row = ((b * 2 + g) * L + t) * dim + c0;
           if (prep) blk.store(prep + row, acc);
-          Vec sg[K];
           sigmoid_n<K>(acc, sg);
           for (int64_t k = 0; k < K; ++k) acc[k] = acc[k] * sg[k];
           blk.store(yp + row, acc);

@@ -54,14 +54,6 @@ struct StateRows {
   }
 };
 
-// K vectors without ATen's zero-initialisation (Vectorized's default constructor stores zeros, 3 x 8 stores per token
-// in the forward's token loop that GCC did not remove)
-template <typename Vec, int64_t K>
-struct UninitVecs {
-  alignas(Vec) unsigned char raw[K * sizeof(Vec)];
-  Vec* data() { return reinterpret_cast<Vec*>(raw); }
-};
-
 // out[k] = sum_r W[r * K + k] v[r] for k < K, summed in order of r. The sums stay in registers: accumulated in out
 // itself, every step would also store them, since a vector store may alias the scalar loads of v.
 template <int64_t K, typename Vec, typename scalar_t>
