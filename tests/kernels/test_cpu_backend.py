@@ -140,6 +140,25 @@ def test_scan_with_some_positive_A(dtype):
         assert_close(grads[name], ref_grads[name], TOL[dtype], name)
 
 
+@pytest.mark.parametrize('layout', ['contiguous', 'mixer'])
+def test_scan_with_decays_below_the_exp2_range(layout):
+    """fp32: the forward skips exp2's clamps for a token whose decay exponents delta A log2 e all lie in [-124, 0];
+    tokens with a large delta in some channels (exponents far below -125: decays that underflow to 0) take the
+    clamped exp2, the others the unclamped one, in the same block and direction."""
+    x = scan_inputs(1, 70, 17, 16, torch.float32, layout=layout)
+    delta = x['delta'].detach().clone()
+    delta[0, 0, 5, 3] = delta[0, 1, 66, 9] = delta[0, :, 10:20, 12] = 400.0  # softplus(400 + bias) ~ 400
+    x['delta'] = delta.requires_grad_()
+    assert (x['A'].detach().abs().amax(-1) * 400 * 1.4427 > 125).all()
+    gout = torch.randn(1, 70, 17, dtype=torch.float64)
+    out, grads = run(bidirectional_scan_cpu, x, gout, chunk_size=4)
+    x64 = {k: v.detach().double().requires_grad_() for k, v in x.items()}
+    ref, ref_grads = run(bidirectional_scan_ref, x64, gout)
+    assert_close(out, ref, TOL[torch.float32], 'out')
+    for name in SCAN_NAMES:
+        assert_close(grads[name], ref_grads[name], TOL[torch.float32], name)
+
+
 def test_scan_bf16_inputs():
     x = scan_inputs(2, 20, 9, 4, torch.bfloat16)
     gout = torch.randn(2, 20, 9, dtype=torch.float64)

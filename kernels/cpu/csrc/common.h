@@ -130,13 +130,15 @@ inline F scale(F p, F t) { return from_bits(VIM_MM(add_epi32)(bits(p), VIM_MM(sl
 }  // namespace raw
 
 // x[g] = 2**x[g] for g < G. kClampHigh = false: the caller guarantees x <= 0 or NaN (the decays when A <= 0 and
-// delta >= 0, the softplus), which saves the upper clamp, one of the state loop's ~20 vector operations.
-template <int64_t G, bool kClampHigh = true>
+// delta >= 0, the softplus), which saves the upper clamp, one of the state loop's ~20 vector operations. kClampLow =
+// false: the caller guarantees x >= -125 (not NaN) as well, which saves the lower one.
+template <int64_t G, bool kClampHigh = true, bool kClampLow = true>
 inline void fast_exp2_n(at::vec::Vectorized<float>* x) {
   raw::F v[G], t[G], p[G];
 #pragma GCC unroll 16
   for (int64_t g = 0; g < G; ++g) {
-    v[g] = raw::max(x[g], raw::set1(-125.f));  // max(NaN, -125) is -125
+    v[g] = x[g];
+    if constexpr (kClampLow) v[g] = raw::max(v[g], raw::set1(-125.f));  // max(NaN, -125) is -125
     if constexpr (kClampHigh) v[g] = raw::min(v[g], raw::set1(127.f));
   }
 #pragma GCC unroll 16
@@ -154,17 +156,17 @@ inline void fast_exp2_n(at::vec::Vectorized<float>* x) {
   for (int64_t g = 0; g < G; ++g) x[g] = raw::scale(raw::fmadd(p[g], v[g], raw::set1(1.f)), t[g]);
 }
 #else
-template <int64_t G, bool kClampHigh = true>
+template <int64_t G, bool kClampHigh = true, bool kClampLow = true>
 inline void fast_exp2_n(at::vec::Vectorized<float>* x) {
   for (int64_t g = 0; g < G; ++g) x[g] = (x[g] * at::vec::Vectorized<float>(0.6931471805599453f)).exp_u20();
 }
 #endif
-template <bool kClampHigh = true>
+template <bool kClampHigh = true, bool kClampLow = true>
 inline at::vec::Vectorized<float> fast_exp2(at::vec::Vectorized<float> x) {
-  fast_exp2_n<1, kClampHigh>(&x);
+  fast_exp2_n<1, kClampHigh, kClampLow>(&x);
   return x;
 }
-template <bool kClampHigh = true>
+template <bool kClampHigh = true, bool kClampLow = true>
 inline at::vec::Vectorized<double> fast_exp2(const at::vec::Vectorized<double>& x) { return x.exp2(); }
 
 constexpr double kLog2e = 1.4426950408889634;

@@ -109,8 +109,15 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
                             in.dproj.stride(2), in.dproj.stride(1), c0, dim, Wp.data());
         }
         // delta >= 0 (softplus) and A <= 0 in this block: every decay exponent is <= 0 (or NaN), so exp2 can skip its
-        // upper clamp
+        // upper clamp; and for a token whose deltas are all <= dt_max = 124 / max_n |A log2 e| (per channel) its
+        // lower one too
         bool decays_below_one = in.softplus;
+        Vec dt_max[K];
+        for (int64_t k = 0; k < K; ++k) {
+          Vec amax(0);
+          for (int64_t n = 0; n < N; ++n) amax = at::vec::maximum(amax, A[k * N + n].abs());
+          dt_max[k] = Vec(124) / amax;  // inf for A = 0
+        }
         for (int64_t n = 0; n < N && decays_below_one; ++n) {
           for (int64_t k = 0; k < K; ++k) {
             __at_align__ scalar_t lanes[Blk::V];
@@ -118,28 +125,29 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
             for (int64_t i = 0; i < Blk::V; ++i) decays_below_one = decays_below_one && lanes[i] <= 0;
           }
         }
-        // y[k] += C . h for each channel vector k, after h = exp(delta A) h + delta u B (u holds delta * u)
-        auto state_loop = [&](auto no_clamp, const Vec* dt, const Vec* u, Vec* y) {
-          constexpr bool kNoClamp = decltype(no_clamp)::value;
-          for (int64_t k = 0; k < K; ++k) {
-            const Vec dtk = dt[k], duk = u[k];
-            Vec* hk = &h[k * N];
-            const Vec* Ak = &A[k * N];
-            Vec acc0 = y[k], acc1(0);  // even and odd states: half the dependency chain
-            int64_t n = 0;
-            for (; n + 1 < N; n += 2) {
-              const Vec h0 = at::vec::fmadd(fast_exp2<!kNoClamp>(dtk * Ak[n]), hk[n], duk * Vec(Bt[n]));
-              const Vec h1 = at::vec::fmadd(fast_exp2<!kNoClamp>(dtk * Ak[n + 1]), hk[n + 1], duk * Vec(Bt[n + 1]));
-              hk[n] = h0;
-              hk[n + 1] = h1;
-              acc0 = at::vec::fmadd(h0, Vec(Ct[n]), acc0);
-              acc1 = at::vec::fmadd(h1, Vec(Ct[n + 1]), acc1);
+        // y[k] += C . h for each channel vector k, after h = exp(delta A) h + delta u B (u holds delta * u); two
+        // channel vectors at a time, which share the broadcasts of B[n] and C[n]
+        static_assert(K % 2 == 0);
+        auto state_loop = [&](auto clamp_high, auto clamp_low, const Vec* dt, const Vec* u, Vec* y) {
+          constexpr bool kHigh = decltype(clamp_high)::value, kLow = decltype(clamp_low)::value;
+          for (int64_t k = 0; k < K; k += 2) {
+            const Vec dt0 = dt[k], du0 = u[k], dt1 = dt[k + 1], du1 = u[k + 1];
+            Vec* h0 = &h[k * N];
+            Vec* h1 = &h[(k + 1) * N];
+            const Vec* A0 = &A[k * N];
+            const Vec* A1 = &A[(k + 1) * N];
+            Vec acc0 = y[k], acc1 = y[k + 1];
+            for (int64_t n = 0; n < N; ++n) {
+              const Vec Bn(Bt[n]), Cn(Ct[n]);
+              const Vec s0 = at::vec::fmadd(fast_exp2<kHigh, kLow>(dt0 * A0[n]), h0[n], du0 * Bn);
+              const Vec s1 = at::vec::fmadd(fast_exp2<kHigh, kLow>(dt1 * A1[n]), h1[n], du1 * Bn);
+              h0[n] = s0;
+              h1[n] = s1;
+              acc0 = at::vec::fmadd(s0, Cn, acc0);
+              acc1 = at::vec::fmadd(s1, Cn, acc1);
             }
-            if (n < N) {
-              hk[n] = at::vec::fmadd(fast_exp2<!kNoClamp>(dtk * Ak[n]), hk[n], duk * Vec(Bt[n]));
-              acc0 = at::vec::fmadd(hk[n], Vec(Ct[n]), acc0);
-            }
-            y[k] = acc0 + acc1;
+            y[k] = acc0;
+            y[k + 1] = acc1;
           }
         };
         std::fill(h.begin(), h.end(), Vec(0));
@@ -182,8 +190,14 @@ void scan_fwd_impl(const ScanInputs& in, int64_t chunk, at::Tensor& out, at::Ten
           }
           Bt = Br.row(b, g, t, N, Bbuf.data());
           Ct = Cr.row(b, g, t, N, Cbuf.data());
-          if (decays_below_one) state_loop(std::true_type{}, dt, u, y);
-          else state_loop(std::false_type{}, dt, u, y);
+          if (!decays_below_one) {
+            state_loop(std::true_type{}, std::true_type{}, dt, u, y);
+          } else {
+            bool small = true;  // every delta of this token <= dt_max (false for NaN)
+            for (int64_t k = 0; k < K; ++k) small = small && (dt[k] <= dt_max[k]).zero_mask() == 0;
+            if (small) state_loop(std::false_type{}, std::false_type{}, dt, u, y);
+            else state_loop(std::false_type{}, std::true_type{}, dt, u, y);
+          }
           scalar_t* o = outp + (b * L + t) * dim + c0;
           if (g == 0) {
             blk.store(o, y);  // direction 0's y, until direction 1 reaches this token
