@@ -14,15 +14,20 @@
 // state loop microbenchmark: K vectors x N states tile, T tokens
 constexpr int K = 8, N = 16;
 constexpr float P5[5] = {1.3264719e-3f, 9.6715139e-3f, 5.5507340e-2f, 2.4022242e-1f, 6.9314700e-1f};
-static inline __m256 exp2_old(__m256 x) {
-  __m256 v = _mm256_max_ps(x, _mm256_set1_ps(-125.f));
-  __m256 t = _mm256_add_ps(v, _mm256_set1_ps(12582912.f));
-  v = _mm256_sub_ps(v, _mm256_sub_ps(t, _mm256_set1_ps(12582912.f)));
+static inline __m256 horner5(__m256 v) {  // 2**v on [-0.5, 0.5]
   __m256 p = _mm256_set1_ps(P5[0]);
   for (int i = 1; i < 5; ++i) p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(P5[i]));
-  p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(1.f));
+  return _mm256_fmadd_ps(p, v, _mm256_set1_ps(1.f));
+}
+template <bool kClampLow>
+static inline __m256 exp2_h5(__m256 x) {
+  __m256 v = kClampLow ? _mm256_max_ps(x, _mm256_set1_ps(-125.f)) : x;
+  __m256 t = _mm256_add_ps(v, _mm256_set1_ps(12582912.f));
+  __m256 p = horner5(_mm256_sub_ps(v, _mm256_sub_ps(t, _mm256_set1_ps(12582912.f))));
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(t), 23)));
 }
+static inline __m256 exp2_old(__m256 x) { return exp2_h5<true>(x); }
+static inline __m256 exp2_nomax(__m256 x) { return exp2_h5<false>(x); }
 constexpr float TB[8] = {1.0f, 1.0905077f, 1.1892071f, 1.2968396f, 1.4142135f, 1.5422108f, 1.6817929f, 1.8340081f};
 static inline __m256 exp2_tab(__m256 x) {
   __m256 v = _mm256_max_ps(x, _mm256_set1_ps(-125.f));
@@ -36,20 +41,7 @@ static inline __m256 exp2_tab(__m256 x) {
   __m256i e = _mm256_slli_epi32(_mm256_srli_epi32(ti, 3), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(T), e)));
 }
-static inline __m256 exp2_nomax(__m256 x) {
-  __m256 v = x;
-  __m256 t = _mm256_add_ps(v, _mm256_set1_ps(12582912.f));
-  v = _mm256_sub_ps(v, _mm256_sub_ps(t, _mm256_set1_ps(12582912.f)));
-  __m256 p = _mm256_set1_ps(P5[0]);
-  for (int i = 1; i < 5; ++i) p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(P5[i]));
-  p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(1.f));
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(t), 23)));
-}
-static inline __m256 exp2_polyonly(__m256 v) {
-  __m256 p = _mm256_set1_ps(P5[0]);
-  for (int i = 1; i < 5; ++i) p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(P5[i]));
-  return _mm256_fmadd_ps(p, v, _mm256_set1_ps(1.f));
-}
+static inline __m256 exp2_polyonly(__m256 v) { return horner5(v); }
 static inline __m256 exp2_none(__m256 x) { return x; }  // no exp: the rest of the loop alone
 template <__m256 (*E)(__m256)>
 double run(int T, float* hbuf, const float* Abuf, const float* Bs, const float* Cs, const float* dts, const float* dus, float* ys) {

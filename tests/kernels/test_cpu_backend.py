@@ -76,6 +76,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name:
     assert err <= tol * max(scale, 1e-6), f'{name}: max error {err:.3g}, max value {scale:.3g}'
 
 
+def assert_scan_matches_float64_reference(x: dict[str, torch.Tensor], gout: torch.Tensor, tol: float) -> None:
+    """The CPU scan (chunk 4) on x against the reference on x in float64: output and every gradient."""
+    out, grads = run(bidirectional_scan_cpu, x, gout, chunk_size=4)
+    x64 = {k: v.detach().double().requires_grad_() for k, v in x.items()}
+    ref, ref_grads = run(bidirectional_scan_ref, x64, gout)
+    assert_close(out, ref, tol, 'out')
+    for name in SCAN_NAMES:
+        assert_close(grads[name], ref_grads[name], tol, name)
+
+
 SCAN_CASES = [  # batch, dim, seqlen, dstate, chunk
     pytest.param(1, 16, 1, 4, 4, id='len1'),
     pytest.param(2, 5, 7, 3, 4, id='dim5-len7'),
@@ -131,13 +141,7 @@ def test_scan_with_some_positive_A(dtype):
     A = x['A'].detach().clone()
     A[0, 3, 1] = A[1, 66, 2] = 0.3  # one block of each direction
     x['A'] = A.requires_grad_()
-    gout = torch.randn(1, 70, 12, dtype=torch.float64)
-    out, grads = run(bidirectional_scan_cpu, x, gout, chunk_size=4)
-    x64 = {k: v.detach().double().requires_grad_() for k, v in x.items()}
-    ref, ref_grads = run(bidirectional_scan_ref, x64, gout)
-    assert_close(out, ref, TOL[dtype], 'out')
-    for name in SCAN_NAMES:
-        assert_close(grads[name], ref_grads[name], TOL[dtype], name)
+    assert_scan_matches_float64_reference(x, torch.randn(1, 70, 12, dtype=torch.float64), TOL[dtype])
 
 
 @pytest.mark.parametrize('layout', ['contiguous', 'mixer'])
@@ -150,13 +154,7 @@ def test_scan_with_decays_below_the_exp2_range(layout):
     delta[0, 0, 5, 3] = delta[0, 1, 66, 9] = delta[0, :, 10:20, 12] = 400.0  # softplus(400 + bias) ~ 400
     x['delta'] = delta.requires_grad_()
     assert (x['A'].detach().abs().amax(-1) * 400 * 1.4427 > 125).all()
-    gout = torch.randn(1, 70, 17, dtype=torch.float64)
-    out, grads = run(bidirectional_scan_cpu, x, gout, chunk_size=4)
-    x64 = {k: v.detach().double().requires_grad_() for k, v in x.items()}
-    ref, ref_grads = run(bidirectional_scan_ref, x64, gout)
-    assert_close(out, ref, TOL[torch.float32], 'out')
-    for name in SCAN_NAMES:
-        assert_close(grads[name], ref_grads[name], TOL[torch.float32], name)
+    assert_scan_matches_float64_reference(x, torch.randn(1, 70, 17, dtype=torch.float64), TOL[torch.float32])
 
 
 def test_scan_bf16_inputs():
