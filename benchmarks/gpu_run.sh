@@ -4,11 +4,11 @@
 #   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile model scan bench (default: all five)
 # Results go to $OUT (the device tool's folder) or ./gpu-run. Each step's limit: TESTS_S, RANDOM_S, PROFILE_S,
 # MODEL_S, SCAN_S, BENCH_S (200, 150, 150, 120, 240, 300 s). A fresh machine compiles every kernel on first use:
-# the backward's main kernel 22-31 s per direction and dtype, the forward's autotuning ~35-40 s (all its configs); on
-# 2026-11-26 (third run; before the split by direction the backward took 98-112 s on triton 3.6) the first call
-# of the scan step did not finish in 60 s and the test step passed 5 tests in 215 s. With 10-minute calls and 15
-# minutes in all, run `scan bench` in the first call (they share compiles) and `tests profile` in the next only if
-# time is left.
+# the backward's main kernel 18-32 s per direction and dtype (the -f- report JSONs), the forward's autotuning
+# ~35-40 s (all its configs); on 2026-11-26 (third run; before the split by direction the backward took 98-112 s
+# on triton 3.6) the first call of the scan step did not finish in 60 s and the test step passed 5 tests in 215 s.
+# With 10-minute calls and 15 minutes in all, run `scan bench` in the first call (they share compiles) and
+# `tests profile` in the next only if time is left.
 #   tests    pytest -m gpu, one line per test as it ends (gpu-tests.log) and each failure's traceback as soon as
 #            it happens (gpu-test-failures.log, tests/conftest.py), so a cut-off run still says what failed and why.
 #            The targeted tests first (every autotune config, whole models, determinism, offsets past 2^31, compile
