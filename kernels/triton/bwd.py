@@ -231,9 +231,6 @@ def _bidirectional_scan_bwd_kernel(
     t_lo = seg * seg_len
     c_lo = t_lo // CHUNK
     n_c = tl.cdiv(tl.minimum(seqlen - t_lo, seg_len), CHUNK)
-    n_groups = tl.cdiv(dim, 32)  # warps of 32 channels: the partial sums of gB and gC
-    group = (pid % n_dblocks).to(tl.int32) * (BLOCK_D // 32) + tl.arange(0, BLOCK_D // 32)
-    mask_g = group < n_groups
     z_row = z_ptr + b * s_z_b + d64 * s_z_d
     go_row = gout_ptr + b * s_go_b + d64 * s_go_d
     # y1, gz: (batch, seqlen, dim); gu, gdelta: (batch, 2, seqlen, dim); all channel-contiguous
@@ -251,8 +248,8 @@ def _bidirectional_scan_bwd_kernel(
     bc_row = bc_ptr + (b * 2 + k) * seqlen * (2 * BLOCK_N) + offs_d * 0  # the same address for every channel
     # states: (batch, 2, n_chunks - 1, dim, dstate), entry j the state at token boundary (j + 1) CHUNK
     st_row = states_ptr + (b * 2 + k) * (n_chunks - 1) * dim * dstate + offs_d * s_h_d
-    # gbc: (batch, 2, n_groups, 2, dstate, seqlen) fp32 partials per warp of channels
-    gbc_row = gbc_ptr + ((b * 2 + k) * n_groups + group) * (2 * dstate * seqlen)
+    # gbc: (batch, 2, n_dblocks, 2, dstate, seqlen) fp32 partials, one row a program (a warp of 32 channels)
+    gbc_row = gbc_ptr + ((b * 2 + k) * n_dblocks + pid % n_dblocks) * (2 * dstate * seqlen)
     # the carry into the segment from the next one in scan order (the boundary pass's, in rseg's layout): entry
     # seg - k holds segment seg + 1 (direction 0) or seg - 1 (direction 1)
     e = seg - k
@@ -355,7 +352,7 @@ def _bidirectional_scan_bwd_kernel(
                     r_rs += ((lane >> (3 - lvl)) & 1) << lvl
             q_rs = r_rs + k * (CHUNK - 1 - 2 * r_rs)
             tl.store(gbc_c + q_rs + ((lane // 16) * dstate + n) * seqlen, gbc_sum,
-                     mask=mask_g & (lane % (16 // CHUNK) == 0) & (q_rs < n_in))
+                     mask=(lane % (16 // CHUNK) == 0) & (q_rs < n_in))
             tl.store(carry_row + n * dim, _at(AT, p, 0) * g, mask=mask_d)
             tl.store(gA_row + n * dim, gA_n, mask=mask_d)
         for t in tl.static_range(CHUNK):
