@@ -16,7 +16,7 @@ INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 LOG2E: float = math.log2(math.e)
 
 
-def autotune_configs(candidates: list[tuple[int, ...]]) -> list[triton.Config]:
+def autotune_configs(candidates: list[tuple[int, ...] | triton.Config]) -> list[triton.Config]:
     """``triton.Config`` for each (BLOCK_D, num_warps, num_stages[, UNROLL]); only the first under the interpreter.
 
     The interpreter cannot benchmark, and autotuning over several configs fails there. Tests that cover every
@@ -26,9 +26,11 @@ def autotune_configs(candidates: list[tuple[int, ...]]) -> list[triton.Config]:
     return configs[:1] if INTERPRET else configs
 
 
-def all_configs(candidates: list[tuple[int, ...]]) -> list[triton.Config]:
-    """(BLOCK_D, num_warps, num_stages) or (BLOCK_D, num_warps, num_stages, UNROLL) -> ``triton.Config``."""
-    return [triton.Config({'BLOCK_D': c[0], **({'UNROLL': c[3]} if len(c) > 3 else {})}, num_warps=c[1],
+def all_configs(candidates: list[tuple[int, ...] | triton.Config]) -> list[triton.Config]:
+    """(BLOCK_D, num_warps, num_stages) or (BLOCK_D, num_warps, num_stages, UNROLL) -> ``triton.Config``; a
+    ``triton.Config`` as it is."""
+    return [c if isinstance(c, triton.Config) else
+            triton.Config({'BLOCK_D': c[0], **({'UNROLL': c[3]} if len(c) > 3 else {})}, num_warps=c[1],
                           num_stages=c[2]) for c in candidates]
 
 

@@ -118,8 +118,17 @@ def _analyse(spec, tokens_per_iteration: int, config, compiled: dict) -> dict:
         per_iteration = tokens_per_iteration * max(block_d / threads, 1) * DSTATE
     elif spec.loop == 'state':  # counted per chunk iteration: the chunk loop's own body + DSTATE state iterations
         per_iteration = CHUNK * max(block_d / threads, 1) * DSTATE
-    else:  # one segment boundary per iteration, or the straight-line tile of (token, channel) for the conv
+    elif spec.loop == 'segment':  # BLOCK_S segment boundaries of one (channel, state) a thread
+        per_iteration = max(block_d * DSTATE / threads, 1) * config.kwargs['BLOCK_S']
+    else:  # the straight-line tile of (token, channel) for the conv
         per_iteration = max(block_d / threads, 1) * DSTATE
+    unroll = 1.0
+    if spec.loop == 'segment' and loops:
+        # ptxas unrolls this short loop and adds a remainder loop: count the unrolled body (one exp2 an element) per
+        # iteration of the source loop; the remainder's few iterations count as straight-line code
+        loops = [max(loops, key=lambda lp: lp.main_path['ex2'])]
+        around = [None]
+        unroll = max(loops[0].main_path['ex2'] / per_iteration, 1.0)
     rows = []
     for lp, outer in zip(loops, around):
         main, cond = lp.main_path, lp.conditional
@@ -129,7 +138,8 @@ def _analyse(spec, tokens_per_iteration: int, config, compiled: dict) -> dict:
                                                             'global_store', 'shared', 'fp32')}
         if outer is not None:
             executed = {c: outer.counts[c] + DSTATE * v for c, v in executed.items()}
-        rows.append(dict(start=hex(lp.start), end=hex(lp.end), body=lp.instructions,
+        executed = {c: v / unroll for c, v in executed.items()}
+        rows.append(dict(start=hex(lp.start), end=hex(lp.end), body=lp.instructions, unrolled=unroll,
                          conditional=cond['all'],
                          per_iteration={c: round(v, 2) for c, v in executed.items()},
                          per_element={c: round(v / per_iteration, 3) for c, v in executed.items()},
@@ -204,7 +214,8 @@ def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -
                                   batch * 2 * (seqlen - seg) * (inputs * dim * e + DSTATE * 4)
                                   + batch * 2 * n_seg * dim * (DSTATE + 1) * 4)))
             r = row_of('segment_boundary')
-            out.append((r, Launch('segment_boundary', warps(r, lambda nb: nb * batch * 2), n_seg - 1,
+            out.append((r, Launch('segment_boundary', warps(r, lambda nb: nb * batch * 2),
+                                  _ceil(n_seg - 1, r['config']['BLOCK_S']),
                                   batch * 2 * n_seg * dim * (2 * DSTATE + 1) * 4)))
         return out
 

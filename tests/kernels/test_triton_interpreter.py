@@ -178,6 +178,35 @@ def test_every_autotune_config(kernel, config, split, monkeypatch):
     check_against_reference(x, chunk_size=4, seed=config)
 
 
+BOUNDARY_CONFIGS = range(len(CONFIGS[fwd._segment_boundary_kernel.fn.__name__]))
+
+
+@pytest.mark.parametrize('reverse', [0, 1])
+@pytest.mark.parametrize('config', BOUNDARY_CONFIGS)
+def test_segment_boundary_walk(config, reverse, monkeypatch):
+    """The boundary walk alone, each config, against the sequential recurrence in float64: more entries than one
+    iteration loads (the last block partial), a partial channel block, padded states, both scan orders."""
+    kernel = fwd._segment_boundary_kernel
+    monkeypatch.setattr(kernel, 'configs', [CONFIGS[kernel.fn.__name__][config]])
+    batch, dim, dstate = 2, 38, 5
+    n_e = 2 * CONFIGS[kernel.fn.__name__][config].kwargs['BLOCK_S'] + 3
+    g = torch.Generator().manual_seed(config)
+    A = -torch.rand(2, dim, dstate, generator=g) * 2 - 0.1
+    dtsum = torch.rand(batch, 2, n_e, dim, generator=g)
+    hseg = torch.randn(batch, 2, n_e, dim, dstate, generator=g)
+    expected = torch.empty_like(hseg, dtype=torch.float64)
+    for k in range(2):
+        h = torch.zeros(batch, dim, dstate, dtype=torch.float64)
+        for e in (range(n_e) if k ^ reverse == 0 else reversed(range(n_e))):
+            h = torch.exp(dtsum[:, k, e, :, None].double() * A[k].double()) * h + hseg[:, k, e].double()
+            expected[:, k, e] = h
+    out = hseg.to(DEVICE)
+    kernel[lambda meta: (-(-dim // meta['BLOCK_D']) * batch * 2,)](
+        A.to(DEVICE), out, dtsum.to(DEVICE), batch, dim, dstate, n_e + 1, 1, dstate, *A.stride(), REVERSE=reverse,
+        BLOCK_N=8, STATE_J=4)
+    _assert_close(out.cpu(), expected, TOL[torch.float32], 'states')
+
+
 def test_without_softplus():
     x = make_inputs(1, 8, 11, 4, torch.float32, seed=5, positive_delta=True)
     check_against_reference(x, chunk_size=4, delta_softplus=False)
