@@ -62,7 +62,8 @@ def _ratios(report, op):
     return {c['case']: c['ops'][op]['ratio'] for c in report['cases']}
 
 
-@pytest.mark.xfail(strict=True, reason='predicted 3.0-6.9x on Triton 3.8, 3.1-7.1x on 3.6 (2026-11-27 reports): a warp of these loops issues about once every 6.6 clocks '
+@pytest.mark.xfail(strict=True, reason='predicted 3.0-6.9x on Triton 3.8, 3.1-7.1x on 3.6 (2026-11-27 reports): a '
+                   'warp of these loops issues about once every 6.6 clocks '
                    '(measured on an H100, 2026-11-26) and a scheduler holds at most 5 of the output pass, so the '
                    'schedulers idle; the sequence split at small batch computes each decay twice (segment states, '
                    'then outputs); the loops issue ~10-13 instructions per element against 9 issue slots per exp '
