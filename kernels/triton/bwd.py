@@ -112,8 +112,7 @@ def _segment_carry_kernel(
 ):
     # entry e is segment e + 1 (direction 0) or e (1): not the first of each scan order
     N_GROUPS: tl.constexpr = BLOCK_N // STATE_J
-    e, b, k, offs_d, mask_d = _side_program(dim, n_seg, BLOCK_D)
-    bk = b * 2 + k
+    e, bk, b, k, offs_d, mask_d = _side_program(dim, n_seg, BLOCK_D)
     A0, A1, A2, A3, _, bias = _params(A_ptr, A_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, 0, 0, s_bias_k, s_bias_d, k,
                                       dstate, offs_d, mask_d, STATE_J, N_GROUPS, BLOCK_D)
     d64 = offs_d.to(tl.int64)

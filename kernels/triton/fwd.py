@@ -154,14 +154,14 @@ def _channels(pid, n_dblocks, dim, BLOCK_D: tl.constexpr):
 @triton.jit
 def _side_program(dim, n_seg, BLOCK_D: tl.constexpr):
     """A side pass's program (a split's per-segment state or carry pass): channel block and entry e of (batch,
-    direction) bk = 2 b + k. Returns (e, b, k, offs_d, mask_d); entry e is one of the n_seg - 1 segments whose state
-    a neighbour needs."""
+    direction) bk = 2 b + k. Returns (e, bk, b, k, offs_d, mask_d); entry e is one of the n_seg - 1 segments whose
+    state a neighbour needs."""
     pid = tl.program_id(0).to(tl.int64)
     n_dblocks = tl.cdiv(dim, BLOCK_D)
     e = (pid // n_dblocks) % (n_seg - 1)
     bk = pid // (n_dblocks * (n_seg - 1))
     offs_d, mask_d = _channels(pid, n_dblocks, dim, BLOCK_D)
-    return e, bk // 2, bk % 2, offs_d, mask_d
+    return e, bk, bk // 2, bk % 2, offs_d, mask_d
 
 
 @triton.jit
@@ -304,8 +304,7 @@ def _segment_state_kernel(
 ):
     # entry e is segment e (direction 0) or e + 1 (1)
     N_GROUPS: tl.constexpr = BLOCK_N // STATE_J  # state tiles in use (of 4)
-    e, b, k, offs_d, mask_d = _side_program(dim, n_seg, BLOCK_D)
-    bk = b * 2 + k
+    e, bk, b, k, offs_d, mask_d = _side_program(dim, n_seg, BLOCK_D)
     A0, A1, A2, A3, _, bias = _params(A_ptr, A_ptr, bias_ptr, s_A_k, s_A_d, s_A_n, 0, 0, s_bias_k, s_bias_d, k,
                                       dstate, offs_d, mask_d, STATE_J, N_GROUPS, BLOCK_D)
     u_row = u_ptr + b * s_u_b + k * s_u_k + offs_d.to(tl.int64) * s_u_d
