@@ -246,7 +246,7 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
     // one chunk's recomputed states and decays, token-major: (chunk, N, K) vectors each
     std::vector<Vec> H(chunk * N * K), DA(chunk * N * K), DT(chunk * K);
     std::vector<Vec> h0(N * K), gh(N * K), A(N * K), gA(N * K);
-    std::vector<scalar_t> Bt(N), Ct(N);
+    std::vector<scalar_t> Bbuf(N), Cbuf(N);  // a token's B, C when not contiguous over states (else read in place)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblocks, blk_i = task % nblocks, c0 = blk_i * Blk::C;
       const Blk blk(c0, dim);
@@ -271,10 +271,6 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
         for (int64_t k = 0; k < K; ++k) gD[k] = gbias[k] = Vec(0);
         std::fill(gh.begin(), gh.end(), Vec(0));
         std::fill(gA.begin(), gA.end(), Vec(0));
-        auto B_C_at = [&](int64_t t) {
-          Br.gather(b, g, t, N, Bt.data());
-          Cr.gather(b, g, t, N, Ct.data());
-        };
         // partial sums over this block's channels, per (token, state): (nblocks, batch, 2, N, L)
         scalar_t* gB_row = gBp + ((blk_i * batch + b) * 2 + g) * N * L;
         scalar_t* gC_row = gCp + ((blk_i * batch + b) * 2 + g) * N * L;
@@ -304,7 +300,7 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
               DT[i * K + k] = dt[k];
               u[k] = dt[k] * u[k];
             }
-            B_C_at(t);
+            const scalar_t* Bt = Br.row(b, g, t, N, Bbuf.data());
             Vec* hcur = &H[i * N * K];
             Vec* da = &DA[i * N * K];
             for (int64_t n = 0; n < N; ++n) {
@@ -336,7 +332,8 @@ void scan_bwd_impl(const ScanInputs& in, int64_t chunk, const at::Tensor& gout, 
               du[k] = dt[k] * u[k];
               S[k] = gdt[k] = Vec(0);
             }
-            B_C_at(t);
+            const scalar_t* Bt = Br.row(b, g, t, N, Bbuf.data());
+            const scalar_t* Ct = Cr.row(b, g, t, N, Cbuf.data());
             const Vec* hcur = &H[i * N * K];
             const Vec* hp = i > 0 ? &H[(i - 1) * N * K] : h0.data();
             const Vec* da = &DA[i * N * K];
