@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, silu, softplus, tensor_strides
+from .common import affine_combine, autotune_configs, silu, softplus, tensor_strides
 from .pack import pack_bc
 
 __all__ = ['scan_fwd', 'scan_output', 'channel_contiguous', 'sm_count', 'plan_segments', 'plan_split', 'MIN_SEGMENT',
@@ -339,12 +339,6 @@ def _segment_state_kernel(
     tl.store(dtsum_ptr + row + offs_d, dtsum, mask=mask_d)
 
 
-@triton.jit
-def _compose(a_first, b_first, a_then, b_then):
-    """The affine maps h -> a h + b applied in turn: first, then then."""
-    return a_first * a_then, b_first * a_then + b_then
-
-
 # In place on hseg: the autotuner's benchmark runs each config several times on the same buffers, so it must restore
 # hseg after each run (without it the first call at a new shape composes the boundary walk with itself).
 # s_h_n, s_h_d are runtime values here: a stride known to be 1 would let Triton vectorise the hseg loads along the
@@ -391,7 +385,7 @@ def _segment_boundary_kernel(
         ptrs = hseg_ptr + base * dstate + (d_row[:, None] * dstate + h_off[None, :])
         # padding entries map h to itself (dtsum 0: decay 1, nothing added)
         decay, local = tl.associative_scan((tl.exp2(dtsum * A[None, :]), tl.load(ptrs, mask=m, other=0.0)), 0,
-                                           _compose)
+                                           affine_combine)
         hs = decay * h[None, :] + local
         tl.store(ptrs, hs, mask=m)
         h = tl.sum(tl.where(rows[:, None] == BLOCK_S - 1, hs, 0.0), axis=0)  # the block's last entry, in-thread
