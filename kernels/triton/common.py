@@ -62,19 +62,18 @@ def _exp_accurate(x):
 
 @triton.jit
 def _log1p_unit(v):
-    """log(1 + v) for v in [0, 1], to a few fp32 ulp: 2 atanh(s) with s = v / (2 + v) in [0, 1/3], its odd series
-    to s^17 (truncation below 1e-8 relative). ``log(1 + v)`` would lose v's low bits to the rounding of 1 + v."""
-    s = v / (2.0 + v)
-    s2 = s * s
-    p = 1.0 / 17.0
-    p = p * s2 + 1.0 / 15.0
-    p = p * s2 + 1.0 / 13.0
-    p = p * s2 + 1.0 / 11.0
-    p = p * s2 + 1.0 / 9.0
-    p = p * s2 + 1.0 / 7.0
-    p = p * s2 + 1.0 / 5.0
-    p = p * s2 + 1.0 / 3.0
-    return 2.0 * s * (1.0 + s2 * p)
+    """log(1 + v) for v in [0, 1] as v (1 + v Q(v)), Q of degree 7 fitted for the relative error of log1p (1.6e-7
+    evaluated in fp32 with FMA, 1.8e-7 without; exact as v -> 0). ``log(1 + v)`` would lose v's low bits to the
+    rounding of 1 + v; the series in s = v / (2 + v) this replaced cost a division and ~9 more instructions."""
+    p = 0.0053646355
+    p = p * v - 0.030065037
+    p = p * v + 0.07920331
+    p = p * v - 0.13753699
+    p = p * v + 0.19153607
+    p = p * v - 0.24857152
+    p = p * v + 0.3332132
+    p = p * v - 0.49999648
+    return v + v * (p * v)
 
 
 @triton.jit
