@@ -253,13 +253,15 @@ def _update(h0, h1, h2, h3, A0, A1, A2, A3, B0, B1, B2, B3, dt, x, N_GROUPS: tl.
 
 @triton.jit
 def _contract(h0, h1, h2, h3, C0, C1, C2, C3, N_GROUPS: tl.constexpr):
-    """sum over states of C h: (BLOCK_D,), inside each thread."""
-    y = tl.sum(h0 * C0, axis=0)
+    """sum over states of C h: (BLOCK_D,), inside each thread. The groups' products are summed elementwise first
+    (an FMA each) and the STATE_J rows last: 19 instructions for 16 states, where a sum per group cost 23."""
+    p = h0 * C0
     if N_GROUPS > 1:
-        y += tl.sum(h1 * C1, axis=0)
+        p += h1 * C1
     if N_GROUPS > 2:
-        y += tl.sum(h2 * C2, axis=0) + tl.sum(h3 * C3, axis=0)
-    return y
+        p += h2 * C2
+        p += h3 * C3
+    return tl.sum(p, axis=0)
 
 
 @triton.jit
