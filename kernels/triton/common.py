@@ -56,7 +56,8 @@ def _exp_accurate(x):
     """e^x for x <= 0 to a few fp32 ulp on the GPU too: ``tl.exp`` there is ex2.approx(x * log2 e), whose rounded
     product loses up to 1.3e-6 relative at |x| = 30; the product's rounding error is added back to first order."""
     t = x * 1.4426950408889634
-    r = tl.fma(x, 1.4426950408889634, -t) + x * 2.0355273740931033e-08  # x*log2(e) - t, log2(e)'s low part too
+    # x log2(e) - t: the product's rounding error, and x times log2(e)'s low part (log2 e - fp32(log2 e))
+    r = tl.fma(x, 1.4426950408889634, -t) + x * 1.925962989091e-08
     return tl.exp2(t) * (1.0 + r * 0.6931471805599453)
 
 
