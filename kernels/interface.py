@@ -245,6 +245,17 @@ def _scan_backend(backend: str | None, u: torch.Tensor, A: torch.Tensor) -> str:
     return name
 
 
+def _conv_backend(backend: str | None, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """``resolve_backend`` for the conv: 'auto' does not pick the Triton conv for a width it does not take (it
+    raises when asked for by name)."""
+    name = resolve_backend(backend, x)
+    if name == 'triton' and _requested(backend) == 'auto' and weight.dim() == 3:
+        from .triton.conv import MAX_WIDTH
+        if weight.shape[-1] > MAX_WIDTH:
+            return FALLBACK
+    return name
+
+
 def _implementation(registry: dict[str, Callable], name: str, op: str) -> Callable:
     if name not in registry:
         raise ValueError(f'scan backend {name!r} has no {op}; use one of {sorted(registry)}')
@@ -298,5 +309,5 @@ def bidirectional_scan(
 def bidirectional_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
                             backend: str | None = None) -> torch.Tensor:
     """Causal depthwise conv + silu of Vim's two branches. Shapes: :func:`vim.kernels.bidirectional_conv_silu_ref`."""
-    fn = _implementation(_CONV, resolve_backend(backend, x), 'bidirectional_conv_silu')
+    fn = _implementation(_CONV, _conv_backend(backend, x, weight), 'bidirectional_conv_silu')
     return fn(x, weight, bias)

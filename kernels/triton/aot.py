@@ -29,8 +29,8 @@ class KernelSpec:
     """One autotuned kernel: its autotuner, every config it may run, and how its loop relates to the work.
 
     loop: 'token' (an iteration is one token of each of the thread's channels), 'state' (one state of the CHUNK
-    tokens a thread holds, inside a chunk loop), 'segment' (one segment boundary) or 'none' (straight-line code: the
-    program's whole tile).
+    tokens a thread holds, inside a chunk loop), 'segment' (one segment boundary), 'conv' (UNROLL tokens of the
+    thread's channels, no state axis) or 'none' (straight-line code: the program's whole tile).
     """
     name: str
     autotuner: object
@@ -78,7 +78,7 @@ def conv_arguments(dtype: torch.dtype, layout: str, batch: int, dim: int, seqlen
     w, b, gout = e(2, dim, width, dt=torch.float32), e(2, dim, dt=torch.float32), e(batch, 2, dim, seqlen)
     t = '*' + TYPES[dtype]
     args = dict(x_ptr=t, w_ptr='*fp32', b_ptr='*fp32', out_ptr=t, gout_ptr=t, gx_ptr=t, gw_ptr='*fp32',
-                gb_ptr='*fp32', batch=batch, seqlen=seqlen, dim=dim)
+                gb_ptr='*fp32', batch=batch, seqlen=seqlen, dim=dim, block_l=64)
     for prefix, axes, ten in (('s_x', 'bdl', x), ('s_w', 'kdj', w), ('s_b', 'kd', b), ('s_go', 'bkdl', gout)):
         args.update({f'{prefix}_{a}': st for a, st in zip(axes, ten.stride())})
     return args

@@ -1,16 +1,21 @@
 """Kernels of Vim's causal depthwise conv + silu, both branches in one pass, forward and backward.
 
 Branch 0 is causal, ``a0[t] = b0 + sum_j w0[j] x[t - (W-1) + j]``; branch 1 convolves the reversed sequence
-causally, which in natural order is ``a1[t] = b1 + sum_j w1[j] x[t + (W-1) - j]``; ``u_k = silu(a_k)``. One read
-of x (its W shifted tiles come from cache) writes both branches, where PyTorch needs a concatenated copy, a grouped
-conv, a slice-and-stack copy and a silu pass.
+causally, which in natural order is ``a1[t] = b1 + sum_j w1[j] x[t + (W-1) - j]``; ``u_k = silu(a_k)``. Written
+by distance, ``a0[t] = b0 + sum_s c0[s] x[t - s]`` and ``a1[t] = b1 + sum_s c1[s] x[t + s]`` with the taps
+``c_k[s] = w_k[W-1-s]``, s < W <= MAX_WIDTH.
 
-Grid: one program per (token block, channel block, batch element), flat; tiles (BLOCK_D, BLOCK_L); token and
-channel offsets times strides are int64. The backward needs the
-pre-activation gradient ``ga_k = du_k * silu'(a_k)`` at the W - 1 tokens beyond its tile too; Triton has no register
-shift, so those are recomputed from x (W more tile loads per shift, all cache hits) instead of a second kernel and
-an fp32 round trip through memory. Weight and bias gradients are per-program fp32 partials summed afterwards
-(deterministic, no atomics).
+Each thread owns its channels and walks a block of tokens in order, as the scan kernels do, holding the taps and a
+sliding window of x (and in the backward of the pre-activation gradients) in registers: per token and channel one
+load of x (the forward), of x and the two output gradients (the backward), each used once, and one store per output.
+No token is loaded twice except at the block's edges (the window's first W - 1 + 3 tokens), there are no
+cross-lane sums (a channel's weight and bias gradients are sums over its own tokens), and each token's outputs are
+written once, in their dtype, channel-contiguous (a warp's store of one token is one contiguous run). The window
+shifts by one register per token, which the unrolled loop turns into renaming.
+
+Grid: one program per (token block, channel block, batch element), flat (no 65,535 limit on the batch); the block
+length ``conv_block_tokens`` fills the GPU's schedulers. Weight and bias gradients are per-program fp32 partials
+summed afterwards (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -19,142 +24,212 @@ import triton
 import triton.language as tl
 
 from .common import autotune_configs, silu, silu_grad, tensor_strides
+from .fwd import H100_SMS, SUBPARTITIONS_PER_SM, sm_count
 
-__all__ = ['conv_fwd', 'conv_bwd', 'CONV_BLOCK_L']
+__all__ = ['conv_fwd', 'conv_bwd', 'conv_output', 'conv_block_tokens', 'MAX_WIDTH']
 
-# Tokens per program: fixed rather than autotuned, because the backward's partial-sum buffer is sized by it.
-CONV_BLOCK_L = 64
-# (BLOCK_D, num_warps, num_stages). Every shifted tile costs a 64-bit pointer per element, so tiles stay small per
-# thread: at most 8 elements in the forward, 4 in the backward (which recomputes shifted pre-activations), or ptxas
-# spills (tests/kernels/test_triton_compile.py).
-_FWD_CONFIGS = [(16, 4, 1), (32, 8, 1), (8, 4, 1)]
-_BWD_CONFIGS = [(16, 8, 1), (8, 4, 1), (8, 8, 1)]
-
-
-@triton.jit
-def _load_tokens(ptr, s_l, tokens, mask_d, seqlen):
-    """(BLOCK_D, BLOCK_L) fp32 tile of rows ``ptr`` (BLOCK_D, 1) at ``tokens`` (BLOCK_L,); zero outside the sequence."""
-    ok = mask_d[:, None] & ((tokens >= 0) & (tokens < seqlen))[None, :]
-    return tl.load(ptr + tokens.to(tl.int64)[None, :] * s_l, mask=ok, other=0.0).to(tl.float32)
+# The window holds x at distances -3..3 and the taps c_k[0..3]: widths up to 4 (Vim's and Mamba's 4; causal_conv1d
+# takes 2 to 4). A larger width raises a clear error; 'auto' runs the reference for it.
+MAX_WIDTH = 4
+# (BLOCK_D, num_warps, num_stages, UNROLL): a channel a thread, 1 to 4 warps a program; the loop unrolled by 4
+# tokens, so that most of the window's shift is register renaming (sm_90, bf16: the backward issues 103, 90, 78
+# and 74 instructions per (token, channel) unrolled by 1, 2, 4 and 8; the forward 49-58 at any). Two channels a
+# thread saved nothing and put shuffles or barriers into the remainder loop.
+_FWD_CONFIGS = [(32, 1, 1, 4), (64, 2, 1, 4), (128, 4, 1, 4)]
+_BWD_CONFIGS = [(32, 1, 1, 4), (64, 2, 1, 4), (128, 4, 1, 4)]
+# warps a scheduler should hold so that its issue slots stay busy (the scan's ISSUE_INTERVAL of 6.6 rounded up)
+_WARPS_PER_SCHEDULER = 8
+_BLOCK_TOKENS = (16, 32, 64, 128, 256)
 
 
-@triton.jit
-def _preactivation(x_ptr, s_x_l, tokens, mask_d, seqlen, w_ptr, s_w_j, bias, WIDTH: tl.constexpr,
-                   REVERSE: tl.constexpr):
-    """One branch's conv before silu at ``tokens``: (BLOCK_D, BLOCK_L) fp32. x_ptr, w_ptr: (BLOCK_D, 1) rows;
-    bias (BLOCK_D,). REVERSE: branch 1, reading the taps after each token instead of before it."""
-    a = tl.zeros((bias.shape[0], tokens.shape[0]), dtype=tl.float32) + bias[:, None]
-    for j in tl.static_range(WIDTH):
-        w = tl.load(w_ptr + j * s_w_j, mask=mask_d[:, None], other=0.0).to(tl.float32)
-        if REVERSE:
-            a += w * _load_tokens(x_ptr, s_x_l, tokens + (WIDTH - 1 - j), mask_d, seqlen)
-        else:
-            a += w * _load_tokens(x_ptr, s_x_l, tokens - (WIDTH - 1 - j), mask_d, seqlen)
-    return a
+def conv_block_tokens(batch: int, dim: int, seqlen: int, sms: int = H100_SMS) -> int:
+    """Tokens per program: the longest of 16 .. 256 that still gives every scheduler ``_WARPS_PER_SCHEDULER`` warps
+    of 32 channels (the shortest where none does). A longer block repeats fewer edge tokens (the backward
+    recomputes MAX_WIDTH - 1 of them a block); a shorter one fills more schedulers."""
+    target = _WARPS_PER_SCHEDULER * SUBPARTITIONS_PER_SM * sms
+    units = batch * triton.cdiv(dim, 32)
+    fitting = [n for n in _BLOCK_TOKENS if units * triton.cdiv(seqlen, n) >= target]
+    return fitting[-1] if fitting else _BLOCK_TOKENS[0]
 
 
 @triton.jit
-def _program_tile(seqlen, dim, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's batch element, (batch, token block) index, token and channel offsets, and masks (channels;
-    channels x tokens), from a flat grid of (token block, channel block, batch element), batch-major: no 65,535
-    limit on the batch."""
+def _program(seqlen, dim, block_l, BLOCK_D: tl.constexpr):
+    """(batch element, (batch, token block) index, first token, tokens, channel offsets, channel mask) of this
+    program, from a flat grid of (token block, channel block, batch element), batch-major."""
     pid = tl.program_id(0).to(tl.int64)
-    n_lblocks = tl.cdiv(seqlen, BLOCK_L)
+    n_lblocks = tl.cdiv(seqlen, block_l)
     n_dblocks = tl.cdiv(dim, BLOCK_D)
     lblock = pid % n_lblocks
     b = pid // (n_lblocks * n_dblocks)
-    offs_l = lblock.to(tl.int32) * BLOCK_L + tl.arange(0, BLOCK_L)
+    t0 = lblock.to(tl.int32) * block_l
     offs_d = ((pid // n_lblocks) % n_dblocks).to(tl.int32) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < dim
-    return b, b * n_lblocks + lblock, offs_l, offs_d, mask_d, mask_d[:, None] & (offs_l < seqlen)[None, :]
+    return b, b * n_lblocks + lblock, t0, tl.minimum(block_l, seqlen - t0), offs_d, offs_d < dim
 
 
 @triton.jit
-def _load_biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d):
+def _taps(w_row, s_w_j, mask_d, WIDTH: tl.constexpr):
+    """A branch's taps c[0..3] (BLOCK_D,) fp32, c[s] = w[WIDTH - 1 - s]; zero for s >= WIDTH. w_row: (BLOCK_D,)."""
+    c0 = tl.load(w_row + (WIDTH - 1) * s_w_j, mask=mask_d, other=0.0).to(tl.float32)
+    c1 = tl.zeros_like(c0)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    if WIDTH > 1:
+        c1 = tl.load(w_row + (WIDTH - 2) * s_w_j, mask=mask_d, other=0.0).to(tl.float32)
+    if WIDTH > 2:
+        c2 = tl.load(w_row + (WIDTH - 3) * s_w_j, mask=mask_d, other=0.0).to(tl.float32)
+    if WIDTH > 3:
+        c3 = tl.load(w_row + (WIDTH - 4) * s_w_j, mask=mask_d, other=0.0).to(tl.float32)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _load_x(x_row, t, s_x_l, mask_d, seqlen):
+    """x (BLOCK_D,) fp32 at token t of the rows ``x_row``; zero outside the sequence (the conv's padding)."""
+    return tl.load(x_row + t.to(tl.int64) * s_x_l, mask=mask_d & (t >= 0) & (t < seqlen), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d):
     b0 = tl.load(b_ptr + offs_d * s_b_d, mask=mask_d, other=0.0).to(tl.float32)
     b1 = tl.load(b_ptr + s_b_k + offs_d * s_b_d, mask=mask_d, other=0.0).to(tl.float32)
     return b0, b1
 
 
-@triton.autotune(configs=autotune_configs(_FWD_CONFIGS), key=['dim', 'WIDTH', 'batch'])
-@triton.jit(do_not_specialize=['seqlen'])
+@triton.autotune(configs=autotune_configs(_FWD_CONFIGS), key=['dim', 'batch', 'block_l', 'WIDTH'])
+@triton.jit(do_not_specialize=['seqlen', 'block_l'])
 def _bidirectional_conv_fwd_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr,
-        batch, seqlen, dim,
+        batch, seqlen, dim, block_l,
         s_x_b, s_x_d, s_x_l,
         s_w_k, s_w_d, s_w_j,
         s_b_k, s_b_d,
-        WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+        WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    b, _, offs_l, offs_d, mask_d, mask = _program_tile(seqlen, dim, BLOCK_L, BLOCK_D)
-    x_ptr += b * s_x_b + offs_d.to(tl.int64)[:, None] * s_x_d
-    w0_ptr = w_ptr + offs_d[:, None] * s_w_d
-    b0, b1 = _load_biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d)
-    a0 = _preactivation(x_ptr, s_x_l, offs_l, mask_d, seqlen, w0_ptr, s_w_j, b0, WIDTH, False)
-    a1 = _preactivation(x_ptr, s_x_l, offs_l, mask_d, seqlen, w0_ptr + s_w_k, s_w_j, b1, WIDTH, True)
+    b, _, t0, n_tok, offs_d, mask_d = _program(seqlen, dim, block_l, BLOCK_D)
+    x_row = x_ptr + b * s_x_b + offs_d.to(tl.int64) * s_x_d
+    w_row = w_ptr + offs_d * s_w_d
+    c00, c01, c02, c03 = _taps(w_row, s_w_j, mask_d, WIDTH)
+    c10, c11, c12, c13 = _taps(w_row + s_w_k, s_w_j, mask_d, WIDTH)
+    b0, b1 = _biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d)
+    # the window around token t0: x[t0 - 3 .. t0 + 2], and x[t0 + 3] (each iteration loads one token ahead)
+    x_m3 = _load_x(x_row, t0 - 3, s_x_l, mask_d, seqlen)
+    x_m2 = _load_x(x_row, t0 - 2, s_x_l, mask_d, seqlen)
+    x_m1 = _load_x(x_row, t0 - 1, s_x_l, mask_d, seqlen)
+    x_0 = _load_x(x_row, t0, s_x_l, mask_d, seqlen)
+    x_p1 = _load_x(x_row, t0 + 1, s_x_l, mask_d, seqlen)
+    x_p2 = _load_x(x_row, t0 + 2, s_x_l, mask_d, seqlen)
+    x_next = _load_x(x_row, t0 + 3, s_x_l, mask_d, seqlen)
+    x_ahead = x_row + (t0 + 4).to(tl.int64) * s_x_l
+    # out: (batch, seqlen, 2, dim) in memory, channel-contiguous
+    out = out_ptr + (b * seqlen + t0) * (2 * dim) + offs_d
+    for i in tl.range(n_tok, loop_unroll_factor=UNROLL):
+        x_p3 = x_next
+        x_next = tl.load(x_ahead, mask=mask_d & (t0 + i + 4 < seqlen), other=0.0).to(tl.float32)
+        x_ahead += s_x_l
+        a0 = b0 + c00 * x_0 + c01 * x_m1 + c02 * x_m2 + c03 * x_m3  # from the tokens before t0 + i
+        a1 = b1 + c10 * x_0 + c11 * x_p1 + c12 * x_p2 + c13 * x_p3  # and after it
+        tl.store(out, silu(a0).to(out_ptr.dtype.element_ty), mask=mask_d)
+        tl.store(out + dim, silu(a1).to(out_ptr.dtype.element_ty), mask=mask_d)
+        out += 2 * dim
+        x_m3, x_m2, x_m1, x_0, x_p1, x_p2 = x_m2, x_m1, x_0, x_p1, x_p2, x_p3
 
-    # out: (batch, seqlen, 2, dim) in memory, channel-contiguous like x
-    out_ptr += b * seqlen * 2 * dim + offs_l.to(tl.int64)[None, :] * (2 * dim) + offs_d[:, None]
-    tl.store(out_ptr, silu(a0).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + dim, silu(a1).to(out_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _store_partial(ptr, part, WIDTH: tl.constexpr, g0, g1, g2, g3, mask_d):
+    """A branch's weight-gradient partials by distance (g_s for tap s) into w's tap order (WIDTH - 1 - s)."""
+    tl.store(ptr + part * WIDTH + (WIDTH - 1), g0, mask=mask_d)
+    if WIDTH > 1:
+        tl.store(ptr + part * WIDTH + (WIDTH - 2), g1, mask=mask_d)
+    if WIDTH > 2:
+        tl.store(ptr + part * WIDTH + (WIDTH - 3), g2, mask=mask_d)
+    if WIDTH > 3:
+        tl.store(ptr + part * WIDTH + (WIDTH - 4), g3, mask=mask_d)
 
 
-@triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=['dim', 'WIDTH', 'batch'])
-@triton.jit(do_not_specialize=['seqlen'])
+@triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=['dim', 'batch', 'block_l', 'WIDTH'])
+@triton.jit(do_not_specialize=['seqlen', 'block_l'])
 def _bidirectional_conv_bwd_kernel(
         x_ptr, w_ptr, b_ptr, gout_ptr, gx_ptr, gw_ptr, gb_ptr,
-        batch, seqlen, dim,
+        batch, seqlen, dim, block_l,
         s_x_b, s_x_d, s_x_l,
         s_w_k, s_w_d, s_w_j,
         s_b_k, s_b_d,
         s_go_b, s_go_k, s_go_d, s_go_l,
-        WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+        WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    b, b_lblock, offs_l, offs_d, mask_d, mask = _program_tile(seqlen, dim, BLOCK_L, BLOCK_D)
-    x_ptr += b * s_x_b + offs_d.to(tl.int64)[:, None] * s_x_d
-    gout_ptr += b * s_go_b + offs_d.to(tl.int64)[:, None] * s_go_d
-    w0_ptr = w_ptr + offs_d[:, None] * s_w_d
-    w1_ptr = w0_ptr + s_w_k
-    b0, b1 = _load_biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d)
-
-    # the tile's own pre-activation gradients: bias and weight gradients
-    a0 = _preactivation(x_ptr, s_x_l, offs_l, mask_d, seqlen, w0_ptr, s_w_j, b0, WIDTH, False)
-    a1 = _preactivation(x_ptr, s_x_l, offs_l, mask_d, seqlen, w1_ptr, s_w_j, b1, WIDTH, True)
-    ga0 = _load_tokens(gout_ptr, s_go_l, offs_l, mask_d, seqlen) * silu_grad(a0)
-    ga1 = _load_tokens(gout_ptr + s_go_k, s_go_l, offs_l, mask_d, seqlen) * silu_grad(a1)
+    # ga_k = gout_k silu'(a_k); gx[t] = sum_s c0[s] ga0[t + s] + c1[s] ga1[t - s]; gw_k by distance s:
+    # sum_t ga0[t] x[t - s] and sum_t ga1[t] x[t + s]. Iteration t loads x[t + 3], gout0[t + 3] and gout1[t],
+    # computes ga0[t + 3] and ga1[t], and writes gx[t]; the window holds x[t - 3 .. t + 2], ga0[t .. t + 2],
+    # ga1[t - 3 .. t - 1]. The first 3 iterations (tokens t0 - 3 .. t0 - 1) only fill it.
+    b, b_lblock, t0, n_tok, offs_d, mask_d = _program(seqlen, dim, block_l, BLOCK_D)
+    x_row = x_ptr + b * s_x_b + offs_d.to(tl.int64) * s_x_d
+    w_row = w_ptr + offs_d * s_w_d
+    c00, c01, c02, c03 = _taps(w_row, s_w_j, mask_d, WIDTH)
+    c10, c11, c12, c13 = _taps(w_row + s_w_k, s_w_j, mask_d, WIDTH)
+    b0, b1 = _biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d)
+    ts = t0 - 3
+    x_m3 = _load_x(x_row, ts - 3, s_x_l, mask_d, seqlen)
+    x_m2 = _load_x(x_row, ts - 2, s_x_l, mask_d, seqlen)
+    x_m1 = _load_x(x_row, ts - 1, s_x_l, mask_d, seqlen)
+    x_0 = _load_x(x_row, ts, s_x_l, mask_d, seqlen)
+    x_p1 = _load_x(x_row, ts + 1, s_x_l, mask_d, seqlen)
+    x_p2 = _load_x(x_row, ts + 2, s_x_l, mask_d, seqlen)
+    x_next = _load_x(x_row, ts + 3, s_x_l, mask_d, seqlen)
+    x_ahead = x_row + (ts + 4).to(tl.int64) * s_x_l
+    go_row = gout_ptr + b * s_go_b + offs_d.to(tl.int64) * s_go_d
+    go0 = go_row + (ts + 3).to(tl.int64) * s_go_l
+    go1 = go_row + s_go_k + ts.to(tl.int64) * s_go_l
+    # gx: (batch, seqlen, dim) in memory, channel-contiguous
+    gx = gx_ptr + (b * seqlen + ts) * dim + offs_d
+    zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    g0_0, g0_1, g0_2 = zero, zero, zero
+    g1_m3, g1_m2, g1_m1 = zero, zero, zero
+    gb0, gw00, gw01, gw02, gw03 = zero, zero, zero, zero, zero
+    gb1, gw10, gw11, gw12, gw13 = zero, zero, zero, zero, zero
+    for i in tl.range(n_tok + 3, loop_unroll_factor=UNROLL):
+        t = ts + i
+        x_p3 = x_next
+        x_next = tl.load(x_ahead, mask=mask_d & (t + 4 < seqlen), other=0.0).to(tl.float32)
+        x_ahead += s_x_l
+        gout0 = tl.load(go0, mask=mask_d & (t + 3 < seqlen), other=0.0).to(tl.float32)
+        gout1 = tl.load(go1, mask=mask_d & (t >= 0), other=0.0).to(tl.float32)
+        go0 += s_go_l
+        go1 += s_go_l
+        # a0 at token t + 3 (the window shifted by 3) and a1 at token t
+        a0 = b0 + c00 * x_p3 + c01 * x_p2 + c02 * x_p1 + c03 * x_0
+        a1 = b1 + c10 * x_0 + c11 * x_p1 + c12 * x_p2 + c13 * x_p3
+        g0_3 = gout0 * silu_grad(a0)
+        g1_0 = gout1 * silu_grad(a1)
+        grad = (c00 * g0_0 + c01 * g0_1 + c02 * g0_2 + c03 * g0_3) + (c10 * g1_0 + c11 * g1_m1 + c12 * g1_m2
+                                                                       + c13 * g1_m3)
+        own = t >= t0
+        tl.store(gx, grad.to(gx_ptr.dtype.element_ty), mask=mask_d & own)
+        gx += dim
+        e0 = tl.where(own, g0_0, 0.0)
+        e1 = tl.where(own, g1_0, 0.0)
+        gb0 += e0
+        gw00 += e0 * x_0
+        gw01 += e0 * x_m1
+        gw02 += e0 * x_m2
+        gw03 += e0 * x_m3
+        gb1 += e1
+        gw10 += e1 * x_0
+        gw11 += e1 * x_p1
+        gw12 += e1 * x_p2
+        gw13 += e1 * x_p3
+        x_m3, x_m2, x_m1, x_0, x_p1, x_p2 = x_m2, x_m1, x_0, x_p1, x_p2, x_p3
+        g0_0, g0_1, g0_2 = g0_1, g0_2, g0_3
+        g1_m3, g1_m2, g1_m1 = g1_m2, g1_m1, g1_0
     # partials: gw (batch, n_blocks_l, 2, dim, WIDTH), gb (batch, n_blocks_l, 2, dim), contiguous fp32
     part = b_lblock * 2 * dim + offs_d
-    tl.store(gb_ptr + part, tl.sum(ga0, axis=1), mask=mask_d)
-    tl.store(gb_ptr + part + dim, tl.sum(ga1, axis=1), mask=mask_d)
-    for j in tl.static_range(WIDTH):
-        shift = WIDTH - 1 - j
-        x_prev = _load_tokens(x_ptr, s_x_l, offs_l - shift, mask_d, seqlen)
-        x_next = _load_tokens(x_ptr, s_x_l, offs_l + shift, mask_d, seqlen)
-        tl.store(gw_ptr + part * WIDTH + j, tl.sum(ga0 * x_prev, axis=1), mask=mask_d)
-        tl.store(gw_ptr + (part + dim) * WIDTH + j, tl.sum(ga1 * x_next, axis=1), mask=mask_d)
-
-    # gx[t] = sum_j w0[j] ga0[t + shift_j] + w1[j] ga1[t - shift_j]: ga at the shifted tokens is recomputed
-    gx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    for j in tl.static_range(WIDTH):
-        shift = WIDTH - 1 - j
-        w0 = tl.load(w0_ptr + j * s_w_j, mask=mask_d[:, None], other=0.0).to(tl.float32)
-        w1 = tl.load(w1_ptr + j * s_w_j, mask=mask_d[:, None], other=0.0).to(tl.float32)
-        if shift == 0:
-            gx += w0 * ga0 + w1 * ga1
-        else:
-            later = offs_l + shift
-            earlier = offs_l - shift
-            a0s = _preactivation(x_ptr, s_x_l, later, mask_d, seqlen, w0_ptr, s_w_j, b0, WIDTH, False)
-            a1s = _preactivation(x_ptr, s_x_l, earlier, mask_d, seqlen, w1_ptr, s_w_j, b1, WIDTH, True)
-            g0 = _load_tokens(gout_ptr, s_go_l, later, mask_d, seqlen)
-            g1 = _load_tokens(gout_ptr + s_go_k, s_go_l, earlier, mask_d, seqlen)
-            gx += w0 * (g0 * silu_grad(a0s)) + w1 * (g1 * silu_grad(a1s))
-    tl.store(gx_ptr + b * dim * seqlen + offs_d.to(tl.int64)[:, None] * seqlen + offs_l[None, :],
-             gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    tl.store(gb_ptr + part, gb0, mask=mask_d)
+    tl.store(gb_ptr + part + dim, gb1, mask=mask_d)
+    _store_partial(gw_ptr, part, WIDTH, gw00, gw01, gw02, gw03, mask_d)
+    _store_partial(gw_ptr, part + dim, WIDTH, gw10, gw11, gw12, gw13, mask_d)
 
 
-def _grid(seqlen: int, dim: int, batch: int):
-    return lambda meta: (triton.cdiv(seqlen, meta['BLOCK_L']) * triton.cdiv(dim, meta['BLOCK_D']) * batch,)
+def _grid(seqlen: int, dim: int, batch: int, block_l: int):
+    return lambda meta: (triton.cdiv(seqlen, block_l) * triton.cdiv(dim, meta['BLOCK_D']) * batch,)
 
 
 def conv_output(x: torch.Tensor) -> torch.Tensor:
@@ -164,32 +239,50 @@ def conv_output(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(batch, seqlen, 2, dim, device=x.device, dtype=x.dtype).permute(0, 2, 3, 1)
 
 
-def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x (batch, dim, seqlen), weight (2, dim, width), bias (2, dim), any strides -> (batch, 2, dim, seqlen)
-    in x's dtype, a view of channel-contiguous (batch, seqlen, 2, dim) memory: the scan, a thread per channel,
-    then reads each token's channels as one contiguous run."""
+def conv_input_grad(x: torch.Tensor) -> torch.Tensor:
+    """The backward's buffer for x's gradient: (batch, dim, seqlen) in x's dtype, a transposed view of
+    channel-contiguous (batch, seqlen, dim) memory, as the kernel writes it."""
     batch, dim, seqlen = x.shape
+    return torch.empty(batch, seqlen, dim, device=x.device, dtype=x.dtype).transpose(1, 2)
+
+
+def _check_width(weight: torch.Tensor) -> int:
+    width = weight.shape[2]
+    if width > MAX_WIDTH:
+        raise ValueError(f'the Triton conv takes widths up to {MAX_WIDTH} (Vim and Mamba use 4), got {width}: '
+                         "use backend='reference' (or 'cpu' on CPU)")
+    return width
+
+
+def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (batch, dim, seqlen), weight (2, dim, width <= MAX_WIDTH), bias (2, dim), any strides -> (batch, 2, dim,
+    seqlen) in x's dtype, a view of channel-contiguous (batch, seqlen, 2, dim) memory: the scan, a thread per
+    channel, then reads each token's channels as one contiguous run."""
+    batch, dim, seqlen = x.shape
+    width = _check_width(weight)
+    block_l = conv_block_tokens(batch, dim, seqlen, sm_count(x.device))
     out = conv_output(x)
-    _bidirectional_conv_fwd_kernel[_grid(seqlen, dim, batch)](
-        x, weight, bias, out, batch, seqlen, dim,
-        *tensor_strides(x, 3), *tensor_strides(weight, 3), *tensor_strides(bias, 2),
-        WIDTH=weight.shape[2], BLOCK_L=CONV_BLOCK_L,
+    _bidirectional_conv_fwd_kernel[_grid(seqlen, dim, batch, block_l)](
+        x, weight, bias, out, batch, seqlen, dim, block_l,
+        *tensor_strides(x, 3), *tensor_strides(weight, 3), *tensor_strides(bias, 2), WIDTH=width,
     )
     return out
 
 
 def conv_bwd(gout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of (x, weight, bias), each in its input's dtype. gout: (batch, 2, dim, seqlen), any strides."""
+    """Gradients of (x, weight, bias), each in its input's dtype; x's channel-contiguous (``conv_input_grad``).
+    gout: (batch, 2, dim, seqlen), any strides."""
     batch, dim, seqlen = x.shape
-    width = weight.shape[2]
-    n_blocks = triton.cdiv(seqlen, CONV_BLOCK_L)
-    gx = torch.empty(batch, dim, seqlen, device=x.device, dtype=x.dtype)
+    width = _check_width(weight)
+    block_l = conv_block_tokens(batch, dim, seqlen, sm_count(x.device))
+    n_blocks = triton.cdiv(seqlen, block_l)
+    gx = conv_input_grad(x)
     gw = torch.empty(batch, n_blocks, 2, dim, width, device=x.device, dtype=torch.float32)
     gb = torch.empty(batch, n_blocks, 2, dim, device=x.device, dtype=torch.float32)
-    _bidirectional_conv_bwd_kernel[_grid(seqlen, dim, batch)](
-        x, weight, bias, gout, gx, gw, gb, batch, seqlen, dim,
+    _bidirectional_conv_bwd_kernel[_grid(seqlen, dim, batch, block_l)](
+        x, weight, bias, gout, gx, gw, gb, batch, seqlen, dim, block_l,
         *tensor_strides(x, 3), *tensor_strides(weight, 3), *tensor_strides(bias, 2), *tensor_strides(gout, 4),
-        WIDTH=width, BLOCK_L=CONV_BLOCK_L,
+        WIDTH=width,
     )
     return gx, gw.sum((0, 1)).to(weight.dtype), gb.sum((0, 1)).to(bias.dtype)

@@ -95,10 +95,10 @@ def _specs():
         # the backward's main kernel: one compile and launch per direction (direction 1 first)
         *((KernelSpec(f'scan_bwd_k{k}', bwd._bidirectional_scan_bwd_kernel, all_configs(bwd._CONFIGS), 'state',
                       dict(scan, K=k)), CHUNK) for k in (1, 0)),
-        (KernelSpec('conv_fwd', conv._bidirectional_conv_fwd_kernel, all_configs(conv._FWD_CONFIGS), 'none',
-                    dict(WIDTH=WIDTH, BLOCK_L=conv.CONV_BLOCK_L)), 1),
-        (KernelSpec('conv_bwd', conv._bidirectional_conv_bwd_kernel, all_configs(conv._BWD_CONFIGS), 'none',
-                    dict(WIDTH=WIDTH, BLOCK_L=conv.CONV_BLOCK_L)), 1),
+        (KernelSpec('conv_fwd', conv._bidirectional_conv_fwd_kernel, all_configs(conv._FWD_CONFIGS), 'conv',
+                    dict(WIDTH=WIDTH)), 1),
+        (KernelSpec('conv_bwd', conv._bidirectional_conv_bwd_kernel, all_configs(conv._BWD_CONFIGS), 'conv',
+                    dict(WIDTH=WIDTH)), 1),
     ]
 
 
@@ -120,7 +120,13 @@ def _analyse(spec, tokens_per_iteration: int, config, compiled: dict) -> dict:
         per_iteration = CHUNK * max(block_d / threads, 1) * DSTATE
     elif spec.loop == 'segment':  # BLOCK_S segment boundaries of one (channel, state) a thread
         per_iteration = max(block_d * DSTATE / threads, 1) * config.kwargs['BLOCK_S']
-    else:  # the straight-line tile of (token, channel) for the conv
+    elif spec.loop == 'conv':  # UNROLL tokens of the thread's channels (no state axis)
+        per_iteration = config.kwargs['UNROLL'] * max(block_d / threads, 1)
+        # the source loop unrolled by UNROLL, and its remainder loop (< UNROLL tokens a program): counted as
+        # straight-line code
+        loops = [max(loops, key=lambda lp: lp.main_path['ex2'])] if loops else []
+        around = [None] * len(loops)
+    else:  # straight-line code (the B/C packing: a tile of (token, state))
         per_iteration = max(block_d / threads, 1) * DSTATE
     unroll = 1.0
     if spec.loop == 'segment' and loops:
@@ -177,22 +183,23 @@ def _launch_time(row: dict, warps: int, iterations_per_loop: float, nbytes: floa
 
 
 def _floors(dim: int, seqlen: int, batch: int) -> dict:
-    """The floor of each op: compulsory bytes at 3.0 TB/s vs one exp per (token, channel, state, direction)."""
+    """The floor of each op: compulsory bytes at 3.0 TB/s vs one exp per (token, channel, state, direction). The
+    conv's bytes: x and both branches' outputs (forward); x, both branches' output gradients and x's (backward)."""
     e, tokens = DTYPE_BYTES, batch * seqlen
     exps = 2 * tokens * dim * DSTATE
     fwd_bytes = tokens * (dim * e * (2 * 2 + 1 + 1) + 2 * 2 * DSTATE * e)  # u, delta (2 dirs), z, out; B, C
     bwd_bytes = tokens * (dim * e * (2 * 2 + 2 + 2 * 2 + 1) + 2 * 2 * DSTATE * e * 2)  # + gout; gu, gdelta, gz; gB, gC
-    conv_bytes = tokens * dim * e * (1 + 2)
     exp_time = exps / EXP_PER_S
     return dict(scan_fwd=max(fwd_bytes / PEAK_BYTES_PER_S, exp_time), scan_bwd=max(bwd_bytes / PEAK_BYTES_PER_S,
                                                                                     exp_time),
-                conv_fwd=conv_bytes / PEAK_BYTES_PER_S, conv_bwd=2 * conv_bytes / PEAK_BYTES_PER_S, exps=exps,
-                exp_time=exp_time)
+                conv_fwd=tokens * dim * e * 3 / PEAK_BYTES_PER_S, conv_bwd=tokens * dim * e * 4 / PEAK_BYTES_PER_S,
+                exps=exps, exp_time=exp_time)
 
 
 def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -> list[tuple[dict, Launch]]:
     """The launches of ``op`` for a case, each with the config row it runs (row_of(kernel) -> best row)."""
     from .bwd import plan_backward_segments
+    from .conv import conv_block_tokens
     from .fwd import plan_segments
     e, tokens = DTYPE_BYTES, batch * seqlen
     seg, n_seg = plan_segments(batch, dim, seqlen, CHUNK)
@@ -243,10 +250,19 @@ def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -
         out.append((row_of('pack_bc'), Launch('bc_partials_sum', 0, 0, tokens * 2 * 2 * DSTATE * (4 * groups + e))))
     elif op in ('conv_fwd', 'conv_bwd'):
         r = row_of(op)
-        block_d = r['config']['BLOCK_D']
-        programs = _ceil(seqlen, 64) * _ceil(dim, block_d) * batch
-        nbytes = tokens * dim * e * (3 if op == 'conv_fwd' else 6)
-        out.append((r, Launch(op, programs * r['config']['num_warps'], 0, nbytes)))
+        block_l = conv_block_tokens(batch, dim, seqlen, SMS)
+        n_blocks = _ceil(seqlen, block_l)
+        programs = n_blocks * _ceil(dim, r['config']['BLOCK_D']) * batch
+        # per program the window's edge: 6 more tokens of x, and in the backward 3 more loop iterations (3 of gout
+        # per branch)
+        edge = 3 if op == 'conv_bwd' else 0
+        iterations = (block_l + edge) / r['config']['UNROLL']
+        if op == 'conv_fwd':  # x, both outputs
+            nbytes = tokens * dim * e * 3 + batch * n_blocks * dim * 6 * e
+        else:  # x, both output gradients, x's; the weight and bias partials written, then read by the torch sums
+            nbytes = (tokens * dim * e * 4 + batch * n_blocks * dim * (6 + 2 * edge) * e
+                      + 2 * batch * n_blocks * 2 * dim * (WIDTH + 1) * 4)
+        out.append((r, Launch(op, programs * r['config']['num_warps'], iterations, nbytes)))
     return out
 
 

@@ -87,6 +87,57 @@ def test_every_autotune_config(kernel, config, monkeypatch):
     check_conv_against_reference(*make_conv_inputs(1, 36, 70, 4, torch.float32, 'mixer', seed=config), seed=config)
 
 
+@pytest.mark.parametrize('block_l', [1, 3, 16, 64])
+@pytest.mark.parametrize('width', [4, 3])
+def test_token_blocks_of_any_length(block_l, width, monkeypatch):
+    """Each program walks a block of tokens with a window that reaches 3 tokens past both of its edges (6 in the
+    backward's x): blocks shorter than the window, a last block cut short, a block as long as the sequence."""
+    monkeypatch.setattr(conv, 'conv_block_tokens', lambda *args: block_l)
+    check_conv_against_reference(*make_conv_inputs(2, 6, 37, width, torch.float32, 'mixer', seed=block_l),
+                                 seed=block_l)
+
+
+def test_input_gradient_is_channel_contiguous():
+    """x's gradient is written as the forward's output is, a warp's store of one token one contiguous run."""
+    x, weight, bias = (t.detach() for t in make_conv_inputs(2, 8, 9, 4, torch.float32, 'mixer'))
+    gx, gw, gb = conv.conv_bwd(torch.randn(2, 2, 8, 9).to(x.device), x, weight, bias)
+    assert gx.shape == x.shape and gx.transpose(1, 2).is_contiguous(), gx.stride()
+    assert gw.shape == weight.shape and gb.shape == bias.shape
+
+
+def test_block_length_fills_the_gpu():
+    """The longest block that still gives each of an H100's 528 schedulers 8 warps of 32 channels (Vim-Ti: 384
+    channels), the shortest (16) where none does."""
+    assert conv.conv_block_tokens(64, 384, 197) == 32    # 768 warps of channels x 7 blocks
+    assert conv.conv_block_tokens(8, 384, 6085) == 128   # 96 x 48
+    assert conv.conv_block_tokens(1, 384, 6085) == 16    # 12 x 381
+    assert conv.conv_block_tokens(1, 384, 197) == 16     # nothing fills it
+    assert conv.conv_block_tokens(512, 768, 197) == 256  # the longest offered
+    for args in [(64, 384, 197), (8, 384, 6085), (1, 384, 6085), (512, 768, 197)]:
+        batch, dim, seqlen = args
+        assert batch * dim // 32 * -(-seqlen // conv.conv_block_tokens(*args)) >= 8 * 4 * 132, args
+
+
+def test_widths_above_four_go_to_the_reference(monkeypatch):
+    """The window holds 4 taps a branch: asked for by name a wider conv raises one clear error before any launch;
+    'auto' runs the reference for it."""
+    from vim.kernels import bidirectional_conv_silu, interface
+    x, weight4, bias = (t.detach() for t in make_conv_inputs(1, 4, 9, 4, torch.float32))
+    weight = torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match='widths up to 4.*got 5'):
+        bidirectional_conv_silu_triton(x, weight, bias)
+    with pytest.raises(ValueError, match='widths up to 4.*got 5'):
+        conv.conv_fwd(x, weight, bias)
+    monkeypatch.delenv('VIM_SCAN_BACKEND', raising=False)
+    # as on a CUDA device, where 'auto' resolves to the self-checked Triton kernels
+    monkeypatch.setattr(interface, '_auto_backend', lambda t: 'triton')
+    assert interface._conv_backend(None, x, weight) == interface.FALLBACK
+    assert interface._conv_backend(None, x, weight4) == 'triton'
+    assert interface._conv_backend('triton', x, weight) == 'triton'  # and the op raises, as above
+    torch.testing.assert_close(bidirectional_conv_silu(x, weight, bias), bidirectional_conv_silu_ref(x, weight, bias),
+                               rtol=0, atol=0)
+
+
 def test_inference_needs_no_autograd():
     x, weight, bias = make_conv_inputs(1, 8, 5, 4, torch.float32)
     with torch.no_grad():
