@@ -55,7 +55,7 @@ _BOUNDARY_CONFIGS = [triton.Config(dict(BLOCK_D=block_d, BLOCK_S=block_s), num_w
 
 # The sequence split: segments are whole chunks and at least MIN_SEGMENT tokens; SM_SUBPARTITIONS (4 per SM, one
 # warp scheduler each) share the warps, the H100's 132 SMs unless the device says otherwise.
-MIN_SEGMENT = 64
+MIN_SEGMENT = 32
 SUBPARTITIONS_PER_SM = 4
 H100_SMS = 132
 # the segment-state pass's work per token relative to the output pass's, per direction (no C, no y: 4 of its 5
@@ -70,6 +70,19 @@ _STATE_PASS_COST = 0.8
 ISSUE_INTERVAL = 6.6
 RESIDENT_OUTPUT = 5
 RESIDENT_STATE = 8
+# What a split moves through memory besides the passes' own inputs, per (segment boundary, batch element, direction,
+# channel): the side pass writes a state and a dt sum (17 fp32), the boundary walk reads and rewrites them (33), the
+# main pass reads the state (16); at the copy bandwidth of an H100 (3.0 TB/s, 1.98 GHz: the static report's), in the
+# planner's unit, a warp's token step of the output pass (~11 instructions per element x 16 states, static report).
+_SPLIT_BYTES = 66 * 4
+BYTES_PER_CLOCK = 3.0e12 / 1.98e9
+TOKEN_STEP_CLOCKS = 176
+
+
+def _split_time(batch: int, dim: int, n_seg: int) -> float:
+    """Time, in token steps of the output pass, that a split into ``n_seg`` segments spends moving segment states
+    (``_SPLIT_BYTES``)."""
+    return batch * 2 * (n_seg - 1) * dim * _SPLIT_BYTES / BYTES_PER_CLOCK / TOKEN_STEP_CLOCKS
 
 
 def _pass_time(warps: int, per_warp: float, resident: int, slots: int) -> float:
@@ -109,9 +122,10 @@ def plan_split(batch: int, dim: int, seqlen: int, chunk: int, sms: int, main_cos
                side_cost: float, side_resident: int) -> tuple[int, int]:
     """The segment plan of a split scan (forward or backward): a main pass of ``batch x channel warps x segments``
     warps, each ``main_cost`` per token and direction over both directions of its segment, after a side pass of
-    ``2 x batch x channel warps x (segments - 1)`` warps of ``side_cost`` per token; ``*_resident``: the warps a
-    scheduler holds of each. Returns the (segment length, count) of least ``_pass_time`` over every segment length
-    of whole chunks (at least MIN_SEGMENT tokens where split), the longest of equal cost.
+    ``2 x batch x channel warps x (segments - 1)`` warps of ``side_cost`` per token and the segment states' memory
+    traffic (``_split_time``); ``*_resident``: the warps a scheduler holds of each. Returns the (segment length,
+    count) of least modelled time over every segment length of whole chunks (at least MIN_SEGMENT tokens where
+    split), the longest of equal cost.
 
     Runs on the host before every launch, so it visits only the shortest length of each segment count (a longer
     one with the same count only costs more), ~2 sqrt(chunks) lengths, and remembers its answers: at 8 x 6,085
@@ -134,7 +148,8 @@ def plan_split(batch: int, dim: int, seqlen: int, chunk: int, sms: int, main_cos
         tokens = min(seg, seqlen)  # the longest segment's
         cost = _pass_time(units * n_seg, 2 * main_cost * tokens, main_resident, slots)
         if n_seg > 1:
-            cost += _pass_time(units * 2 * (n_seg - 1), side_cost * tokens, side_resident, slots)
+            cost += (_pass_time(units * 2 * (n_seg - 1), side_cost * tokens, side_resident, slots)
+                     + _split_time(batch, dim, n_seg))
         if best is None or cost < best[0]:
             best = (cost, seg, n_seg)
         if too_short:
