@@ -96,3 +96,21 @@ def test_cuda_profile_range_holds_one_steady_call(monkeypatch):
     events.clear()
     benchmark_scan._time(lambda: events.append('call'), torch.device('cuda'), 0.0)
     assert 'start' not in events
+
+
+def test_triton_chunk_option(monkeypatch):
+    """--triton-chunk runs the Triton scan with that chunk size (the spacing of the states its forward saves), and
+    the rows say so; other backends ignore it."""
+    pytest.importorskip('triton')
+    import vim.kernels.triton as triton_kernels
+    from vim.kernels.triton import bidirectional_scan_triton
+    seen = []
+
+    def spy(*args, chunk_size=8, **kwargs):
+        seen.append(chunk_size)
+        return bidirectional_scan_triton(*args, chunk_size=chunk_size, **kwargs)
+    monkeypatch.setattr(triton_kernels, 'bidirectional_scan_triton', spy)
+    report = benchmark_scan.run(torch.device('cpu'), ['fp32'], [(1, 9)], 8, 4, ['triton', 'reference'], 0.001, 1e9,
+                                1.98, 1 << 16, triton_chunk=4)
+    assert seen and set(seen) == {4}
+    assert [row.get('chunk') for row in report['scan']] == [4, None]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import platform
 import sys
@@ -96,8 +97,18 @@ def scan_inputs(batch: int, dim: int, dstate: int, seqlen: int, dtype: torch.dty
     return u, delta, A, B, C, D, z, bias
 
 
+def _scan_fn(backend: str, chunk: int | None) -> Callable:
+    """The scan as the mixer calls it, or, for ``triton`` with ``chunk``, the Triton op with that chunk size (the
+    spacing of the states the forward saves for the backward)."""
+    if chunk is not None and backend == 'triton':
+        from vim.kernels.triton import bidirectional_scan_triton
+        return functools.partial(bidirectional_scan_triton, chunk_size=chunk)
+    return functools.partial(bidirectional_scan, backend=backend)
+
+
 def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype: torch.dtype,
-            device: torch.device, min_time: float, profile: bool = False) -> dict:
+            device: torch.device, min_time: float, profile: bool = False, chunk: int | None = None) -> dict:
+    scan = _scan_fn(backend, chunk)
     inputs = scan_inputs(batch, dim, dstate, seqlen, dtype, device)
     u, delta, A, B, C, D, z, bias = inputs
     elt = torch.finfo(dtype).bits // 8
@@ -110,19 +121,20 @@ def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype:
 
     def fwd():
         with torch.no_grad():
-            bidirectional_scan(*inputs, backend=backend)
+            scan(*inputs)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     # the output's gradient as out_proj's backward hands it to the mixer: channel stride 1
     grad = torch.randn(batch, seqlen, dim, device=device, dtype=dtype).transpose(1, 2)
 
     def fwd_bwd():  # gradients returned, not accumulated into .grad (an add per input and call that no step pays)
-        torch.autograd.grad(bidirectional_scan(*leaves, backend=backend), leaves, grad)
+        torch.autograd.grad(scan(*leaves), leaves, grad)
     t_fwd = _time(fwd, device, min_time, profile)
     t_fb = _time(fwd_bwd, device, min_time, profile)
     t_bwd = max(t_fb - t_fwd, 1e-12)
     # (not under Nsight Compute, the --cuda-profile runs: torch.profiler's CUPTI session would compete with it)
     k_fwd, k_fb = (None, None) if profile else (_device_ms(fwd, device), _device_ms(fwd_bwd, device))
     return dict(backend=backend, batch=batch, dim=dim, dstate=dstate, seqlen=seqlen, dtype=str(dtype).split('.')[-1],
+                **({} if chunk is None or backend != 'triton' else dict(chunk=chunk)),
                 fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, fwd_device_ms=k_fwd,
                 bwd_device_ms=None if k_fwd is None else k_fb - k_fwd, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
                 fwd_exps=exps, bwd_exps=exps, fwd_gbps=fwd_bytes / t_fwd / 1e9, bwd_gbps=bwd_bytes / t_bwd / 1e9,
@@ -173,10 +185,12 @@ def add_floors(row: dict, copy_bps: float, exp_rate: float | None) -> dict:
 
 def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], dim: int, dstate: int,
         backends: list[str], min_time: float, exp_rate: float | None, clock_ghz: float,
-        copy_bytes: int, on_row: Callable[[dict], None] | None = None, profile: bool = False) -> dict:
+        copy_bytes: int, on_row: Callable[[dict], None] | None = None, profile: bool = False,
+        triton_chunk: int | None = None) -> dict:
     """Rows of the scan and the conv per (backend, dtype, shape), with the copy bandwidth and exp rate behind their
     floors. ``on_row`` gets the partial result after every shape (``complete`` False until the last), so that a run
-    cut off by a time limit keeps what it measured. ``profile``: see :func:`_time`."""
+    cut off by a time limit keeps what it measured. ``profile``: see :func:`_time`. ``triton_chunk``: the Triton
+    scan's chunk size (default: the op's)."""
     source = '--exp-rate' if exp_rate is not None else None
     if exp_rate is None and device.type == 'cuda':
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -193,8 +207,8 @@ def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], 
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             for batch, seqlen in shapes:
-                scan = add_floors(measure(backend, batch, dim, dstate, seqlen, dtype, device, min_time, profile),
-                                  copy_bps, exp_rate)
+                scan = add_floors(measure(backend, batch, dim, dstate, seqlen, dtype, device, min_time, profile,
+                                          triton_chunk), copy_bps, exp_rate)
                 conv = add_floors(measure_conv(backend, batch, dim, seqlen, 4, dtype, device, min_time, profile),
                                   copy_bps, exp_rate)
                 rows.append(scan)
@@ -268,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--cuda-profile', action='store_true',
                    help='CUDA: run each timed op once more after its warm-up inside a profiler range, for '
                         '`ncu --profile-from-start off` (steady-state kernels, not the autotuner\'s trials)')
+    p.add_argument('--triton-chunk', type=int, default=None, choices=[2, 4, 8],
+                   help="the Triton scan's chunk size: the forward saves each direction's state every CHUNK tokens "
+                        "for the backward (default: the op's, 8); 4 doubles that memory")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     malloc = malloc_setting(device, args.glibc_malloc_defaults)
@@ -287,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report.update(run(device, args.dtypes, shapes, args.dim, args.dstate, args.backends or default_backends(device),
                       args.min_time, args.exp_rate, args.clock_ghz, copy_bytes, on_row=save,
-                      profile=args.cuda_profile))
+                      profile=args.cuda_profile, triton_chunk=args.triton_chunk))
     print(f'copy bandwidth {report["copy_gbps"]:.0f} GB/s; exp rate '
           + (f'{report["exp_rate"]:.3g}/s ({report["exp_rate_source"]})' if report['exp_rate']
              else 'unknown (floor from bytes only)'))
