@@ -89,10 +89,23 @@ def _load_x(x_row, t, s_x_l, mask_d, seqlen):
 
 
 @triton.jit
-def _biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d):
+def _parameters(w_ptr, s_w_k, s_w_d, s_w_j, b_ptr, s_b_k, s_b_d, offs_d, mask_d, WIDTH: tl.constexpr):
+    """Both branches' taps (``_taps``) and biases, (BLOCK_D,) fp32 each: c00..c03, c10..c13, b0, b1."""
+    w_row = w_ptr + offs_d * s_w_d
+    c00, c01, c02, c03 = _taps(w_row, s_w_j, mask_d, WIDTH)
+    c10, c11, c12, c13 = _taps(w_row + s_w_k, s_w_j, mask_d, WIDTH)
     b0 = tl.load(b_ptr + offs_d * s_b_d, mask=mask_d, other=0.0).to(tl.float32)
     b1 = tl.load(b_ptr + s_b_k + offs_d * s_b_d, mask=mask_d, other=0.0).to(tl.float32)
-    return b0, b1
+    return c00, c01, c02, c03, c10, c11, c12, c13, b0, b1
+
+
+@triton.jit
+def _window(x_row, t, s_x_l, mask_d, seqlen):
+    """x at tokens t - 3 .. t + 3: the window at token t (the last one is the first iteration's look-ahead)."""
+    return (_load_x(x_row, t - 3, s_x_l, mask_d, seqlen), _load_x(x_row, t - 2, s_x_l, mask_d, seqlen),
+            _load_x(x_row, t - 1, s_x_l, mask_d, seqlen), _load_x(x_row, t, s_x_l, mask_d, seqlen),
+            _load_x(x_row, t + 1, s_x_l, mask_d, seqlen), _load_x(x_row, t + 2, s_x_l, mask_d, seqlen),
+            _load_x(x_row, t + 3, s_x_l, mask_d, seqlen))
 
 
 @triton.autotune(configs=autotune_configs(_FWD_CONFIGS), key=['dim', 'batch', 'block_l', 'WIDTH'])
@@ -107,18 +120,10 @@ def _bidirectional_conv_fwd_kernel(
 ):
     b, _, t0, n_tok, offs_d, mask_d = _program(seqlen, dim, block_l, BLOCK_D)
     x_row = x_ptr + b * s_x_b + offs_d.to(tl.int64) * s_x_d
-    w_row = w_ptr + offs_d * s_w_d
-    c00, c01, c02, c03 = _taps(w_row, s_w_j, mask_d, WIDTH)
-    c10, c11, c12, c13 = _taps(w_row + s_w_k, s_w_j, mask_d, WIDTH)
-    b0, b1 = _biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d)
-    # the window around token t0: x[t0 - 3 .. t0 + 2], and x[t0 + 3] (each iteration loads one token ahead)
-    x_m3 = _load_x(x_row, t0 - 3, s_x_l, mask_d, seqlen)
-    x_m2 = _load_x(x_row, t0 - 2, s_x_l, mask_d, seqlen)
-    x_m1 = _load_x(x_row, t0 - 1, s_x_l, mask_d, seqlen)
-    x_0 = _load_x(x_row, t0, s_x_l, mask_d, seqlen)
-    x_p1 = _load_x(x_row, t0 + 1, s_x_l, mask_d, seqlen)
-    x_p2 = _load_x(x_row, t0 + 2, s_x_l, mask_d, seqlen)
-    x_next = _load_x(x_row, t0 + 3, s_x_l, mask_d, seqlen)
+    c00, c01, c02, c03, c10, c11, c12, c13, b0, b1 = _parameters(w_ptr, s_w_k, s_w_d, s_w_j, b_ptr, s_b_k, s_b_d,
+                                                                 offs_d, mask_d, WIDTH)
+    # the window around token t0 (each iteration then loads one token ahead)
+    x_m3, x_m2, x_m1, x_0, x_p1, x_p2, x_next = _window(x_row, t0, s_x_l, mask_d, seqlen)
     x_ahead = x_row + (t0 + 4).to(tl.int64) * s_x_l
     # out: (batch, seqlen, 2, dim) in memory, channel-contiguous
     out = out_ptr + (b * seqlen + t0) * (2 * dim) + offs_d
@@ -163,18 +168,10 @@ def _bidirectional_conv_bwd_kernel(
     # ga1[t - 3 .. t - 1]. The first 3 iterations (tokens t0 - 3 .. t0 - 1) only fill it.
     b, b_lblock, t0, n_tok, offs_d, mask_d = _program(seqlen, dim, block_l, BLOCK_D)
     x_row = x_ptr + b * s_x_b + offs_d.to(tl.int64) * s_x_d
-    w_row = w_ptr + offs_d * s_w_d
-    c00, c01, c02, c03 = _taps(w_row, s_w_j, mask_d, WIDTH)
-    c10, c11, c12, c13 = _taps(w_row + s_w_k, s_w_j, mask_d, WIDTH)
-    b0, b1 = _biases(b_ptr, s_b_k, s_b_d, offs_d, mask_d)
+    c00, c01, c02, c03, c10, c11, c12, c13, b0, b1 = _parameters(w_ptr, s_w_k, s_w_d, s_w_j, b_ptr, s_b_k, s_b_d,
+                                                                 offs_d, mask_d, WIDTH)
     ts = t0 - 3
-    x_m3 = _load_x(x_row, ts - 3, s_x_l, mask_d, seqlen)
-    x_m2 = _load_x(x_row, ts - 2, s_x_l, mask_d, seqlen)
-    x_m1 = _load_x(x_row, ts - 1, s_x_l, mask_d, seqlen)
-    x_0 = _load_x(x_row, ts, s_x_l, mask_d, seqlen)
-    x_p1 = _load_x(x_row, ts + 1, s_x_l, mask_d, seqlen)
-    x_p2 = _load_x(x_row, ts + 2, s_x_l, mask_d, seqlen)
-    x_next = _load_x(x_row, ts + 3, s_x_l, mask_d, seqlen)
+    x_m3, x_m2, x_m1, x_0, x_p1, x_p2, x_next = _window(x_row, ts, s_x_l, mask_d, seqlen)
     x_ahead = x_row + (ts + 4).to(tl.int64) * s_x_l
     go_row = gout_ptr + b * s_go_b + offs_d.to(tl.int64) * s_go_d
     go0 = go_row + (ts + 3).to(tl.int64) * s_go_l
