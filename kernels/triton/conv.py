@@ -8,10 +8,11 @@ by distance, ``a0[t] = b0 + sum_s c0[s] x[t - s]`` and ``a1[t] = b1 + sum_s c1[s
 Each thread owns its channels and walks a block of tokens in order, as the scan kernels do, holding the taps and a
 sliding window of x (and in the backward of the pre-activation gradients) in registers: per token and channel one
 load of x (the forward), of x and the two output gradients (the backward), each used once, and one store per output.
-No token is loaded twice except at the block's edges (the window's first W - 1 + 3 tokens), there are no
-cross-lane sums (a channel's weight and bias gradients are sums over its own tokens), and each token's outputs are
-written once, in their dtype, channel-contiguous (a warp's store of one token is one contiguous run). The window
-shifts by one register per token, which the unrolled loop turns into renaming.
+Only tokens at a block's edges are loaded by two blocks (7 of x in the forward; 10 of x and 3 of each output
+gradient in the backward, which also spends 3 iterations filling its window). There are no cross-lane sums (a
+channel's weight and bias gradients are sums over its own tokens), and each token's outputs are written once, in
+their dtype, channel-contiguous (a warp's store of one token is one contiguous run). The window shifts by one
+register per token; unrolling the loop turns most of that shift into register renaming.
 
 Grid: one program per (token block, channel block, batch element), flat (no 65,535 limit on the batch); the block
 length ``conv_block_tokens`` fills the GPU's schedulers. Weight and bias gradients are per-program fp32 partials
