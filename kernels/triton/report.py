@@ -2,8 +2,11 @@
 
 Every autotune config of every kernel the ops launch is compiled for the H100 (sm_90, bf16, the model's input
 views). From ptxas and the SASS it reports registers, spills, occupancy, and in the token loops the instructions,
-MUFU (exp2), SHFL and BAR per (token, channel, state). It then predicts each op's time for Vim-Ti and Vim-S shapes
-with an issue model and compares it with the floor ``max(bytes / 3.0 TB/s, exps / (16 x 132 x 1.98 GHz))``.
+MUFU (exp2), SHFL and BAR per (token, channel, state) (the conv's: per (token, channel)). It then predicts each
+op's time for Vim-Ti and Vim-S shapes with an issue model and compares it with the floor ``max(bytes / 3.0 TB/s,
+exps / (16 x 132 x 1.98 GHz))``. The ops: the scan's forward as training runs it (``scan_fwd``, saving states for
+the backward) and as inference runs it (``scan_fwd_inference``), its backward, and the conv's forward and
+backward.
 
 The issue model, per kernel launch: each warp runs on one of the 528 sub-partitions (4 per SM), which issue one
 instruction per clock and one MUFU instruction every 8 clocks (16 lanes per SM per clock); the warps spread evenly.
@@ -91,6 +94,9 @@ def _specs():
         (KernelSpec('segment_boundary', fwd._segment_boundary_kernel, all_configs(fwd._BOUNDARY_CONFIGS),
                     'segment', scan), 1),
         (KernelSpec('scan_output', fwd._scan_output_kernel, all_configs(fwd._OUTPUT_CONFIGS), 'token', scan), 1),
+        # inference (no autograd): the output pass saves no states for a backward
+        (KernelSpec('scan_output_inference', fwd._scan_output_kernel, all_configs(fwd._OUTPUT_CONFIGS), 'token',
+                    dict(scan, STORE_STATES=False)), 1),
         (KernelSpec('segment_carry', bwd._segment_carry_kernel, all_configs(bwd._CARRY_CONFIGS), 'token', scan), 1),
         # the backward's main kernel: one compile and launch per direction (direction 1 first)
         *((KernelSpec(f'scan_bwd_k{k}', bwd._bidirectional_scan_bwd_kernel, all_configs(bwd._CONFIGS), 'state',
@@ -177,7 +183,8 @@ def _launch_time(row: dict, warps: int, iterations_per_loop: float, nbytes: floa
     warps of ours: a torch reduction)."""
     from .fwd import _pass_time  # the same issue model the forward's segment planner minimises
     issue, mufu = _warp_clocks(row, iterations_per_loop)
-    resident = max(1, int(row['occupancy'] * 64 / 4))  # warps a sub-partition holds at once
+    # warps a sub-partition holds at once (the occupancy is rounded to 3 decimals: 0.312 for 20 warps an SM)
+    resident = max(1, round(row['occupancy'] * MAX_WARPS_PER_SM) // 4)
     clocks = max(_pass_time(warps, issue, resident, SLOTS), _ceil(warps, SLOTS) * mufu) if warps else 0.0
     return max(clocks / CLOCK_HZ, nbytes / PEAK_BYTES_PER_S)
 
@@ -190,8 +197,8 @@ def _floors(dim: int, seqlen: int, batch: int) -> dict:
     fwd_bytes = tokens * (dim * e * (2 * 2 + 1 + 1) + 2 * 2 * DSTATE * e)  # u, delta (2 dirs), z, out; B, C
     bwd_bytes = tokens * (dim * e * (2 * 2 + 2 + 2 * 2 + 1) + 2 * 2 * DSTATE * e * 2)  # + gout; gu, gdelta, gz; gB, gC
     exp_time = exps / EXP_PER_S
-    return dict(scan_fwd=max(fwd_bytes / PEAK_BYTES_PER_S, exp_time), scan_bwd=max(bwd_bytes / PEAK_BYTES_PER_S,
-                                                                                    exp_time),
+    fwd = max(fwd_bytes / PEAK_BYTES_PER_S, exp_time)
+    return dict(scan_fwd=fwd, scan_fwd_inference=fwd, scan_bwd=max(bwd_bytes / PEAK_BYTES_PER_S, exp_time),
                 conv_fwd=tokens * dim * e * 3 / PEAK_BYTES_PER_S, conv_bwd=tokens * dim * e * 4 / PEAK_BYTES_PER_S,
                 exps=exps, exp_time=exp_time)
 
@@ -227,14 +234,17 @@ def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -
         return out
 
     out = []
-    if op == 'scan_fwd':
+    if op in ('scan_fwd', 'scan_fwd_inference'):
         out += split_passes('segment_state', seg, n_seg, 2)  # u, delta
-        r = row_of('scan_output')
-        # per warp: seg tokens in each direction; the loops are unrolled by UNROLL tokens
+        kernel = 'scan_output' if op == 'scan_fwd' else 'scan_output_inference'
+        r = row_of(kernel)
+        # per warp: seg tokens in each direction; the loops are unrolled by UNROLL tokens. Per (token, channel): u,
+        # delta (both directions), z, out, direction 1's y (fp32, written and read back); per token the packed B
+        # and C; with autograd the states saved every CHUNK tokens
         unroll = r['config'].get('UNROLL', 1)
-        out.append((r, Launch('scan_output', warps(r, lambda nb: nb * n_seg * batch), seg / unroll,
-                              tokens * (dim * (4 * e + e + e + 8) + 2 * 2 * DSTATE * 4)
-                              + batch * 2 * n_chunks * DSTATE * dim * 4)))
+        states = batch * 2 * n_chunks * DSTATE * dim * 4 if op == 'scan_fwd' else 0
+        out.append((r, Launch(kernel, warps(r, lambda nb: nb * n_seg * batch), seg / unroll,
+                              tokens * (dim * (4 * e + e + e + 8) + 2 * 2 * DSTATE * 4) + states)))
     elif op == 'scan_bwd':
         groups = _ceil(dim, 32)
         out += split_passes('segment_carry', bseg, bn_seg, 3)  # delta, z, gout
@@ -290,7 +300,7 @@ def _predict(rows: list[dict]) -> list[dict]:
         case = dict(case=name, dim=dim, seqlen=seqlen, batch=batch, dstate=DSTATE, dtype='bf16', segments=n_seg,
                     segment_length=seg, backward_segments=bn_seg, backward_segment_length=bseg, exps=floors['exps'],
                     ops={})
-        for op in ('scan_fwd', 'scan_bwd', 'conv_fwd', 'conv_bwd'):
+        for op in ('scan_fwd', 'scan_fwd_inference', 'scan_bwd', 'conv_fwd', 'conv_bwd'):
             def best_row(kernel, op=op, dim=dim, seqlen=seqlen, batch=batch):
                 return _best_row(by_kernel, op, kernel, dim, seqlen, batch)
             launches = _op_launches(op, best_row, dim, seqlen, batch)
@@ -376,7 +386,8 @@ def format_report(report: dict) -> str:
     lines += ['', 'case                 op        predicted us   floor us   ratio   segments']
     for c in report['cases']:
         for op, v in c['ops'].items():
-            segments = c['backward_segments'] if op == 'scan_bwd' else c['segments'] if op == 'scan_fwd' else ''
+            segments = (c['backward_segments'] if op == 'scan_bwd' else
+                        c['segments'] if op.startswith('scan_fwd') else '')
             lines.append(f"{c['case']:<20} {op:<9} {v['predicted_us']:>12.2f} {v['floor_us']:>10.2f} "
                          f"{v['ratio']:>7.2f}   {segments}")
     return '\n'.join(lines)
