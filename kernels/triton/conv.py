@@ -27,7 +27,7 @@ import triton.language as tl
 from .common import autotune_configs, silu, silu_grad, tensor_strides
 from .fwd import H100_SMS, SUBPARTITIONS_PER_SM, sm_count
 
-__all__ = ['conv_fwd', 'conv_bwd', 'conv_output', 'conv_block_tokens', 'MAX_WIDTH']
+__all__ = ['conv_fwd', 'conv_bwd', 'conv_output', 'conv_input_grad', 'conv_block_tokens', 'check_width', 'MAX_WIDTH']
 
 # The window holds x at distances -3..3 and the taps c_k[0..3]: widths up to 4 (Vim's and Mamba's 4; causal_conv1d
 # takes 2 to 4). A larger width raises a clear error; 'auto' runs the reference for it.
@@ -244,7 +244,8 @@ def conv_input_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(batch, seqlen, dim, device=x.device, dtype=x.dtype).transpose(1, 2)
 
 
-def _check_width(weight: torch.Tensor) -> int:
+def check_width(weight: torch.Tensor) -> int:
+    """The conv's width (weight: (2, dim, width)); a clear error above MAX_WIDTH."""
     width = weight.shape[2]
     if width > MAX_WIDTH:
         raise ValueError(f'the Triton conv takes widths up to {MAX_WIDTH} (Vim and Mamba use 4), got {width}: '
@@ -257,7 +258,7 @@ def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch
     seqlen) in x's dtype, a view of channel-contiguous (batch, seqlen, 2, dim) memory: the scan, a thread per
     channel, then reads each token's channels as one contiguous run."""
     batch, dim, seqlen = x.shape
-    width = _check_width(weight)
+    width = check_width(weight)
     block_l = conv_block_tokens(batch, dim, seqlen, sm_count(x.device))
     out = conv_output(x)
     _bidirectional_conv_fwd_kernel[_grid(seqlen, dim, batch, block_l)](
@@ -272,7 +273,7 @@ def conv_bwd(gout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: to
     """Gradients of (x, weight, bias), each in its input's dtype; x's channel-contiguous (``conv_input_grad``).
     gout: (batch, 2, dim, seqlen), any strides."""
     batch, dim, seqlen = x.shape
-    width = _check_width(weight)
+    width = check_width(weight)
     block_l = conv_block_tokens(batch, dim, seqlen, sm_count(x.device))
     n_blocks = triton.cdiv(seqlen, block_l)
     gx = conv_input_grad(x)

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ..reference import bidirectional_conv_silu_ref
 from .bwd import scan_bwd
 from .common import INTERPRET
-from .conv import MAX_WIDTH, conv_bwd, conv_fwd, conv_input_grad, conv_output
+from .conv import check_width, conv_bwd, conv_fwd, conv_input_grad, conv_output
 from .fwd import MAX_DSTATE, channel_contiguous, scan_fwd, scan_output
 
 __all__ = ['bidirectional_scan_triton', 'bidirectional_conv_silu_triton', 'check_device', 'DEFAULT_CHUNK']
@@ -79,9 +79,7 @@ def _check_conv_inputs(x, weight, bias) -> None:
                          f'{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(bias.shape)}')
     if weight.shape[2] < 1:
         raise ValueError(f'conv width must be >= 1, got weight {tuple(weight.shape)}')
-    if weight.shape[2] > MAX_WIDTH:
-        raise ValueError(f'the Triton conv takes widths up to {MAX_WIDTH} (Vim and Mamba use 4), got '
-                         f"{weight.shape[2]}: use backend='reference' (or 'cpu' on CPU)")
+    check_width(weight)
     check_device(x.device)
 
 
