@@ -128,19 +128,16 @@ def _analyse(spec, tokens_per_iteration: int, config, compiled: dict) -> dict:
         per_iteration = max(block_d * DSTATE / threads, 1) * config.kwargs['BLOCK_S']
     elif spec.loop == 'conv':  # UNROLL tokens of the thread's channels (no state axis)
         per_iteration = config.kwargs['UNROLL'] * max(block_d / threads, 1)
-        # the source loop unrolled by UNROLL, and its remainder loop (< UNROLL tokens a program): counted as
-        # straight-line code
-        loops = [max(loops, key=lambda lp: lp.main_path['ex2'])] if loops else []
-        around = [None] * len(loops)
     else:  # straight-line code (the B/C packing: a tile of (token, state))
         per_iteration = max(block_d / threads, 1) * DSTATE
     unroll = 1.0
-    if spec.loop == 'segment' and loops:
-        # ptxas unrolls this short loop and adds a remainder loop: count the unrolled body (one exp2 an element) per
-        # iteration of the source loop; the remainder's few iterations count as straight-line code
+    if spec.loop in ('segment', 'conv') and loops:
+        # an unrolled loop (the conv's by UNROLL in the source, the boundary walk's by ptxas) and its remainder loop:
+        # the unrolled body (the most exp2) is the loop, the remainder's few iterations count as straight-line code
         loops = [max(loops, key=lambda lp: lp.main_path['ex2'])]
         around = [None]
-        unroll = max(loops[0].main_path['ex2'] / per_iteration, 1.0)
+        if spec.loop == 'segment':  # one exp2 an element: the body's source iterations
+            unroll = max(loops[0].main_path['ex2'] / per_iteration, 1.0)
     rows = []
     for lp, outer in zip(loops, around):
         main, cond = lp.main_path, lp.conditional
