@@ -1,7 +1,7 @@
 #!/bin/bash
 # One GPU session's measurements, in the order that matters, each step time-limited so that a 10-minute device
 # call keeps what finished. Usage (repository root, CUDA machine):
-#   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile model scan bench (default: these five), chunk
+#   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile model scan bench (default: these five), chunk, warm
 # Results go to $OUT (the device tool's folder) or ./gpu-run. Each step's limit: TESTS_S, RANDOM_S, PROFILE_S,
 # MODEL_S, SCAN_S, BENCH_S (200, 150, 150, 120, 240, 300 s). A fresh machine compiles every kernel on first use:
 # the backward's main kernel 18-32 s per direction and dtype (the -f- report JSONs), the forward's autotuning
@@ -20,6 +20,9 @@
 #            and DeiT-Ti (1248^2 b8), steady state, all in profile-model.txt
 #   scan     tools/benchmark_scan.py: the scan and conv alone against their floor
 #   bench    tools/benchmark.py: Vim against DeiT (SDPA) in one run, the matrix of model_zoo.md
+#   warm     benchmarks/precompile.py: every config of every kernel compiled side by side (one process a config
+#            index and dtype, bf16 and fp32, chunk 8 and 4) into triton's on-disk cache, so that the steps after it
+#            load them instead of compiling them one after another; WARM_S (120 s)
 #   chunk    the scan with chunk size 4 instead of 8 (bf16, 8x6085 and 128x197; compiles its own backward): the
 #            static report predicts the backward 21% faster at 140 registers instead of 244-255, for twice the saved
 #            states' memory (benchmarks/README.md); compare with the scan step's rows
@@ -41,6 +44,8 @@ for step in $steps; do
             -k "${part% *}" -n "${WORKERS:-14}" -v --tb=no -p no:cacheprovider >> "$OUT/gpu-tests.log" 2>&1
       done
       grep -cE ' PASSED' "$OUT/gpu-tests.log"; grep -E ' (FAILED|ERROR) ' "$OUT/gpu-tests.log" | head -40 ;;
+    warm)
+      timeout "${WARM_S:-120}" python3 benchmarks/precompile.py --dtypes bf16 fp32 --chunks 8 4 ;;
     profile)
       timeout "${PROFILE_S:-150}" ncu --profile-from-start off --kernel-name regex:'_segment_|_scan_|_bidirectional_' \
           --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
@@ -63,9 +68,9 @@ for step in $steps; do
       timeout -s INT "${SCAN_S:-240}" python3 tools/benchmark_scan.py --device cuda --dtypes bf16 --backends triton \
           --shapes 8x6085 128x197 --triton-chunk 4 --min-time 0.2 --out "$OUT/gpu-scan-chunk4.json" ;;
     bench)
-      timeout -s INT "${BENCH_S:-300}" python3 tools/benchmark.py --device cuda --pairs tiny small base \
+      timeout -s INT "${BENCH_S:-300}" python3 tools/benchmark.py --device cuda ${BENCH_ARGS:---pairs tiny small base \
           --img-sizes 224 512 1024 1248 2048 --vim-only-sizes 4096 --dtypes bf16 fp32 --train --rounds 3 \
-          --min-time 0.3 --out "$OUT/gpu-bench.json" 2>&1 | grep -v Warning ;;
+          --min-time 0.3} --out "$OUT/gpu-bench.json" 2>&1 | grep -v Warning ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
