@@ -22,10 +22,10 @@ SHAPES = ((1, 6085), (8, 6085), (128, 197), (1, 16385))
 
 def _work(dtype_name: str, index: int, chunk: int, device_name: str = 'cuda') -> str:
     import torch
-
-    from vim.benchmark.scan import DTYPES, scan_inputs
     from vim.kernels import triton as tk
     from vim.kernels.selfcheck import CHECK_CASES, case_inputs
+
+    from vim.benchmark.scan import DTYPES, scan_inputs
 
     t0 = time.perf_counter()
     for kernel in tk.AUTOTUNED_KERNELS:
