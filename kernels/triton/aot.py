@@ -18,6 +18,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+from .carries import watch_loop_carries
+
 __all__ = ['KernelSpec', 'compile_kernel', 'sass_of', 'scan_arguments', 'conv_arguments', 'TYPES']
 
 TARGET = GPUTarget('cuda', 90, 32)
@@ -86,7 +88,7 @@ def conv_arguments(dtype: torch.dtype, layout: str, batch: int, dim: int, seqlen
 
 def compile_kernel(spec: KernelSpec, config: triton.Config, values: dict) -> dict:
     """Compile ``spec``'s kernel with ``config`` for sm_90. Returns registers, spills (ptxas's report), shared
-    memory, and the SASS text."""
+    memory, the SASS text, and the loop variables Triton's frontend failed to carry (``watch_loop_carries``)."""
     fn = spec.autotuner.fn
     constexprs = {k: v for k, v in {**spec.constexprs, **config.kwargs}.items() if k in fn.arg_names}
     signature, attrs = {}, {}
@@ -110,15 +112,15 @@ def compile_kernel(spec: KernelSpec, config: triton.Config, values: dict) -> dic
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its register/spill report
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
+    log, lost = io.StringIO(), []
+    with contextlib.redirect_stdout(log), watch_loop_carries(lost):
         kernel = triton.compile(src, target=TARGET, options=dict(
             num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg))
     log = log.getvalue()
     regs = re.search(r'Used (\d+) registers', log)
     spills = re.search(r'(\d+) bytes spill stores, (\d+) bytes spill loads', log)
     return dict(registers=int(regs.group(1)), spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
-                shared=kernel.metadata.shared, sass=sass_of(kernel.asm['cubin']))
+                shared=kernel.metadata.shared, sass=sass_of(kernel.asm['cubin']), lost_carries=lost)
 
 
 def sass_of(cubin: bytes) -> str:

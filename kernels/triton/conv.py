@@ -9,7 +9,7 @@ Each thread owns its channels and walks a block of tokens in order, as the scan 
 sliding window of x (and in the backward of the pre-activation gradients) in registers: per token and channel one
 load of x (the forward), of x and the two output gradients (the backward), each used once, and one store per output.
 Only tokens at a block's edges are loaded by two blocks (7 of x in the forward; 10 of x and 3 of each output
-gradient in the backward, which also spends 3 iterations filling its window). There are no cross-lane sums (a
+gradient in the backward, which also takes 3 steps before its loop to fill its window). There are no cross-lane sums (a
 channel's weight and bias gradients are sums over its own tokens), and each token's outputs are written once, in
 their dtype, channel-contiguous (a warp's store of one token is one contiguous run). The window shifts by one
 register per token; unrolling the loop turns most of that shift into register renaming.
@@ -152,6 +152,21 @@ def _store_partial(ptr, part, WIDTH: tl.constexpr, g0, g1, g2, g3, mask_d):
         tl.store(ptr + part * WIDTH + (WIDTH - 4), g3, mask=mask_d)
 
 
+@triton.jit
+def _grad_step(x_ahead, go0, go1, t, seqlen, s_x_l, s_go_l, mask_d, x_0, x_p1, x_p2, x_next,
+               c00, c01, c02, c03, c10, c11, c12, c13, b0, b1):
+    """The backward's step at token t: x[t + 3] enters the window from the look-ahead, x[t + 4] is loaded ahead.
+    Returns x[t + 3], x[t + 4], the three pointers one token on, ga0[t + 3] and ga1[t] (BLOCK_D,) fp32."""
+    x_p3 = x_next
+    x_next = tl.load(x_ahead, mask=mask_d & (t + 4 < seqlen), other=0.0).to(tl.float32)
+    gout0 = tl.load(go0, mask=mask_d & (t + 3 < seqlen), other=0.0).to(tl.float32)
+    gout1 = tl.load(go1, mask=mask_d & (t >= 0), other=0.0).to(tl.float32)
+    a0 = b0 + c00 * x_p3 + c01 * x_p2 + c02 * x_p1 + c03 * x_0  # a0 at token t + 3 (the window shifted by 3)
+    a1 = b1 + c10 * x_0 + c11 * x_p1 + c12 * x_p2 + c13 * x_p3  # a1 at token t
+    return (x_p3, x_next, x_ahead + s_x_l, go0 + s_go_l, go1 + s_go_l, gout0 * silu_grad(a0),
+            gout1 * silu_grad(a1))
+
+
 @triton.autotune(configs=autotune_configs(_BWD_CONFIGS), key=['dim', 'batch', 'block_l', 'WIDTH'])
 @triton.jit(do_not_specialize=['seqlen', 'block_l'])
 def _bidirectional_conv_bwd_kernel(
@@ -164,9 +179,9 @@ def _bidirectional_conv_bwd_kernel(
         WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
 ):
     # ga_k = gout_k silu'(a_k); gx[t] = sum_s c0[s] ga0[t + s] + c1[s] ga1[t - s]; gw_k by distance s:
-    # sum_t ga0[t] x[t - s] and sum_t ga1[t] x[t + s]. Iteration t loads x[t + 3], gout0[t + 3] and gout1[t],
-    # computes ga0[t + 3] and ga1[t], and writes gx[t]; the window holds x[t - 3 .. t + 2], ga0[t .. t + 2],
-    # ga1[t - 3 .. t - 1]. The first 3 iterations (tokens t0 - 3 .. t0 - 1) only fill it.
+    # sum_t ga0[t] x[t - s] and sum_t ga1[t] x[t + s]. Step t loads x[t + 4] (ahead), gout0[t + 3] and gout1[t] and
+    # computes ga0[t + 3] and ga1[t]; the window then holds x[t - 3 .. t + 2], ga0[t .. t + 2], ga1[t - 3 .. t - 1].
+    # Three steps (tokens t0 - 3 .. t0 - 1) fill it before the loop, whose iteration t writes gx[t].
     b, b_lblock, t0, n_tok, offs_d, mask_d = _program(seqlen, dim, block_l, BLOCK_D)
     x_row = x_ptr + b * s_x_b + offs_d.to(tl.int64) * s_x_d
     c00, c01, c02, c03, c10, c11, c12, c13, b0, b1 = _parameters(w_ptr, s_w_k, s_w_d, s_w_j, b_ptr, s_b_k, s_b_d,
@@ -177,44 +192,40 @@ def _bidirectional_conv_bwd_kernel(
     go_row = gout_ptr + b * s_go_b + offs_d.to(tl.int64) * s_go_d
     go0 = go_row + (ts + 3).to(tl.int64) * s_go_l
     go1 = go_row + s_go_k + ts.to(tl.int64) * s_go_l
-    # gx: (batch, seqlen, dim) in memory, channel-contiguous
-    gx = gx_ptr + (b * seqlen + ts) * dim + offs_d
+    # Each window value is computed before the loop: Triton carries a variable through a loop only if the loop
+    # changes its value object, so a rotation started from one shared zero (g0_0 = g0_1 = zero) would not be
+    # carried, and the compiled loop would read zeros where the interpreter reads the window.
     zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    g0_0, g0_1, g0_2 = zero, zero, zero
-    g1_m3, g1_m2, g1_m1 = zero, zero, zero
-    gb0, gw00, gw01, gw02, gw03 = zero, zero, zero, zero, zero
+    g0_1, g0_2, g1_m2, g1_m1 = zero, zero, zero, zero  # placeholders, shifted out by the three steps
+    for j in tl.static_range(3):
+        x_p3, x_next, x_ahead, go0, go1, g0_3, g1_0 = _grad_step(
+            x_ahead, go0, go1, ts + j, seqlen, s_x_l, s_go_l, mask_d, x_0, x_p1, x_p2, x_next,
+            c00, c01, c02, c03, c10, c11, c12, c13, b0, b1)
+        x_m3, x_m2, x_m1, x_0, x_p1, x_p2 = x_m2, x_m1, x_0, x_p1, x_p2, x_p3
+        g0_0, g0_1, g0_2 = g0_1, g0_2, g0_3
+        g1_m3, g1_m2, g1_m1 = g1_m2, g1_m1, g1_0
+    # gx: (batch, seqlen, dim) in memory, channel-contiguous
+    gx = gx_ptr + (b * seqlen + t0) * dim + offs_d
+    gb0, gw00, gw01, gw02, gw03 = zero, zero, zero, zero, zero  # sums: each gets a new value every iteration
     gb1, gw10, gw11, gw12, gw13 = zero, zero, zero, zero, zero
-    for i in tl.range(n_tok + 3, loop_unroll_factor=UNROLL):
-        t = ts + i
-        x_p3 = x_next
-        x_next = tl.load(x_ahead, mask=mask_d & (t + 4 < seqlen), other=0.0).to(tl.float32)
-        x_ahead += s_x_l
-        gout0 = tl.load(go0, mask=mask_d & (t + 3 < seqlen), other=0.0).to(tl.float32)
-        gout1 = tl.load(go1, mask=mask_d & (t >= 0), other=0.0).to(tl.float32)
-        go0 += s_go_l
-        go1 += s_go_l
-        # a0 at token t + 3 (the window shifted by 3) and a1 at token t
-        a0 = b0 + c00 * x_p3 + c01 * x_p2 + c02 * x_p1 + c03 * x_0
-        a1 = b1 + c10 * x_0 + c11 * x_p1 + c12 * x_p2 + c13 * x_p3
-        g0_3 = gout0 * silu_grad(a0)
-        g1_0 = gout1 * silu_grad(a1)
+    for i in tl.range(n_tok, loop_unroll_factor=UNROLL):
+        x_p3, x_next, x_ahead, go0, go1, g0_3, g1_0 = _grad_step(
+            x_ahead, go0, go1, t0 + i, seqlen, s_x_l, s_go_l, mask_d, x_0, x_p1, x_p2, x_next,
+            c00, c01, c02, c03, c10, c11, c12, c13, b0, b1)
         grad = (c00 * g0_0 + c01 * g0_1 + c02 * g0_2 + c03 * g0_3) + (c10 * g1_0 + c11 * g1_m1 + c12 * g1_m2
                                                                        + c13 * g1_m3)
-        own = t >= t0
-        tl.store(gx, grad.to(gx_ptr.dtype.element_ty), mask=mask_d & own)
+        tl.store(gx, grad.to(gx_ptr.dtype.element_ty), mask=mask_d)
         gx += dim
-        e0 = tl.where(own, g0_0, 0.0)
-        e1 = tl.where(own, g1_0, 0.0)
-        gb0 += e0
-        gw00 += e0 * x_0
-        gw01 += e0 * x_m1
-        gw02 += e0 * x_m2
-        gw03 += e0 * x_m3
-        gb1 += e1
-        gw10 += e1 * x_0
-        gw11 += e1 * x_p1
-        gw12 += e1 * x_p2
-        gw13 += e1 * x_p3
+        gb0 += g0_0
+        gw00 += g0_0 * x_0
+        gw01 += g0_0 * x_m1
+        gw02 += g0_0 * x_m2
+        gw03 += g0_0 * x_m3
+        gb1 += g1_0
+        gw10 += g1_0 * x_0
+        gw11 += g1_0 * x_p1
+        gw12 += g1_0 * x_p2
+        gw13 += g1_0 * x_p3
         x_m3, x_m2, x_m1, x_0, x_p1, x_p2 = x_m2, x_m1, x_0, x_p1, x_p2, x_p3
         g0_0, g0_1, g0_2 = g0_1, g0_2, g0_3
         g1_m3, g1_m2, g1_m1 = g1_m2, g1_m1, g1_0

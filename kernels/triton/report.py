@@ -331,7 +331,8 @@ def compile_all(layouts=(('bf16', 'mixer'),), progress: bool = False) -> list[di
                     else:
                         values = scan_arguments(dtypes[dtype], layout, 8, 384, DSTATE, 197, 64, 4, RANK)
                     compiled = compile_kernel(spec, config, values)
-                    row.update(_analyse(spec, tokens_per_iteration, config, compiled))
+                    row.update(_analyse(spec, tokens_per_iteration, config, compiled),
+                               lost_carries=compiled['lost_carries'])
                 except Exception as e:  # reported; the tests fail on it
                     row['error'] = f'{type(e).__name__}: {e}'[-3000:]
                 row['compile_s'] = round(time.perf_counter() - start, 2)

@@ -41,3 +41,14 @@ def test_no_register_spills(sm90_report):
 
 def test_shared_memory_fits_an_sm90_block(sm90_report):
     assert all(r['shared'] <= 227 * 1024 for r in sm90_report['kernels'] if 'error' not in r)
+
+
+def test_every_loop_carries_the_variables_it_rotates(sm90_report):
+    """Triton carries a loop variable only if one dry run of the body changes its value object (kernels/triton/
+    carries.py): a window rotated from one shared zero is read as that zero in the compiled loop, and rotated in
+    the interpreter. That was the conv backward's bug on the H100 (2026-11-27), invisible to every interpreter test."""
+    rows = [r for r in sm90_report['kernels'] if 'error' not in r]
+    assert rows and all('lost_carries' in r for r in rows)
+    lost = [f"{r['kernel']} {r['config']} {r['dtype']}: {', '.join(r['lost_carries'])}" for r in rows
+            if r['lost_carries']]
+    assert not lost, '\n'.join(lost)
