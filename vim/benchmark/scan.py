@@ -59,17 +59,31 @@ def _time(fn, device: torch.device, min_time: float, profile: bool = False) -> f
             return (time.perf_counter() - start) / calls
 
 
-def _device_ms(fn, device: torch.device, calls: int = 3) -> float | None:
+def _device_ms(fn, device: torch.device, calls: int = 3) -> tuple[float | None, dict[str, float]]:
     """CUDA: milliseconds per call that the GPU spends in ``fn``'s kernels (torch.profiler's device time, after
-    :func:`_time`'s warm-up); the wall time above it is host work that leaves the GPU idle (launches, the split
-    plan). None off CUDA."""
+    :func:`_time`'s warm-up), in all and per kernel name; the wall time above it is host work that leaves the GPU
+    idle (launches, the split plan, the synchronisation after each timed call). (None, {}) off CUDA."""
     if device.type != 'cuda':
-        return None
+        return None, {}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize(device)
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / calls
+    per_kernel = {e.key: e.self_device_time_total / 1e3 / calls for e in prof.key_averages()
+                  if e.self_device_time_total > 0}
+    return sum(per_kernel.values()), per_kernel
+
+
+def _device_fields(fwd, fwd_bwd, device: torch.device, profile: bool) -> dict:
+    """fwd_device_ms, bwd_device_ms (forward + backward less the forward alone) and each kernel's share, per call."""
+    if profile:  # not under Nsight Compute (--cuda-profile): torch.profiler's CUPTI session would compete with it
+        return dict(fwd_device_ms=None, bwd_device_ms=None)
+    k_fwd, fwd_kernels = _device_ms(fwd, device)
+    k_fb, fwd_bwd_kernels = _device_ms(fwd_bwd, device)
+    if k_fwd is None:
+        return dict(fwd_device_ms=None, bwd_device_ms=None)
+    return dict(fwd_device_ms=k_fwd, bwd_device_ms=k_fb - k_fwd, fwd_kernels_ms=fwd_kernels,
+                fwd_bwd_kernels_ms=fwd_bwd_kernels)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, min_time: float) -> float:
@@ -131,12 +145,10 @@ def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype:
     t_fwd = _time(fwd, device, min_time, profile)
     t_fb = _time(fwd_bwd, device, min_time, profile)
     t_bwd = max(t_fb - t_fwd, 1e-12)
-    # (not under Nsight Compute, the --cuda-profile runs: torch.profiler's CUPTI session would compete with it)
-    k_fwd, k_fb = (None, None) if profile else (_device_ms(fwd, device), _device_ms(fwd_bwd, device))
     return dict(backend=backend, batch=batch, dim=dim, dstate=dstate, seqlen=seqlen, dtype=str(dtype).split('.')[-1],
                 **({} if chunk is None or backend != 'triton' else dict(chunk=chunk)),
-                fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, fwd_device_ms=k_fwd,
-                bwd_device_ms=None if k_fwd is None else k_fb - k_fwd, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
+                fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, **_device_fields(fwd, fwd_bwd, device, profile),
+                fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
                 fwd_exps=exps, bwd_exps=exps, fwd_gbps=fwd_bytes / t_fwd / 1e9, bwd_gbps=bwd_bytes / t_bwd / 1e9,
                 fwd_exp_per_s=exps / t_fwd, bwd_exp_per_s=exps / t_bwd)
 
@@ -168,7 +180,8 @@ def measure_conv(backend: str, batch: int, dim: int, seqlen: int, width: int, dt
     t_fwd = _time(fwd, device, min_time, profile)
     t_bwd = max(_time(fwd_bwd, device, min_time, profile) - t_fwd, 1e-12)
     return dict(backend=backend, batch=batch, dim=dim, width=width, seqlen=seqlen, dtype=str(dtype).split('.')[-1],
-                fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
+                fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, **_device_fields(fwd, fwd_bwd, device, profile),
+                fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
                 fwd_gbps=fwd_bytes / t_fwd / 1e9, bwd_gbps=bwd_bytes / t_bwd / 1e9,
                 fwd_exps=2 * tokens, bwd_exps=2 * tokens)
 
@@ -180,6 +193,8 @@ def add_floors(row: dict, copy_bps: float, exp_rate: float | None) -> dict:
             floor = max(floor, row[f'{phase}_exps'] / exp_rate)
         row[f'{phase}_floor_ms'] = floor * 1e3
         row[f'{phase}_x_floor'] = row[f'{phase}_ms'] / row[f'{phase}_floor_ms']
+        if row.get(f'{phase}_device_ms') is not None:
+            row[f'{phase}_device_x_floor'] = row[f'{phase}_device_ms'] / row[f'{phase}_floor_ms']
     return row
 
 
@@ -215,7 +230,8 @@ def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], 
                 conv_rows.append(conv)
                 for op, row in (('scan', scan), ('conv', conv)):
                     kernels = ('' if row.get('fwd_device_ms') is None else
-                               f' [GPU busy: fwd {row["fwd_device_ms"]:.3f} ms, bwd {row["bwd_device_ms"]:.3f} ms]')
+                               f' [GPU busy: fwd {row["fwd_device_ms"]:.3f} ms ({row["fwd_device_x_floor"]:.1f}x), '
+                               f'bwd {row["bwd_device_ms"]:.3f} ms ({row["bwd_device_x_floor"]:.1f}x)]')
                     print(f'{op} {backend:9s} {dtype_name} {batch}x{seqlen}: fwd {row["fwd_ms"]:.3f} ms '
                           f'({row["fwd_gbps"]:.0f} GB/s, {row["fwd_x_floor"]:.1f}x floor), bwd {row["bwd_ms"]:.3f} '
                           f'ms ({row["bwd_gbps"]:.0f} GB/s, {row["bwd_x_floor"]:.1f}x floor){kernels}', flush=True)
