@@ -8,6 +8,8 @@ device time. Here process i pins config i of every kernel (``kernel.configs``, a
 once on the shapes that the scan benchmark, the model benchmark and the ``auto`` self-check launch (batch 1 and
 several, split and whole sequences: each compiles its own specialisation), so the configs compile side by side
 into triton's on-disk cache. The timed steps then load them from there; their autotuner still times every config.
+The first use (2026-11-27, H100, 15 processes on 16 cores) did not finish in its 110 s while every process still
+drew its large inputs on the CPU; they are now drawn on the GPU.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def _work(dtype_name: str, index: int, chunk: int, device_name: str = 'cuda') ->
     from vim.kernels import triton as tk
     from vim.kernels.selfcheck import CHECK_CASES, case_inputs
 
-    from vim.benchmark.scan import DTYPES, scan_inputs
+    from vim.benchmark.scan import DTYPES, conv_inputs, scan_inputs
 
     t0 = time.perf_counter()
     for kernel in tk.AUTOTUNED_KERNELS:
@@ -49,9 +51,9 @@ def _work(dtype_name: str, index: int, chunk: int, device_name: str = 'cuda') ->
         for i, case in enumerate((*CHECK_CASES, CHECK_CASES[0]._replace(batch=1))):
             run(*case_inputs(case, dtype, device, seed=i))
         for batch, seqlen in SHAPES:
-            conv_args = case_inputs(CHECK_CASES[0]._replace(batch=batch, dim=384, seqlen=seqlen), dtype, device, 0)[1]
-            y = tk.bidirectional_conv_silu_triton(*conv_args)
-            torch.autograd.grad(y, conv_args, torch.ones_like(y))
+            xz, weight, bias = (t.requires_grad_() for t in conv_inputs(batch, 384, seqlen, 4, dtype, device))
+            y = tk.bidirectional_conv_silu_triton(xz.transpose(1, 2)[:, :384], weight, bias)
+            torch.autograd.grad(y, (xz, weight, bias), torch.ones_like(y))
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     return f'{dtype_name} config {index} chunk {chunk}: {time.perf_counter() - t0:.1f} s'

@@ -97,17 +97,17 @@ def scan_inputs(batch: int, dim: int, dstate: int, seqlen: int, dtype: torch.dty
     """The scan's inputs in the layouts the mixer (vim.layers.mixer) passes: u and delta channel-contiguous (the
     conv's output and the dt einsum's), B and C slices of a token-major x_dbl, z a transposed slice of in_proj's
     (batch, seqlen, 2 * dim) output."""
-    g = torch.Generator(device='cpu').manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)  # drawn on the device: a GPU run's inputs take no CPU time
 
     def r(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
     u = r(batch, seqlen, 2, dim).permute(0, 2, 3, 1)
     delta = r(batch, seqlen, 2, dim, scale=0.5).permute(0, 2, 3, 1)
     x_dbl = r(batch, seqlen, 2, 2 * dstate).permute(0, 2, 3, 1)
     B, C = x_dbl[:, :, :dstate], x_dbl[:, :, dstate:]
     z = r(batch, seqlen, 2 * dim).transpose(1, 2)[:, dim:]
-    A = -torch.rand(2, dim, dstate, generator=g).to(device) * 4 - 0.1
-    D, bias = torch.randn(2, dim, generator=g).to(device), torch.randn(2, dim, generator=g).to(device) * 0.5
+    A = -torch.rand(2, dim, dstate, generator=g, device=device) * 4 - 0.1
+    D, bias = torch.randn(2, dim, generator=g, device=device), torch.randn(2, dim, generator=g, device=device) * 0.5
     return u, delta, A, B, C, D, z, bias
 
 
@@ -153,14 +153,19 @@ def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype:
                 fwd_exp_per_s=exps / t_fwd, bwd_exp_per_s=exps / t_bwd)
 
 
+def conv_inputs(batch: int, dim: int, seqlen: int, width: int, dtype: torch.dtype, device: torch.device):
+    """in_proj's output xz (batch, seqlen, 2 * dim), whose transposed slice ``xz.transpose(1, 2)[:, :dim]`` is the
+    conv's x as the mixer passes it, and the conv's weight (2, dim, width) and bias (2, dim) in fp32."""
+    g = torch.Generator(device=device).manual_seed(0)
+    xz = torch.randn(batch, seqlen, 2 * dim, generator=g, device=device).to(dtype)
+    weight = torch.randn(2, dim, width, generator=g, device=device) / width
+    return xz, weight, torch.randn(2, dim, generator=g, device=device)
+
+
 def measure_conv(backend: str, batch: int, dim: int, seqlen: int, width: int, dtype: torch.dtype,
                  device: torch.device, min_time: float, profile: bool = False) -> dict:
-    g = torch.Generator(device='cpu').manual_seed(0)
-    # x as the mixer passes it: a transposed slice of in_proj's (batch, seqlen, 2 * dim) output
-    xz = torch.randn(batch, seqlen, 2 * dim, generator=g).to(device=device, dtype=dtype)
+    xz, weight, bias = conv_inputs(batch, dim, seqlen, width, dtype, device)
     x = xz.transpose(1, 2)[:, :dim]
-    weight = torch.randn(2, dim, width, generator=g).to(device) / width
-    bias = torch.randn(2, dim, generator=g).to(device)
     elt = torch.finfo(dtype).bits // 8
     tokens = batch * dim * seqlen
     params = weight.numel() * 4 + bias.numel() * 4
