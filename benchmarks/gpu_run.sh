@@ -7,8 +7,9 @@
 # the backward's main kernel 18-32 s per direction and dtype (the -f- report JSONs), the forward's autotuning
 # ~35-40 s (all its configs); on 2026-11-26 (third run; before the split by direction the backward took 98-112 s
 # on triton 3.6) the first call of the scan step did not finish in 60 s and the test step passed 5 tests in 215 s.
-# With 10-minute calls and 15 minutes in all, run `scan bench` in the first call (they share compiles) and
-# `tests profile` in the next only if time is left.
+# With 10-minute calls and 15 minutes in all: first `tests` (RANDOM_S=30), since a kernel that is wrong on the GPU
+# makes every timing moot (the fourth run, 2026-11-27, found the conv backward wrong only there), then
+# `warm scan bench` (they share compiles), then `profile model` if time is left.
 #   tests    pytest -m gpu, one line per test as it ends (gpu-tests.log) and each failure's traceback as soon as
 #            it happens (gpu-test-failures.log, tests/conftest.py), so a cut-off run still says what failed and why.
 #            The targeted tests first (every autotune config, whole models, determinism, offsets past 2^31, compile
@@ -24,8 +25,9 @@
 #            index and dtype, bf16 and fp32, chunk 8 and 4) into triton's on-disk cache, so that the steps after it
 #            load them instead of compiling them one after another; WARM_S (120 s)
 #   chunk    the scan with chunk size 4 instead of 8 (bf16, 8x6085 and 128x197; compiles its own backward): the
-#            static report predicts the backward 21% faster at 140 registers instead of 244-255, for twice the saved
-#            states' memory (benchmarks/README.md); compare with the scan step's rows
+#            static report predicted the backward 16-19% faster at 140 registers instead of 244-255, for twice the
+#            saved states' memory; the fourth run measured it 1.43x slower at 8x6085 and 9% faster at 128x197
+#            (benchmarks/README.md); compare with the scan step's rows
 set -u
 OUT=${OUT:-gpu-run}
 mkdir -p "$OUT"
