@@ -20,7 +20,9 @@
 #   model    tools/profile_model.py: each kernel's time inside Vim-Ti (1248^2 b8 inference, 224^2 b128 training step)
 #            and DeiT-Ti (1248^2 b8), steady state, all in profile-model.txt
 #   scan     tools/benchmark_scan.py: the scan and conv alone against their floor
-#   bench    tools/benchmark.py: Vim against DeiT (SDPA) in one run, the matrix of model_zoo.md
+#   bench    tools/benchmark.py: Vim against DeiT (SDPA) in one run, the matrix of model_zoo.md, eager and replayed
+#            from a CUDA graph (--cuda-graph: the GPU time without the host's launches; the fourth run's scan lost
+#            0.3-1.3 ms a call to host work)
 #   warm     benchmarks/precompile.py: every config of every kernel compiled side by side (one process a config
 #            index and dtype, bf16 and fp32, chunk 8 and 4) into triton's on-disk cache, so that the steps after it
 #            load them instead of compiling them one after another; WARM_S (120 s)
@@ -71,8 +73,8 @@ for step in $steps; do
           --shapes 8x6085 128x197 --triton-chunk 4 --min-time 0.2 --out "$OUT/gpu-scan-chunk4.json" ;;
     bench)
       timeout -s INT "${BENCH_S:-300}" python3 tools/benchmark.py --device cuda ${BENCH_ARGS:---pairs tiny small base \
-          --img-sizes 224 512 1024 1248 2048 --vim-only-sizes 4096 --dtypes bf16 fp32 --train --rounds 3 \
-          --min-time 0.3} --out "$OUT/gpu-bench.json" 2>&1 | grep -v Warning ;;
+          --img-sizes 224 512 1024 1248 2048 --vim-only-sizes 4096 --dtypes bf16 fp32 --train --cuda-graph \
+          --rounds 3 --min-time 0.3} --out "$OUT/gpu-bench.json" 2>&1 | grep -v Warning ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

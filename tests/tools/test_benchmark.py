@@ -2,6 +2,7 @@
 ratio."""
 import json
 
+import pytest
 from vim.kernels.cpu import cpu_backend_status
 
 import vim.benchmark.model as benchmark
@@ -58,3 +59,50 @@ def test_out_of_memory_is_recorded_and_vim_only_sizes(tmp_path, monkeypatch):
     assert vim_48['img_per_s'] > 0 and 'ratio_to_deit' not in vim_48
     assert rows[('vim_tiny_patch16_224', 32)]['ratio_to_deit'] > 0
     assert rows[('vim_tiny_patch16_224', 64)]['batch'] == 1 and ('deit_tiny_patch16_224', 64) not in rows
+
+
+def test_cuda_graph_needs_cuda(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(['--device', 'cpu', '--cuda-graph'])
+    assert '--cuda-graph needs a CUDA device' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='CUDA graph needs a CUDA device'):
+        benchmark.graph_inference_case('vim_tiny_patch16_224', 32, 1, benchmark.torch.float32,
+                                       benchmark.torch.device('cpu'))
+
+
+def test_a_failed_capture_is_recorded_per_case(monkeypatch):
+    def capture_fails(name, size, batch, dtype, device):
+        raise RuntimeError('operation not permitted when stream is capturing\nmore detail')
+
+    monkeypatch.setattr(benchmark, 'graph_inference_case', capture_fails)
+    res = benchmark._graph_pair(['vim_tiny_patch16_224', 'deit_tiny_patch16_224'], 32, 1, benchmark.torch.float32,
+                                benchmark.torch.device('cpu'), 1, 0.01)
+    assert res == {n: dict(error='RuntimeError: operation not permitted when stream is capturing', img_per_s=None)
+                   for n in ('vim_tiny_patch16_224', 'deit_tiny_patch16_224')}
+    assert benchmark._speed(res['vim_tiny_patch16_224']).startswith('failed (RuntimeError')
+    # a capture that works is measured like an eager case
+    monkeypatch.setattr(benchmark, 'graph_inference_case', benchmark.inference_case)
+    res = benchmark._graph_pair(['vim_tiny_patch16_224'], 32, 1, benchmark.torch.float32,
+                                benchmark.torch.device('cpu'), 1, 0.01)
+    assert res['vim_tiny_patch16_224']['img_per_s'] > 0
+
+
+def _gpu_graph_matches_eager(name, dtype):
+    import torch
+    device = torch.device('cuda')
+    torch.manual_seed(0)
+    replay = benchmark.graph_inference_case(name, 64, 2, dtype, device)
+    first = replay().float().clone()
+    torch.manual_seed(0)
+    eager = benchmark.inference_case(name, 64, 2, dtype, device)().float()
+    # the same seed gives the same weights and input; bf16 autocast: the eager run may cast in another order
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(first, eager, rtol=tol, atol=tol * eager.abs().max().item())
+    assert torch.equal(replay().float(), first)  # replaying is deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype_name', ['fp32', 'bf16'])
+@pytest.mark.parametrize('name', ['vim_tiny_patch16_224', 'deit_tiny_patch16_224'])
+def test_cuda_graph_replay_matches_eager(name, dtype_name):
+    _gpu_graph_matches_eager(name, benchmark.DTYPES[dtype_name])

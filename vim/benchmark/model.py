@@ -6,7 +6,9 @@
 
 Each pair (vim_<size>_patch16_224, deit_<size>_patch16_224) is timed in alternating rounds so that both see the
 same machine state; the median round counts. Inference: images/s, latency, peak memory (CUDA). Training (--train):
-one AdamW step with bf16 autocast on CUDA (fp32 on CPU), images/s and peak memory. ``--vim-only-sizes``: Vim alone
+one AdamW step with bf16 autocast on CUDA (fp32 on CPU), images/s and peak memory. ``--cuda-graph`` (CUDA) also
+times each inference case captured once in a CUDA graph and replayed, for both models: the GPU's own time, without
+the host's work per kernel launch that an eager forward pays. ``--vim-only-sizes``: Vim alone
 at batch 1 (e.g. 4096 px, 65k tokens, where DeiT's quadratic attention is out of the comparison). A case that runs
 out of GPU memory is recorded as such and the run goes on. The JSON report is rewritten (atomically) after every
 case, so an interrupted run keeps what it measured; a PNG plot is written at the end if matplotlib is installed.
@@ -91,6 +93,38 @@ def inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device:
     return run
 
 
+def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device):
+    """``inference_case`` captured once in a CUDA graph and replayed: the GPU's time alone, without the host's work
+    per launch (Python, the custom ops' dispatch, Triton's launcher), which an eager forward pays for every kernel.
+    Two eager calls on a side stream come first: they run the scan's self-check, compile and autotune, so that the
+    capture launches compiled, tuned kernels (``vim.kernels.warmup``). Returns a function that replays the graph and
+    returns its output tensor. CUDA only."""
+    if device.type != 'cuda':
+        raise ValueError(f'a CUDA graph needs a CUDA device, got {device}')
+    model = timm.create_model(name, dynamic_img_size=True, img_size=size).to(device).eval()
+    x = torch.randn(batch, 3, size, size, device=device)
+    # no cast cache: weights cast during the warm-up, outside the graph, would be freed under it
+    autocast = torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
+
+    def forward():
+        with torch.inference_mode(), autocast:
+            return model(x)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward()
+
+    def run():
+        graph.replay()
+        return out
+    return run
+
+
 def training_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device):
     model = timm.create_model(name, img_size=size).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -148,7 +182,20 @@ def measure_pair(names: list[str], make_case, size: int, batch: int, dtype: torc
     return out
 
 
+def _graph_pair(names: list[str], size: int, batch: int, dtype: torch.dtype, device: torch.device, rounds: int,
+                min_time: float) -> dict[str, dict]:
+    """``measure_pair`` of ``graph_inference_case``; a capture that fails is recorded (``error``) and the run goes
+    on with the next case."""
+    try:
+        return measure_pair(names, graph_inference_case, size, batch, dtype, device, rounds, min_time)
+    except Exception as e:  # noqa: BLE001  (reported per case; the eager figures stand)
+        message = (str(e).strip().splitlines() or [''])[0][:300]
+        return {n: dict(error=f'{type(e).__name__}: {message}', img_per_s=None) for n in names}
+
+
 def _speed(r: dict) -> str:
+    if r.get('error'):
+        return f'failed ({r["error"]})'
     return 'out of memory' if r.get('oom') else f'{r["img_per_s"]:.1f} img/s'
 
 
@@ -208,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                    help='sizes to time Vim alone at, batch 1 (e.g. 4096)')
     p.add_argument('--dtypes', nargs='+', default=['fp32'], choices=sorted(DTYPES))
     p.add_argument('--batch-size', type=int, default=None, help='default: 1 on CPU, 64 (<=512 px) / 8 on CUDA')
+    p.add_argument('--cuda-graph', action='store_true',
+                   help='CUDA: also time each inference case captured in a CUDA graph (mode "inference-cuda-graph": '
+                        'the GPU time without the host work per launch)')
     p.add_argument('--train', action='store_true', help='also time a training step at 224 px')
     p.add_argument('--train-batch-size', type=int, default=None, help='default: 8 on CPU, 128 on CUDA')
     p.add_argument('--train-img-size', type=int, default=224)
@@ -221,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device, malloc = apply_run_arguments(args)
     on_cuda = device.type == 'cuda'
+    if args.cuda_graph and not on_cuda:
+        p.error(f'--cuda-graph needs a CUDA device, got --device {args.device}')
     started = dt.datetime.now(dt.timezone.utc)
     out = args.out or Path('benchmarks') / f'{device.type}-{started:%Y%m%d-%H%M}.json'
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,6 +301,13 @@ def main(argv: list[str] | None = None) -> int:
                 save()
                 print(f'{size_name:5s} {dtype_name} {size:5d}px b{batch:<3d} ' + '  '.join(
                     f'{n}: {_speed(r)}' for n, r in res.items()), flush=True)
+                if args.cuda_graph:
+                    res = _graph_pair(names, size, batch, DTYPES[dtype_name], device, args.rounds, args.min_time)
+                    results.extend(dict(mode='inference-cuda-graph', model=n, img_size=size, batch=batch,
+                                        dtype=dtype_name, **r) for n, r in res.items())
+                    save()
+                    print(f'{size_name:5s} {dtype_name} {size:5d}px b{batch:<3d} CUDA graph ' + '  '.join(
+                        f'{n}: {_speed(r)}' for n, r in res.items()), flush=True)
             for size in args.vim_only_sizes:
                 res = measure_pair(names[:1], inference_case, size, 1, DTYPES[dtype_name], device, args.rounds,
                                    args.min_time)
@@ -275,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         deit = by_key.get((r['mode'], r['model'].replace('vim_', 'deit_'), r['dtype'], r['img_size']))
         if not r['model'].startswith('vim_') or deit is None:
             continue
-        fmt = lambda x: f'{x["img_per_s"]:10.1f}' if x['img_per_s'] else f'{"OOM":>10s}'  # noqa: E731
+        fmt = lambda x: (f'{x["img_per_s"]:10.1f}' if x['img_per_s'] else  # noqa: E731
+                         f'{"OOM" if x.get("oom") else "failed":>10s}')
         if r['img_per_s'] and deit['img_per_s']:
             r['ratio_to_deit'] = r['img_per_s'] / deit['img_per_s']
         ratio = f'{r["ratio_to_deit"]:6.2f}' if 'ratio_to_deit' in r else f'{"-":>6s}'
