@@ -24,7 +24,7 @@
 #            from a CUDA graph (--cuda-graph: the GPU time without the host's launches; the fourth run's scan lost
 #            0.3-1.3 ms a call to host work)
 #   warm     benchmarks/precompile.py: every config of every kernel compiled side by side (one process a config
-#            index and dtype, bf16 and fp32, chunk 8 and 4) into triton's on-disk cache, so that the steps after it
+#            index and dtype, bf16 and fp32, chunk 8) into triton's on-disk cache, so that the steps after it
 #            load them instead of compiling them one after another; WARM_S (120 s)
 #   chunk    the scan with chunk size 4 instead of 8 (bf16, 8x6085 and 128x197; compiles its own backward): the
 #            static report predicted the backward 16-19% faster at 140 registers instead of 244-255, for twice the
@@ -49,7 +49,7 @@ for step in $steps; do
       done
       grep -cE ' PASSED' "$OUT/gpu-tests.log"; grep -E ' (FAILED|ERROR) ' "$OUT/gpu-tests.log" | head -40 ;;
     warm)
-      timeout "${WARM_S:-120}" python3 benchmarks/precompile.py --dtypes bf16 fp32 --chunks 8 4 ;;
+      timeout "${WARM_S:-120}" python3 benchmarks/precompile.py --dtypes bf16 fp32 ;;
     profile)
       timeout "${PROFILE_S:-150}" ncu --profile-from-start off --kernel-name regex:'_segment_|_scan_|_bidirectional_' \
           --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
