@@ -7,7 +7,8 @@ CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; ``bidirectional_scan`` an
 
 ``auto`` (the default) picks, for tensor ``x``: on CUDA in fp32/bf16/fp16 with triton installed, ``triton`` once the
 Triton kernels passed their self-check (:mod:`vim.kernels.selfcheck`) for x's device and dtype, run once per process
-on the first call; if the check fails, ``reference`` with one warning (:class:`ScanBackendWarning`). A first call
+on the first call; if the check fails, ``reference`` with one warning (:class:`ScanBackendWarning`) for the op
+whose kernels failed, while the other op (scan or conv), checked alone, keeps ``triton`` if it passes. A first call
 inside torch.compile tracing or CUDA-graph capture cannot run the check: it uses ``reference`` with one warning,
 until :func:`vim.kernels.warmup` (or an eager call) has run it. On CPU tensors ``auto`` is ``cpu`` when its kernels
 build on this machine (else ``reference``, with one warning; under torch.export always ``reference``, the op
@@ -49,9 +50,10 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FALLBACK = 'reference'
 
 _Key = tuple[str, int | None, torch.dtype]
-# 'auto''s choice per (device type, device index, dtype), filled by the self-check: 'triton' or FALLBACK. Read by
-# dynamo as a guarded global, so a graph traced before the check is retraced once it ran.
-_AUTO_CHOICE: dict[_Key, str] = {}
+_OPS = ('scan', 'conv')
+# 'auto''s choice per (device type, device index, dtype, op), filled by the self-check: 'triton' or FALLBACK. Read
+# by dynamo as a guarded global, so a graph traced before the check is retraced once it ran.
+_AUTO_CHOICE: dict[tuple[str, int | None, torch.dtype, str], str] = {}
 _WARNED: set[tuple[_Key, str]] = set()
 
 
@@ -154,33 +156,53 @@ def _unchecked_choice(device_type: str, index: int | None, dtype: torch.dtype, w
     return FALLBACK
 
 
+def _checked(device: torch.device, dtype: torch.dtype, **kwargs):
+    """``run_triton_self_check``, with a check that cannot run reported as a failed one (no op blamed)."""
+    from .selfcheck import SelfCheckResult, run_triton_self_check
+    try:
+        return run_triton_self_check(device, dtype, **kwargs)
+    except Exception as e:  # noqa: BLE001  (a check that cannot run is a failed check)
+        return SelfCheckResult(False, f'the check itself failed: {type(e).__name__}: {e}')
+
+
 def run_self_check(device: torch.device | str, dtype: torch.dtype) -> str:
-    """Run the Triton self-check for (device, dtype) now, record 'auto''s choice there and return it.
+    """Run the Triton self-check for (device, dtype) now, record 'auto''s choice there for the scan and the conv,
+    and return the scan's (the conv's: ``resolve_backend(None, x, op='conv')``).
 
-    'triton' when every config of every kernel matched the reference; otherwise the fallback, with one
-    :class:`ScanBackendWarning` naming the failure. Runs the check again even if it ran before.
+    Both are 'triton' when every config of every kernel matched the reference. When one op's kernels failed, that
+    op gets the fallback and the other op is checked alone: it keeps 'triton' if it passes (a broken conv need not
+    cost the scan its kernels). One :class:`ScanBackendWarning` names the failure. Runs again even if it ran before.
     """
-    from .selfcheck import run_triton_self_check
-
     device = torch.device(device)
     if device.type == 'cuda' and device.index is None:
         device = torch.device('cuda', torch.cuda.current_device())
     key = (device.type, device.index, dtype)
-    try:
-        result = run_triton_self_check(device, dtype)
-        ok, reason = result.ok, result.reason
-    except Exception as e:  # noqa: BLE001  (a check that cannot run is a failed check)
-        ok, reason = False, f'the check itself failed: {type(e).__name__}: {e}'
-    choice = 'triton' if ok else FALLBACK
-    _AUTO_CHOICE[key] = choice
-    if not ok:
+    choice = dict.fromkeys(_OPS, 'triton')
+    result = _checked(device, dtype)
+    reason = result.reason
+    if not result.ok:
+        choice = dict.fromkeys(_OPS, FALLBACK)
+        if result.failed_op in _OPS:
+            (other,) = [op for op in _OPS if op != result.failed_op]
+            alone = _checked(device, dtype, ops=(other,))
+            if alone.ok:
+                choice[other] = 'triton'
+            else:
+                reason += f'; checked alone, the {other} failed too: {alone.reason}'
+    for op, name in choice.items():
+        _AUTO_CHOICE[(*key, op)] = name
+    if not result.ok:
         alternative = (" mamba_ssm is installed: VIM_SCAN_BACKEND=mamba_ssm runs the official CUDA kernels instead."
                        if MAMBA_SSM_INSTALLED else '')
+        kept = [op for op in _OPS if choice[op] == 'triton']
+        scope = (f"for the {result.failed_op} there for the rest of this process (exact but slow), and keeps the "
+                 f"Triton {kept[0]}, which passed its own check" if kept else
+                 "there for the rest of this process: exact but slow")
         _warn_once(key, 'failed', (
-            f"vim.kernels: the Triton scan kernels failed their self-check on {_describe(*key)} ({reason}). 'auto' "
-            f"runs '{FALLBACK}' there for the rest of this process: exact but slow.{alternative} backend='triton' "
-            f"or VIM_SCAN_BACKEND=triton forces the kernels. Please report this message in an issue."))
-    return choice
+            f"vim.kernels: the Triton kernels failed their self-check on {_describe(*key)} ({reason}). 'auto' "
+            f"runs '{FALLBACK}' {scope}.{alternative} backend='triton' or VIM_SCAN_BACKEND=triton forces the "
+            f"kernels. Please report this message in an issue."))
+    return choice['scan']
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -188,17 +210,18 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _auto_backend(x: torch.Tensor) -> str:
-    """The backend ``auto`` runs for tensor ``x``."""
+def _auto_backend(x: torch.Tensor, op: str = 'scan') -> str:
+    """The backend ``auto`` runs for tensor ``x`` in ``op`` ('scan' or 'conv')."""
     if x.device.type in GUARDED_DEVICE_TYPES and TRITON_INSTALLED and x.dtype in TRITON_DTYPES:
-        choice = _AUTO_CHOICE.get((x.device.type, x.device.index, x.dtype))
+        choice = _AUTO_CHOICE.get((x.device.type, x.device.index, x.dtype, op))
         if choice is not None:
             return choice
         if torch.compiler.is_compiling():
             return _unchecked_choice(x.device.type, x.device.index, x.dtype, 'torch.compile tracing')
         if _capturing(x):
             return _unchecked_choice(x.device.type, x.device.index, x.dtype, 'CUDA-graph capture')
-        return run_self_check(x.device, x.dtype)
+        run_self_check(x.device, x.dtype)  # a tensor's CUDA device has its index: the key the check records
+        return _AUTO_CHOICE[(x.device.type, x.device.index, x.dtype, op)]
     if x.device.type == 'cpu':
         return _auto_on_cpu()
     return 'reference'
@@ -209,15 +232,18 @@ def _requested(backend: str | None) -> str:
     return backend or os.environ.get(ENV_VAR) or 'auto'
 
 
-def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
-    """The backend that will run for tensor ``x``: explicit argument, else $VIM_SCAN_BACKEND, else auto.
+def resolve_backend(backend: str | None, x: torch.Tensor, op: str = 'scan') -> str:
+    """The backend that will run ``op`` ('scan' or 'conv') for tensor ``x``: explicit argument, else
+    $VIM_SCAN_BACKEND, else auto (whose self-check may keep one op on Triton and send the other to the reference).
 
     Raises ValueError for an unknown name and RuntimeError when the backend cannot run on ``x`` (``triton``:
     package missing, or CPU tensors without TRITON_INTERPRET=1; ``mamba_ssm``: package missing or CPU tensors).
     """
+    if op not in _OPS:
+        raise ValueError(f"op must be one of {_OPS}, got {op!r}")
     name = _requested(backend)
     if name == 'auto':
-        return _auto_backend(x)
+        return _auto_backend(x, op)
     if name not in _registered():
         source = 'backend argument' if backend else f'${ENV_VAR}'
         choices = ', '.join(['auto', *available_backends()])
@@ -248,7 +274,7 @@ def _scan_backend(backend: str | None, u: torch.Tensor, A: torch.Tensor) -> str:
 def _conv_backend(backend: str | None, x: torch.Tensor, weight: torch.Tensor) -> str:
     """``resolve_backend`` for the conv: 'auto' does not pick the Triton conv for a width it does not take (it
     raises when asked for by name)."""
-    name = resolve_backend(backend, x)
+    name = resolve_backend(backend, x, op='conv')
     if name == 'triton' and _requested(backend) == 'auto' and weight.dim() == 3:
         from .triton.conv import MAX_WIDTH
         if weight.shape[-1] > MAX_WIDTH:

@@ -2,15 +2,16 @@
 
 The check runs the Triton scan and conv, forward and backward, on small cases that cover what a wrong kernel most
 likely gets wrong: a partial last chunk, partial channel blocks, both directions, the strided views the mixer
-passes and a state size that is not a power of two. It runs them once per autotune config of every kernel in
-``vim.kernels.triton.AUTOTUNED_KERNELS``: a first round pins every kernel to its first config, then each further
-config is pinned in turn (``kernel.configs = [config]``, the other kernels on their first), so the autotuner neither
-benchmarks nor hides a wrong config. A last round lets every kernel autotune over all its configs from an empty
-cache, as a first call at a new shape does: the benchmark runs each config on the call's own buffers, which
-corrupts a kernel that works in place unless its autotuner restores that buffer. Every output and
-gradient is compared with the reference run in float64 on CPU on the same dtype-rounded values, within
+passes and a state size that is not a power of two. It runs them (or one of them: ``ops``) once per autotune config
+of every kernel in ``vim.kernels.triton.AUTOTUNED_KERNELS`` (the ops' own): a first round pins every kernel to its
+first config, then each further config is pinned in turn (``kernel.configs = [config]``, the other kernels on their
+first), so the autotuner neither benchmarks nor hides a wrong config. A last round lets every kernel autotune over
+all its configs from an empty cache, as a first call at a new shape does: the benchmark runs each config on the
+call's own buffers, which corrupts a kernel that works in place unless its autotuner restores that buffer. Every
+output and gradient is compared with the reference run in float64 on CPU on the same dtype-rounded values, within
 :func:`tolerance` of the dtype. A config that does not fit the device (Triton's ``OutOfResources``) is skipped, as
-the autotuner would skip it; any other exception is a failure.
+the autotuner would skip it; any other exception is a failure. A failure names the op whose output or exception
+caused it (``failed_op``), so that ``auto`` can keep the other op's kernels after checking that op alone.
 
 Cost: one compilation per (kernel, config, case) on the first run on a machine (Triton caches them on disk), then a
 few milliseconds of GPU work per config.
@@ -58,11 +59,24 @@ def tolerance(dtype: torch.dtype) -> float:
 
 @dataclass
 class SelfCheckResult:
-    """Outcome of :func:`run_triton_self_check`. ``reason`` says what failed (empty when ``ok``)."""
+    """Outcome of :func:`run_triton_self_check`. ``reason`` says what failed (empty when ``ok``); ``failed_op``
+    which op's output or exception failed it ('scan' or 'conv'; None when ok or when no op can be blamed)."""
     ok: bool
     reason: str = ''
     configs_checked: int = 0  # (kernel, config) pairs that ran and matched
     configs_skipped: list[str] = field(default_factory=list)
+    failed_op: str | None = None
+
+
+OPS = ('scan', 'conv')
+
+
+class _OpError(Exception):
+    """An exception raised by one op of the check: ``op`` is 'scan' or 'conv', ``error`` the exception."""
+
+    def __init__(self, op: str, error: Exception):
+        super().__init__(op, error)
+        self.op, self.error = op, error
 
 
 def case_inputs(case: CheckCase, dtype: torch.dtype, device: torch.device, seed: int
@@ -93,14 +107,26 @@ def case_inputs(case: CheckCase, dtype: torch.dtype, device: torch.device, seed:
     return [u, delta, A, B, C, D, z, delta_bias], [x, weight, bias]
 
 
-def _outputs(scan_fn, conv_fn, scan_args, conv_args, gout_scan, gout_conv) -> dict[str, torch.Tensor]:
-    """Scan and conv outputs with the gradients of every input, keyed by name."""
-    y = scan_fn(*scan_args)
-    grads = torch.autograd.grad(y, scan_args, gout_scan.to(y.dtype))
-    yc = conv_fn(*conv_args)
-    conv_grads = torch.autograd.grad(yc, conv_args, gout_conv.to(yc.dtype))
-    return {'scan output': y, **{f'scan grad {n}': gr for n, gr in zip(SCAN_NAMES, grads)},
-            'conv output': yc, **{f'conv grad {n}': gr for n, gr in zip(CONV_NAMES, conv_grads)}}
+def _outputs(scan_fn, conv_fn, scan_args, conv_args, gout_scan, gout_conv, ops: Sequence[str] = OPS
+             ) -> dict[str, torch.Tensor]:
+    """The outputs of ``ops`` (scan, conv) with the gradients of every input, keyed by name ('scan output', 'conv
+    grad x', ...). An exception comes out as :class:`_OpError` naming the op that raised it."""
+    out = {}
+    if 'scan' in ops:
+        try:
+            y = scan_fn(*scan_args)
+            grads = torch.autograd.grad(y, scan_args, gout_scan.to(y.dtype))
+        except Exception as e:  # noqa: BLE001  (re-raised with the op's name)
+            raise _OpError('scan', e) from e
+        out.update({'scan output': y, **{f'scan grad {n}': gr for n, gr in zip(SCAN_NAMES, grads)}})
+    if 'conv' in ops:
+        try:
+            yc = conv_fn(*conv_args)
+            conv_grads = torch.autograd.grad(yc, conv_args, gout_conv.to(yc.dtype))
+        except Exception as e:  # noqa: BLE001
+            raise _OpError('conv', e) from e
+        out.update({'conv output': yc, **{f'conv grad {n}': gr for n, gr in zip(CONV_NAMES, conv_grads)}})
+    return out
 
 
 def _mismatch(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tol: float) -> str:
@@ -131,12 +157,13 @@ def _pin_rounds(kernels: Sequence) -> list[tuple[int, int]]:
 
 def run_triton_self_check(device: torch.device | str, dtype: torch.dtype, *,
                           cases: Sequence[CheckCase] | None = None, kernels: Sequence | None = None,
-                          seed: int = 0) -> SelfCheckResult:
-    """Check the Triton scan and conv on ``device`` in ``dtype`` against the float64 reference, every autotune
-    config of every kernel in ``kernels`` (default: ``vim.kernels.triton.AUTOTUNED_KERNELS``) pinned in turn.
+                          seed: int = 0, ops: Sequence[str] = OPS) -> SelfCheckResult:
+    """Check the Triton ``ops`` (default both, the scan and the conv) on ``device`` in ``dtype`` against the float64
+    reference, every autotune config of every kernel in ``kernels`` (default: the ops' kernels,
+    ``vim.kernels.triton.SCAN_KERNELS`` and ``CONV_KERNELS``) pinned in turn.
 
-    Never raises for a kernel's failure: exceptions and mismatches come back as ``ok=False`` with the reason.
-    Restores each kernel's config list afterwards.
+    Never raises for a kernel's failure: exceptions and mismatches come back as ``ok=False`` with the reason and
+    the op that failed. Restores each kernel's config list afterwards.
     """
     from triton.runtime.errors import OutOfResources
 
@@ -144,7 +171,12 @@ def run_triton_self_check(device: torch.device | str, dtype: torch.dtype, *,
 
     device = torch.device(device)
     cases = CHECK_CASES if cases is None else tuple(cases)
-    kernels = triton_kernels.AUTOTUNED_KERNELS if kernels is None else tuple(kernels)
+    if not ops or set(ops) - set(OPS):
+        raise ValueError(f'ops must be a non-empty subset of {OPS}, got {tuple(ops)}')
+    if kernels is None:
+        kernels = ((triton_kernels.SCAN_KERNELS if 'scan' in ops else ())
+                   + (triton_kernels.CONV_KERNELS if 'conv' in ops else ()))
+    kernels = tuple(kernels)
     tol = tolerance(dtype)
     saved = [kernel.configs for kernel in kernels]  # restored as the same objects
     originals = [list(configs) for configs in saved]
@@ -162,7 +194,7 @@ def run_triton_self_check(device: torch.device | str, dtype: torch.dtype, *,
             ref = _outputs(bidirectional_scan_ref, bidirectional_conv_silu_ref,
                            [a.detach().to('cpu', torch.float64).requires_grad_() for a in scan_args],
                            [a.detach().to('cpu', torch.float64).requires_grad_() for a in conv_args],
-                           gout_scan.to(dtype).double(), gout_conv.to(dtype).double())
+                           gout_scan.to(dtype).double(), gout_conv.to(dtype).double(), ops)
             prepared.append((case, scan_args, conv_args, gout_scan.to(device), gout_conv.to(device),
                              {name: t.detach() for name, t in ref.items()}))
         saved_caches = [getattr(kernel, 'cache', None) for kernel in kernels]
@@ -186,18 +218,20 @@ def run_triton_self_check(device: torch.device | str, dtype: torch.dtype, *,
                     for case, scan_args, conv_args, gout_scan, gout_conv, ref in prepared:
                         out = _outputs(triton_kernels.bidirectional_scan_triton,
                                        triton_kernels.bidirectional_conv_silu_triton,
-                                       scan_args, conv_args, gout_scan, gout_conv)
+                                       scan_args, conv_args, gout_scan, gout_conv, ops)
                         problem = _mismatch(out, ref, tol)
-                        if problem:
+                        if problem:  # 'scan output: ...', 'conv grad x: ...'
                             return SelfCheckResult(False, f'{where}, case {tuple(case)}: {problem}',
-                                                   result.configs_checked, result.configs_skipped)
-                except OutOfResources as e:  # does not fit this GPU: the autotuner skips it too
-                    result.configs_skipped.append(f'{where}: {e}')
-                    continue
-                except Exception as e:  # noqa: BLE001  (any failure of the kernels is the check's finding)
-                    first_line = (str(e).strip().splitlines() or [''])[0][:300]
-                    return SelfCheckResult(False, f'{where}: {type(e).__name__}: {first_line}',
-                                           result.configs_checked, result.configs_skipped)
+                                                   result.configs_checked, result.configs_skipped,
+                                                   problem.split()[0])
+                except _OpError as e:
+                    if isinstance(e.error, OutOfResources):  # does not fit this GPU: the autotuner skips it too
+                        result.configs_skipped.append(f'{where}: {e.error}')
+                        continue
+                    # any other failure of the kernels is the check's finding
+                    first_line = (str(e.error).strip().splitlines() or [''])[0][:300]
+                    return SelfCheckResult(False, f'{where}: {type(e.error).__name__}: {first_line}',
+                                           result.configs_checked, result.configs_skipped, e.op)
                 if (k, c) != AUTOTUNED:
                     result.configs_checked += len(kernels) if round_index == 0 else 1
         finally:

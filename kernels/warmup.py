@@ -25,9 +25,10 @@ class ScanShape(NamedTuple):
 def warmup(device: torch.device | str = 'cuda', dtype: torch.dtype = torch.bfloat16,
            shapes: Iterable[ScanShape | tuple[int, ...]] = (), *, backward: bool = True,
            backend: str | None = None) -> str:
-    """Prepare the scan ops on ``device`` in ``dtype``; returns the backend that will serve them.
+    """Prepare the scan ops on ``device`` in ``dtype``; returns the backend that will serve the scan (the conv's is
+    the same unless the self-check failed on one op only: ``resolve_backend(None, x, op='conv')``).
 
-    Resolves the backend as the ops will (``backend``, else $VIM_SCAN_BACKEND, else auto), which for ``auto`` runs
+    Resolves the backends as the ops will (``backend``, else $VIM_SCAN_BACKEND, else auto), which for ``auto`` runs
     the Triton self-check for (device, dtype) now if it has not run in this process; then runs the conv and the scan
     once for each shape in ``shapes`` (:class:`ScanShape` or a plain tuple in its order), forward and, with
     ``backward``, backward, so that Triton compiles and autotunes them now. Afterwards torch.compile tracing sees
@@ -40,13 +41,14 @@ def warmup(device: torch.device | str = 'cuda', dtype: torch.dtype = torch.bfloa
         graph = torch.cuda.CUDAGraph()
     """
     device = torch.device(device)
-    name = resolve_backend(backend, torch.empty(0, device=device, dtype=dtype))
+    probe = torch.empty(0, device=device, dtype=dtype)
+    name, conv_name = resolve_backend(backend, probe), resolve_backend(backend, probe, op='conv')
     for shape in shapes:
         s = ScanShape(*shape)
         case = CheckCase(s.batch, s.dim, s.dstate, s.seqlen, s.conv_width, layout='mixer')
         with torch.inference_mode(False), torch.set_grad_enabled(backward):
             scan_args, conv_args = case_inputs(case, dtype, device, seed=0)
-            y = bidirectional_conv_silu(*conv_args, backend=name)
+            y = bidirectional_conv_silu(*conv_args, backend=conv_name)
             out = bidirectional_scan(*scan_args, delta_softplus=True, backend=name)
             if backward:
                 torch.autograd.grad((y, out), [*scan_args, *conv_args], (torch.ones_like(y), torch.ones_like(out)))

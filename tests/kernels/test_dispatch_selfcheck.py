@@ -49,14 +49,17 @@ def guarded_cpu(monkeypatch):
 
 @pytest.fixture
 def fake_check(monkeypatch):
-    """Replace the self-check by one that returns ``fake_check.result`` (or raises it) and counts its calls."""
-    state = types.SimpleNamespace(result=SelfCheckResult(True), calls=[])
+    """Replace the self-check by one that returns ``fake_check.result`` (or raises it; a callable: its result for
+    the ops checked) and counts its calls; ``fake_check.ops`` records the ops each call checked."""
+    state = types.SimpleNamespace(result=SelfCheckResult(True), calls=[], ops=[])
 
-    def check(device, dtype):
+    def check(device, dtype, ops=selfcheck.OPS):
         state.calls.append((torch.device(device), dtype))
-        if isinstance(state.result, Exception):
-            raise state.result
-        return state.result
+        state.ops.append(tuple(ops))
+        result = state.result(tuple(ops)) if callable(state.result) else state.result
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     monkeypatch.setattr(selfcheck, 'run_triton_self_check', check)
     return state
@@ -239,6 +242,64 @@ def test_failed_check_warns_once_and_falls_back_per_device_and_dtype(guarded_cpu
         assert len(fake_check.calls) == 2 and len(_scan_warnings(record)) == 2
 
 
+def test_the_check_names_the_op_that_failed_and_checks_one_op_alone(monkeypatch):
+    a, b = _FakeKernel('scan_k', ['s0']), _FakeKernel('conv_k', ['c0', 'c1'])
+    pins = []
+
+    def conv(*args):
+        pins.append(tuple(b.configs))
+        if b.configs == ['c1']:
+            raise RuntimeError('misaligned address')
+        return bidirectional_conv_silu_ref(*args)
+
+    _fake_ops(monkeypatch, (a, b))
+    monkeypatch.setattr(triton_kernels, 'bidirectional_conv_silu_triton', conv)
+    result = run_triton_self_check('cpu', torch.float32, cases=[TINY], kernels=(a, b))
+    assert not result.ok and result.failed_op == 'conv' and 'misaligned address' in result.reason
+    # a wrong scan output is blamed on the scan
+    _fake_ops(monkeypatch, (a, b), lambda pins, y: y + 1.0)
+    result = run_triton_self_check('cpu', torch.float32, cases=[TINY], kernels=(a, b))
+    assert not result.ok and result.failed_op == 'scan' and 'scan output' in result.reason
+    # the scan alone: the conv does not run
+    def scan_must_not_run(*args):
+        raise AssertionError('the scan ran in a conv-only check')
+
+    monkeypatch.setattr(triton_kernels, 'bidirectional_scan_triton', scan_must_not_run)
+    monkeypatch.setattr(triton_kernels, 'bidirectional_conv_silu_triton', bidirectional_conv_silu_ref)
+    result = run_triton_self_check('cpu', torch.float32, cases=[TINY], kernels=(b,), ops=('conv',))
+    assert result.ok and result.failed_op is None and result.configs_checked == 2
+    with pytest.raises(ValueError, match='ops must be'):
+        run_triton_self_check('cpu', torch.float32, ops=('attention',))
+    # the default kernels are the ops' own
+    assert triton_kernels.AUTOTUNED_KERNELS == triton_kernels.SCAN_KERNELS + triton_kernels.CONV_KERNELS
+
+
+def test_a_failed_conv_keeps_the_triton_scan(guarded_cpu, fake_check):
+    fake_check.result = lambda ops: (SelfCheckResult(False, 'conv grad x: max error 4.98', failed_op='conv')
+                                     if 'conv' in ops else SelfCheckResult(True))
+    x = torch.zeros(2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        assert resolve_backend(None, x) == 'triton'
+        assert resolve_backend(None, x, op='conv') == 'reference'
+        assert resolve_backend(None, x, op='scan') == 'triton'
+        messages = _scan_warnings(record)
+    assert fake_check.ops == [('scan', 'conv'), ('scan',)]  # the whole check, then the scan alone
+    assert len(messages) == 1 and 'conv grad x' in messages[0]
+    assert "runs 'reference' for the conv" in messages[0] and 'keeps the Triton scan' in messages[0]
+    with pytest.raises(ValueError, match='op must be one of'):
+        resolve_backend(None, x, op='attention')
+
+
+def test_when_the_other_op_fails_alone_too_both_fall_back(guarded_cpu, fake_check):
+    fake_check.result = lambda ops: SelfCheckResult(False, f'{ops[0]} output: max error 1', failed_op=ops[0])
+    with pytest.warns(ScanBackendWarning, match="checked alone, the conv failed too: conv output") as record:
+        assert resolve_backend(None, torch.zeros(2), op='conv') == 'reference'
+    assert resolve_backend(None, torch.zeros(2)) == 'reference'
+    assert fake_check.ops == [('scan', 'conv'), ('conv',)]
+    assert "runs 'reference' there for the rest of this process" in str(record[0].message)
+
+
 def test_passed_check_runs_triton_silently(guarded_cpu, fake_check):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter('always')
@@ -334,6 +395,7 @@ def test_real_check_on_cuda(dtype, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter('error', ScanBackendWarning)
         assert resolve_backend(None, torch.zeros(1, device='cuda', dtype=dtype)) == 'triton'
+        assert resolve_backend(None, torch.zeros(1, device='cuda', dtype=dtype), op='conv') == 'triton'
 
 
 @pytest.mark.gpu

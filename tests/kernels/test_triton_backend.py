@@ -94,7 +94,7 @@ def test_dstate_past_the_triton_tiles(monkeypatch):
         bidirectional_scan(*args, backend='triton')
     monkeypatch.delenv('VIM_SCAN_BACKEND', raising=False)
     # as on a CUDA device, where 'auto' resolves to the self-checked Triton scan
-    monkeypatch.setattr(interface, '_auto_backend', lambda t: 'triton')
+    monkeypatch.setattr(interface, '_auto_backend', lambda t, op='scan': 'triton')
     assert interface._scan_backend(None, args[0], args[2]) == interface.FALLBACK
     assert interface._scan_backend(None, args[0], args[2][..., :MAX_DSTATE]) == 'triton'
     assert interface._scan_backend('triton', args[0], args[2]) == 'triton'  # and the op raises, as above

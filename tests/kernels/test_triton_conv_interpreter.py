@@ -130,7 +130,7 @@ def test_widths_above_four_go_to_the_reference(monkeypatch):
         conv.conv_fwd(x, weight, bias)
     monkeypatch.delenv('VIM_SCAN_BACKEND', raising=False)
     # as on a CUDA device, where 'auto' resolves to the self-checked Triton kernels
-    monkeypatch.setattr(interface, '_auto_backend', lambda t: 'triton')
+    monkeypatch.setattr(interface, '_auto_backend', lambda t, op='scan': 'triton')
     assert interface._conv_backend(None, x, weight) == interface.FALLBACK
     assert interface._conv_backend(None, x, weight4) == 'triton'
     assert interface._conv_backend('triton', x, weight) == 'triton'  # and the op raises, as above

@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     report = dict(
         date=started.isoformat(timespec='seconds'), device=device_name(device),
         command=' '.join(['python tools/benchmark.py'] + (argv if argv is not None else sys.argv[1:])),
-        scan_backend=resolve_backend(None, torch.empty(0, device=device)), torch=torch.__version__,
+        scan_backend=resolve_backend(None, torch.empty(0, device=device)),
+        conv_backend=resolve_backend(None, torch.empty(0, device=device), op='conv'), torch=torch.__version__,
         timm=timm.__version__, python=platform.python_version(), malloc=malloc, complete=False, results=results,
         scan=None)
 
