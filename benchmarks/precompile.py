@@ -62,13 +62,13 @@ def _work(dtype_name: str, index: int, chunk: int, device_name: str = 'cuda') ->
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dtypes', nargs='+', default=['bf16', 'fp32'])
-    p.add_argument('--chunks', nargs='+', type=int, default=[8], help='scan chunk sizes (the op default is 8)')
+    p.add_argument('--chunks', nargs='+', type=int, default=None, help="scan chunk sizes (default: the op's)")
     p.add_argument('--jobs', type=int, default=16, help='processes at once')
     args = p.parse_args()
-    from vim.kernels.triton import CONFIGS
+    from vim.kernels.triton import CONFIGS, DEFAULT_CHUNK
     n_configs = max(len(c) for c in CONFIGS.values())
-    tasks = [(d, i, c) for c in args.chunks for d in args.dtypes for i in range(n_configs)
-             if c == 8 or d == args.dtypes[0]]  # another chunk size: the first dtype only
+    tasks = [(d, i, c) for c in args.chunks or [DEFAULT_CHUNK] for d in args.dtypes for i in range(n_configs)
+             if c == DEFAULT_CHUNK or d == args.dtypes[0]]  # another chunk size: the first dtype only
     t0 = time.perf_counter()
     with mp.get_context('spawn').Pool(min(args.jobs, len(tasks))) as pool:
         for line in pool.starmap(_work, tasks):

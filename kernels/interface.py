@@ -35,6 +35,7 @@ from .mamba_ssm import (
     selective_scan_mamba,
 )
 from .reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, delta_from_low_rank, selective_scan_ref
+from .selfcheck import OPS
 
 __all__ = ['selective_scan', 'bidirectional_scan', 'bidirectional_conv_silu', 'available_backends',
            'resolve_backend', 'run_self_check', 'ScanBackendWarning']
@@ -50,7 +51,6 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FALLBACK = 'reference'
 
 _Key = tuple[str, int | None, torch.dtype]
-_OPS = ('scan', 'conv')
 # 'auto''s choice per (device type, device index, dtype, op), filled by the self-check: 'triton' or FALLBACK. Read
 # by dynamo as a guarded global, so a graph traced before the check is retraced once it ran.
 _AUTO_CHOICE: dict[tuple[str, int | None, torch.dtype, str], str] = {}
@@ -177,13 +177,13 @@ def run_self_check(device: torch.device | str, dtype: torch.dtype) -> str:
     if device.type == 'cuda' and device.index is None:
         device = torch.device('cuda', torch.cuda.current_device())
     key = (device.type, device.index, dtype)
-    choice = dict.fromkeys(_OPS, 'triton')
+    choice = dict.fromkeys(OPS, 'triton')
     result = _checked(device, dtype)
     reason = result.reason
     if not result.ok:
-        choice = dict.fromkeys(_OPS, FALLBACK)
-        if result.failed_op in _OPS:
-            (other,) = [op for op in _OPS if op != result.failed_op]
+        choice = dict.fromkeys(OPS, FALLBACK)
+        if result.failed_op in OPS:
+            (other,) = [op for op in OPS if op != result.failed_op]
             alone = _checked(device, dtype, ops=(other,))
             if alone.ok:
                 choice[other] = 'triton'
@@ -194,7 +194,7 @@ def run_self_check(device: torch.device | str, dtype: torch.dtype) -> str:
     if not result.ok:
         alternative = (" mamba_ssm is installed: VIM_SCAN_BACKEND=mamba_ssm runs the official CUDA kernels instead."
                        if MAMBA_SSM_INSTALLED else '')
-        kept = [op for op in _OPS if choice[op] == 'triton']
+        kept = [op for op in OPS if choice[op] == 'triton']
         scope = (f"for the {result.failed_op} there for the rest of this process (exact but slow), and keeps the "
                  f"Triton {kept[0]}, which passed its own check" if kept else
                  "there for the rest of this process: exact but slow")
@@ -239,8 +239,8 @@ def resolve_backend(backend: str | None, x: torch.Tensor, op: str = 'scan') -> s
     Raises ValueError for an unknown name and RuntimeError when the backend cannot run on ``x`` (``triton``:
     package missing, or CPU tensors without TRITON_INTERPRET=1; ``mamba_ssm``: package missing or CPU tensors).
     """
-    if op not in _OPS:
-        raise ValueError(f"op must be one of {_OPS}, got {op!r}")
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
     name = _requested(backend)
     if name == 'auto':
         return _auto_backend(x, op)

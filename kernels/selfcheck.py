@@ -112,20 +112,16 @@ def _outputs(scan_fn, conv_fn, scan_args, conv_args, gout_scan, gout_conv, ops: 
     """The outputs of ``ops`` (scan, conv) with the gradients of every input, keyed by name ('scan output', 'conv
     grad x', ...). An exception comes out as :class:`_OpError` naming the op that raised it."""
     out = {}
-    if 'scan' in ops:
+    for op, fn, args, gout, names in (('scan', scan_fn, scan_args, gout_scan, SCAN_NAMES),
+                                      ('conv', conv_fn, conv_args, gout_conv, CONV_NAMES)):
+        if op not in ops:
+            continue
         try:
-            y = scan_fn(*scan_args)
-            grads = torch.autograd.grad(y, scan_args, gout_scan.to(y.dtype))
+            y = fn(*args)
+            grads = torch.autograd.grad(y, args, gout.to(y.dtype))
         except Exception as e:  # noqa: BLE001  (re-raised with the op's name)
-            raise _OpError('scan', e) from e
-        out.update({'scan output': y, **{f'scan grad {n}': gr for n, gr in zip(SCAN_NAMES, grads)}})
-    if 'conv' in ops:
-        try:
-            yc = conv_fn(*conv_args)
-            conv_grads = torch.autograd.grad(yc, conv_args, gout_conv.to(yc.dtype))
-        except Exception as e:  # noqa: BLE001
-            raise _OpError('conv', e) from e
-        out.update({'conv output': yc, **{f'conv grad {n}': gr for n, gr in zip(CONV_NAMES, conv_grads)}})
+            raise _OpError(op, e) from e
+        out.update({f'{op} output': y, **{f'{op} grad {n}': gr for n, gr in zip(names, grads)}})
     return out
 
 

@@ -81,10 +81,13 @@ def count_gflops(name: str, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device):
+def inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device,
+                   cast_cache: bool | None = None):
+    """A function running one forward of ``name`` on a fixed (batch, 3, size, size) input; ``cast_cache``:
+    autocast's (default: torch's setting)."""
     model = timm.create_model(name, dynamic_img_size=True, img_size=size).to(device).eval()
     x = torch.randn(batch, 3, size, size, device=device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=cast_cache)
 
     @torch.inference_mode()
     def run():
@@ -101,14 +104,8 @@ def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, d
     returns its output tensor. CUDA only."""
     if device.type != 'cuda':
         raise ValueError(f'a CUDA graph needs a CUDA device, got {device}')
-    model = timm.create_model(name, dynamic_img_size=True, img_size=size).to(device).eval()
-    x = torch.randn(batch, 3, size, size, device=device)
     # no cast cache: weights cast during the warm-up, outside the graph, would be freed under it
-    autocast = torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
-
-    def forward():
-        with torch.inference_mode(), autocast:
-            return model(x)
+    forward = inference_case(name, size, batch, dtype, device, cast_cache=False)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):

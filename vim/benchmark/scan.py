@@ -59,12 +59,10 @@ def _time(fn, device: torch.device, min_time: float, profile: bool = False) -> f
             return (time.perf_counter() - start) / calls
 
 
-def _device_ms(fn, device: torch.device, calls: int = 3) -> tuple[float | None, dict[str, float]]:
-    """CUDA: milliseconds per call that the GPU spends in ``fn``'s kernels (torch.profiler's device time, after
+def _device_ms(fn, device: torch.device, calls: int = 3) -> tuple[float, dict[str, float]]:
+    """Milliseconds per call that the GPU spends in ``fn``'s kernels (torch.profiler's device time, after
     :func:`_time`'s warm-up), in all and per kernel name; the wall time above it is host work that leaves the GPU
-    idle (launches, the split plan, the synchronisation after each timed call). (None, {}) off CUDA."""
-    if device.type != 'cuda':
-        return None, {}
+    idle (launches, the split plan, the synchronisation after each timed call). CUDA only."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
@@ -75,13 +73,13 @@ def _device_ms(fn, device: torch.device, calls: int = 3) -> tuple[float | None, 
 
 
 def _device_fields(fwd, fwd_bwd, device: torch.device, profile: bool) -> dict:
-    """fwd_device_ms, bwd_device_ms (forward + backward less the forward alone) and each kernel's share, per call."""
-    if profile:  # not under Nsight Compute (--cuda-profile): torch.profiler's CUPTI session would compete with it
+    """fwd_device_ms, bwd_device_ms (forward + backward less the forward alone) and each kernel's share, per call;
+    None off CUDA, and under Nsight Compute (--cuda-profile), with which torch.profiler's CUPTI session would
+    compete."""
+    if profile or device.type != 'cuda':
         return dict(fwd_device_ms=None, bwd_device_ms=None)
     k_fwd, fwd_kernels = _device_ms(fwd, device)
     k_fb, fwd_bwd_kernels = _device_ms(fwd_bwd, device)
-    if k_fwd is None:
-        return dict(fwd_device_ms=None, bwd_device_ms=None)
     return dict(fwd_device_ms=k_fwd, bwd_device_ms=k_fb - k_fwd, fwd_kernels_ms=fwd_kernels,
                 fwd_bwd_kernels_ms=fwd_bwd_kernels)
 
