@@ -261,13 +261,13 @@ def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -
         n_blocks = _ceil(seqlen, block_l)
         programs = n_blocks * _ceil(dim, r['config']['BLOCK_D']) * batch
         # per program the block's edges, loaded by both neighbours (conv.py): 7 tokens of x in the forward; 10 of x
-        # and 3 of each output gradient in the backward, whose loop also runs 3 more iterations
-        edge = 3 if op == 'conv_bwd' else 0
-        iterations = (block_l + edge) / r['config']['UNROLL']
+        # and 3 of each output gradient in the backward (whose 3 steps before its loop are straight-line code, in
+        # the row's instructions outside the loop)
+        iterations = block_l / r['config']['UNROLL']
         if op == 'conv_fwd':  # x, both outputs
             nbytes = tokens * dim * e * 3 + batch * n_blocks * dim * 7 * e
         else:  # x, both output gradients, x's; the weight and bias partials written, then read by the torch sums
-            nbytes = (tokens * dim * e * 4 + batch * n_blocks * dim * (10 + 2 * edge) * e
+            nbytes = (tokens * dim * e * 4 + batch * n_blocks * dim * (10 + 2 * 3) * e
                       + 2 * batch * n_blocks * 2 * dim * (WIDTH + 1) * 4)
         out.append((r, Launch(op, programs * r['config']['num_warps'], iterations, nbytes)))
     return out
