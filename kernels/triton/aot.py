@@ -63,8 +63,9 @@ def scan_arguments(dtype: torch.dtype, layout: str, batch: int, dim: int, dstate
                 n_seg=n_seg, s_h_n=1, s_h_d=dstate, out_ptr=ptr(x['u']), y1_ptr='*fp32', hseg_ptr='*fp32',
                 dtsum_ptr='*fp32', bc_ptr='*fp32', states_ptr='*fp32', gu_ptr=ptr(x['u']), gdelta_ptr=ptr(x['delta']),
                 rseg_ptr='*fp32', carry_ptr='*fp32', gbc_ptr='*fp32', s_c_d=1, s_g_d=1)
-    for g in ('gA', 'gB', 'gC', 'gD', 'gbias', 'gz'):
+    for g in ('gA', 'gB', 'gC', 'gD', 'gbias'):
         args[f'{g}_ptr'] = '*fp32'
+    args.update(ysum_ptr=ptr(x['u']), y_ptr=ptr(x['u']), gz_ptr=ptr(x['z']))
     prefixes = dict(u='s_u', delta='s_dt', A='s_A', B='s_B', C='s_C', D='s_D', delta_bias='s_bias', z='s_z',
                     gout='s_go')
     axes = dict(u='bkdl', delta='bkdl', A='kdn', B='bknl', C='bknl', D='kd', delta_bias='kd', z='bdl', gout='bdl')

@@ -3,7 +3,7 @@ registers, and walks the states one at a time.
 
 The main kernel, ``_bidirectional_scan_bwd_kernel``, is one program per (channel block, segment, batch element),
 ``BLOCK_D = 32 x num_warps`` channels, one a thread, over the segment's chunks of CHUNK tokens in reverse scan order.
-It is launched once per direction (``K``, a compile-time constant), direction 1 first: one kernel holding both
+It is launched once per direction (``K``, a compile-time constant): one kernel holding both
 directions took 80-98 s to compile for sm_90 (95% in Triton's coalescing pass, whose cost grows faster than the
 kernel) at 255 registers; one direction takes 22-31 s (triton 3.8 / 3.6, before the gB/gC reduce-scatter below).
 Per chunk it loads the (CHUNK, BLOCK_D) tiles of dt (softplus once per token), dt u and dy (the CHUNK axis inside
@@ -15,8 +15,8 @@ each thread), then loops over the states n; per state, with ``a_t = exp2(dt_t A_
   position by position inside the thread (unrolled over the chunk): the decay is shared by both, the shift by one
   token is a register pick, nothing is flipped and no scan op is used (Triton lowers ``associative_scan(...,
   reverse=True)`` with lane shuffles even along an in-thread axis);
-- per (token, channel), summed over n in registers: ``g B`` (u's gradient), ``g a h_{t-1} A`` with
-  ``a h_{t-1}`` kept from the recompute (delta's gradient) and ``C h`` (this direction's y, for the gate);
+- per (token, channel), summed over n in registers: ``g B`` (u's gradient) and ``g a h_{t-1} A`` with
+  ``a h_{t-1}`` kept from the recompute (delta's gradient);
   per (channel, state), summed over tokens: ``g a h_{t-1} dt`` (A's gradient);
 - per (token, state), summed over channels: ``g dt u`` (B) and ``h dy`` (C). These are the loop's only cross-lane
   work: the chunk's 2 CHUNK sums are reduced together by a reduce-scatter over the warp's lanes (a level exchanges
@@ -37,11 +37,14 @@ as the forward does; the gradient recurrence is linear in the carry, so the same
 3. the main kernel, starting each direction from its segment's carry.
 
 The per-(state, channel) carry between chunks and gA live in private fp32 rows that the same thread writes at the
-first chunk it walks before any read, so the autotuner's repeated runs stay idempotent. Direction 1 stores its y to
-a private fp32 row that direction 0's launch reads back to write the gate's gradient once. The gradients of u,
-delta and z are written once, in their input's dtype, channel-contiguous (a warp's store of a token is one run); A,
-D and delta_bias are reduced per (batch element, segment) and summed afterwards. No memset, no atomics, no flips.
-Token offsets are int64.
+first chunk it walks before any read, so the autotuner's repeated runs stay idempotent. The gate's gradient needs
+both directions' ungated y: the forward saves their sum (``ysum``, as mamba_ssm saves its ungated output), and a
+small elementwise kernel, ``_gate_grad_kernel``, writes gz from it. Recomputing y here cost an FMA per element, a
+(CHUNK,) tile of registers live across the state loop, and a direction-1 row read back by direction 0, whose loads
+in the epilogue held the register peak that kept a scheduler at 2 warps. The gradients of u, delta and z are
+written once, in their input's dtype, channel-contiguous (a warp's store of a token is one run); A, D and
+delta_bias are reduced per (batch element, segment) and summed afterwards. No memset, no atomics, no flips. Token
+offsets are int64.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, sigmoid, silu, tensor_strides
+from .common import autotune_configs, sigmoid, silu, silu_grad, tensor_strides
 from .fwd import (
     H100_SMS,
     _channels,
@@ -71,8 +74,13 @@ __all__ = ['scan_bwd', 'plan_backward_segments']
 
 # (BLOCK_D, num_warps, num_stages): one channel a thread, one warp a program. With several warps the per-warp gB/gC
 # partials, a (BLOCK_D // 32,) vector spread over warps, reach their store through shared memory: 32 BAR and 32
-# STS/LDS per state iteration (static report, Triton 3.6 and 3.8).
-_CONFIGS = [(32, 1, 1)]
+# STS/LDS per state iteration (static report, Triton 3.6 and 3.8). MAX_REGISTERS caps ptxas: left to itself it took
+# 241-255 registers (2 warps a scheduler), most of them for loads hoisted in the chunk loop's prologue and epilogue;
+# the state loop fits in fewer, and at 168 a scheduler holds 3 warps (65,536 / (168 x 32) = 12 an SM). With the
+# gate's gradient moved out (_gate_grad_kernel) nothing spills at that cap (test_triton_compile).
+MAX_REGISTERS = 168
+GATE_BLOCK_L, GATE_BLOCK_D = 32, 64  # _gate_grad_kernel's tile of (token, channel), 4 warps
+_CONFIGS = [triton.Config({'BLOCK_D': 32}, num_warps=1, num_stages=1, maxnreg=MAX_REGISTERS)]
 _CARRY_CONFIGS = [(64, 2, 1), (32, 1, 1), (128, 4, 1)]
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -84,11 +92,11 @@ _STRIDES = ['s_u_d', 's_u_l', 's_dt_d', 's_dt_l', 's_A_d', 's_A_n', 's_D_d', 's_
 
 # The segment plan's weights (fwd.plan_split), relative to the forward's output pass per token and direction: the
 # main kernel issues ~3.7x its instructions per element (44-47 against 11-13, static report), the carry pass about
-# as many as the forward's state pass. RESIDENT_*: warps a scheduler holds (static report: the main kernel at 243-255
-# registers, 2 in both directions; the carry pass at 72 registers, 0.44).
+# as many as the forward's state pass. RESIDENT_*: warps a scheduler holds (static report: the main kernel capped at
+# MAX_REGISTERS, 3 in both directions; the carry pass at 72 registers, 0.44).
 _MAIN_COST = 3.7
 _CARRY_COST = 0.8
-RESIDENT_MAIN = 2
+RESIDENT_MAIN = 3
 RESIDENT_CARRY = 7
 
 
@@ -158,6 +166,27 @@ def _segment_carry_kernel(
     tl.store(dtsum_ptr + row + offs_d, dtsum, mask=mask_d)
 
 
+@triton.jit(do_not_specialize=['seqlen'])
+def _gate_grad_kernel(y_ptr, z_ptr, gout_ptr, gz_ptr, seqlen, dim, s_z_b, s_z_d, s_z_l, s_go_b, s_go_d, s_go_l,
+                      BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """gz = gout (y_0 + y_1) silu'(z) / 2 on a (BLOCK_L, BLOCK_D) tile of (token, channel), from the forward's
+    ungated sum ``ysum``: ysum and gz channel-contiguous (batch, seqlen, dim) memory, each in its own dtype."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_dblocks = tl.cdiv(dim, BLOCK_D)
+    n_lblocks = tl.cdiv(seqlen, BLOCK_L)
+    b = pid // (n_dblocks * n_lblocks)
+    offs_l = ((pid // n_dblocks) % n_lblocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = (pid % n_dblocks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (offs_l < seqlen)[:, None] & (offs_d < dim)[None, :]
+    rows = (b * seqlen + offs_l[:, None]) * dim + offs_d[None, :]
+    y = tl.load(y_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + b * s_z_b + offs_d[None, :] * s_z_d + offs_l[:, None] * s_z_l, mask=mask,
+                other=0.0).to(tl.float32)
+    go = tl.load(gout_ptr + b * s_go_b + offs_d[None, :] * s_go_d + offs_l[:, None] * s_go_l, mask=mask,
+                 other=0.0).to(tl.float32)
+    tl.store(gz_ptr + rows, (go * 0.5 * y * silu_grad(z)).to(gz_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _at(X, p, i):
     """Row i (BLOCK_D,) of a (CHUNK, BLOCK_D) tile whose CHUNK axis lives in each thread: a register pick (-0.0 is
@@ -202,8 +231,8 @@ def _load(row, tok, stride, mask):
 @triton.autotune(configs=autotune_configs(_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'])
 @triton.jit(do_not_specialize=['batch', 'dim', 'dstate', 'seqlen', 'seg_len', 'n_seg', *_STRIDES])
 def _bidirectional_scan_bwd_kernel(
-        u_ptr, delta_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, gout_ptr, states_ptr, rseg_ptr, y1_ptr, carry_ptr,
-        gu_ptr, gdelta_ptr, gA_ptr, gbc_ptr, gD_ptr, gbias_ptr, gz_ptr,
+        u_ptr, delta_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, gout_ptr, states_ptr, rseg_ptr, carry_ptr,
+        gu_ptr, gdelta_ptr, gbc_ptr, gD_ptr, gbias_ptr,
         batch, seqlen, dim, dstate, seg_len, n_seg, s_h_n, s_h_d, s_c_d, s_g_d,
         s_u_b, s_u_k, s_u_d, s_u_l,
         s_dt_b, s_dt_k, s_dt_d, s_dt_l,
@@ -232,12 +261,10 @@ def _bidirectional_scan_bwd_kernel(
     n_c = tl.cdiv(tl.minimum(seqlen - t_lo, seg_len), CHUNK)
     z_row = z_ptr + b * s_z_b + d64 * s_z_d
     go_row = gout_ptr + b * s_go_b + d64 * s_go_d
-    # y1, gz: (batch, seqlen, dim); gu, gdelta: (batch, 2, seqlen, dim); all channel-contiguous
-    y1_row = y1_ptr + b * seqlen * dim + dg
-    gz_row = gz_ptr + b * seqlen * dim + dg
+    # gu, gdelta: (batch, 2, seqlen, dim), channel-contiguous
     part = b * n_seg + seg  # this program's partials of gA, gD and gbias, and its carry rows
 
-    k = K  # one launch per direction: direction 1 first, direction 0 reads its y back
+    k = K  # one launch per direction
     Dk = tl.load(D_ptr + k * s_D_k + offs_d * s_D_d, mask=mask_d, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + k * s_bias_k + offs_d * s_bias_d, mask=mask_d, other=0.0).to(tl.float32)
     u_row = u_ptr + b * s_u_b + k * s_u_k + d64 * s_u_d
@@ -247,17 +274,18 @@ def _bidirectional_scan_bwd_kernel(
     bc_row = bc_ptr + (b * 2 + k) * seqlen * (2 * BLOCK_N) + offs_d * 0  # the same address for every channel
     # states: (batch, 2, n_chunks - 1, dim, dstate), entry j the state at token boundary (j + 1) CHUNK
     st_row = states_ptr + (b * 2 + k) * (n_chunks - 1) * dim * dstate + offs_d * s_h_d
-    # gbc: (batch, 2, n_dblocks, 2, dstate, seqlen) fp32 partials, one row a program (a warp of 32 channels)
-    gbc_row = gbc_ptr + ((b * 2 + k) * n_dblocks + pid % n_dblocks) * (2 * dstate * seqlen)
+    # gbc: (batch, 2, n_dblocks, 2, BLOCK_N, seqlen) fp32 partials, one row a program (a warp of 32 channels); the
+    # compile-time BLOCK_N keeps a lane's row offset a bit mask (a runtime dstate there was ptxas's one spill)
+    gbc_row = gbc_ptr + ((b * 2 + k) * n_dblocks + pid % n_dblocks) * (2 * BLOCK_N * seqlen)
     # the carry into the segment from the next one in scan order (the boundary pass's, in rseg's layout): entry
     # seg - k holds segment seg + 1 (direction 0) or seg - 1 (direction 1)
     e = seg - k
     has_carry = (e >= 0) & (e < n_seg - 1)
     rseg_row = rseg_ptr + ((b * 2 + k) * (n_seg - 1) + e) * dim * dstate + offs_d * s_h_d
-    # per (state, channel) rows of this program (batch, n_seg, 2, dstate, dim) fp32: the carry between chunks
+    # per (state, channel) rows of this program (batch, n_seg, 2, 2, dstate, dim) fp32: the carry between chunks
     # and gA, written at the first chunk walked before any read
-    carry_row = carry_ptr + (part * 2 + k) * dstate * dim + offs_d * s_c_d
-    gA_row = gA_ptr + (part * 2 + k) * dstate * dim + offs_d * s_c_d
+    carry_row = carry_ptr + (part * 2 + k) * 2 * dstate * dim + offs_d * s_c_d
+    gA_row = carry_row + dstate * dim  # one base for both: a 64-bit pointer less held across the chunk loop
     gD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     gbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for i in range(n_c):
@@ -279,7 +307,6 @@ def _bidirectional_scan_bwd_kernel(
             DY = _put(DY, p, t, _load(go_row, t0 + q, s_go_l, m) * z * sigmoid(z) * 0.5)
         GDU = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # sum_n g B
         GDA = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # sum_n g a h_{t-1} A log2 e
-        Y = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # sum_n C h
         # the chunk's start state in scan order: boundary c CHUNK (direction 0) or (c + 1) CHUNK (1)
         j = c - 1 + k
         st = st_row + j.to(tl.int64) * dim * dstate
@@ -323,7 +350,6 @@ def _bidirectional_scan_bwd_kernel(
                 gA_n += w * _at(DT, p, r)
                 GDA = _put(GDA, p, r, _at(GDA, p, r) + w * A2n)
                 GDU = _put(GDU, p, r, _at(GDU, p, r) + g * Bq)
-                Y = _put(Y, p, r, _at(Y, p, r) + h * Cq)
                 # gB and gC of (token, state), summed over the warp's channels (the only cross-lane work): a
                 # reduce-scatter of the chunk's 2 CHUNK sums. First level: B's kept by lanes 0-15, C's by 16-31;
                 # then, as soon as both are there, positions r and r + 1 (even r) exchange over lane bit 3, pairs
@@ -350,7 +376,7 @@ def _bidirectional_scan_bwd_kernel(
                 if (1 << lvl) < CHUNK:
                     r_rs += ((lane >> (3 - lvl)) & 1) << lvl
             q_rs = r_rs + k * (CHUNK - 1 - 2 * r_rs)
-            tl.store(gbc_c + q_rs + ((lane // 16) * dstate + n) * seqlen, gbc_sum,
+            tl.store(gbc_c + q_rs + ((lane // 16) * BLOCK_N + n) * seqlen, gbc_sum,
                      mask=(lane % (16 // CHUNK) == 0) & (q_rs < n_in))
             tl.store(carry_row + n * dim, _at(AT, p, 0) * g, mask=mask_d)
             tl.store(gA_row + n * dim, gA_n, mask=mask_d)
@@ -368,29 +394,23 @@ def _bidirectional_scan_bwd_kernel(
             tl.store(gdt_row + tok * dim, gdt.to(gdelta_ptr.dtype.element_ty), mask=m)
             gD += dy * u
             gbias += gdt
-            y = _at(Y, p, t) + u * Dk
-            if k == 1:
-                tl.store(y1_row + tok * dim, y, mask=m)
-            else:
-                y += tl.load(y1_row + tok * dim, mask=m, other=0.0)
-                z = _load(z_row, tok, s_z_l, m)
-                sz = sigmoid(z)
-                gz = _load(go_row, tok, s_go_l, m) * 0.5 * y * sz * (1.0 + z * (1.0 - sz))
-                tl.store(gz_row + tok * dim, gz.to(gz_ptr.dtype.element_ty), mask=m)
 
-    # gD, gbias: (batch, n_seg, 2, dim) fp32 partials
-    tl.store(gD_ptr + (part * 2 + k) * dim + dg, gD, mask=mask_d)
-    tl.store(gbias_ptr + (part * 2 + k) * dim + dg, gbias, mask=mask_d)
+    # gD, gbias: (batch, n_seg, n_dblocks, 2, BLOCK_D) fp32 partials, a row a program and direction, addressed from
+    # the program id (an offset kept from before the chunk loop was the one value ptxas spilled at MAX_REGISTERS);
+    # channels past dim hold zeros
+    row = (tl.program_id(0).to(tl.int64) * 2 + k) * BLOCK_D + lane
+    tl.store(gD_ptr + row, gD)
+    tl.store(gbias_ptr + row, gbias)
 
 
 def scan_bwd(
         gout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, states: torch.Tensor,
-        delta_softplus: bool, chunk: int,
+        ysum: torch.Tensor, delta_softplus: bool, chunk: int,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward pass. ``states`` as ``fwd.scan_fwd`` returns them. Returns the gradients of (u, delta,
-    A, B, C, D, z, delta_bias), each in the dtype of its input; those of u, delta and z channel-contiguous
-    (``fwd.channel_contiguous``), the others contiguous."""
+    """Launch the backward pass. ``states`` and ``ysum`` as ``fwd.scan_fwd`` returns them. Returns the gradients
+    of (u, delta, A, B, C, D, z, delta_bias), each in the dtype of its input; those of u, delta and z
+    channel-contiguous (``fwd.channel_contiguous``), the others contiguous."""
     batch, _, dim, seqlen = u.shape
     dstate = A.shape[-1]
     dev = u.device
@@ -402,12 +422,10 @@ def scan_bwd(
     gu = channel_contiguous(batch, (2,), dim, seqlen, dev, u.dtype)
     gdelta = channel_contiguous(batch, (2,), dim, seqlen, dev, delta.dtype)
     gz = channel_contiguous(batch, (), dim, seqlen, dev, z.dtype)
-    y1 = torch.empty(batch, seqlen, dim, device=dev, dtype=f32)
-    gbc = torch.empty(batch, 2, n_groups, 2, dstate, seqlen, device=dev, dtype=f32)
-    gA = torch.empty(batch, n_seg, 2, dstate, dim, device=dev, dtype=f32)
-    carry = torch.empty(batch, n_seg, 2, dstate, dim, device=dev, dtype=f32)
-    gD = torch.empty(batch, n_seg, 2, dim, device=dev, dtype=f32)
-    gbias = torch.empty(batch, n_seg, 2, dim, device=dev, dtype=f32)
+    gbc = torch.empty(batch, 2, n_groups, 2, block_n, seqlen, device=dev, dtype=f32)
+    carry = torch.empty(batch, n_seg, 2, 2, dstate, dim, device=dev, dtype=f32)  # [..., 0]: the carry, 1: gA
+    gD = torch.empty(batch * n_seg, n_groups, 2, 32, device=dev, dtype=f32)
+    gbias = torch.empty(batch * n_seg, n_groups, 2, 32, device=dev, dtype=f32)
     rseg = torch.empty(batch, 2, n_seg - 1, dim, dstate, device=dev, dtype=f32)
     dtsum = torch.empty(batch, 2, n_seg - 1, dim, device=dev, dtype=f32)
     bc = pack_bc(B, C, block_n)
@@ -429,14 +447,23 @@ def scan_bwd(
     # flat grid: programs (channel block, segment, batch element), batch-major (no 65,535 limit on batch)
     for k in (1, 0):
         _bidirectional_scan_bwd_kernel[lambda meta: (blocks(meta) * n_seg * batch,)](
-            u, delta, A, bc, D, z, delta_bias, gout, states, rseg, y1, carry,
-            gu, gdelta, gA, gbc, gD, gbias, gz,
+            u, delta, A, bc, D, z, delta_bias, gout, states, rseg, carry,
+            gu, gdelta, gbc, gD, gbias,
             batch, seqlen, dim, dstate, seg_len, n_seg, 1, dstate, 1, 1,
             *strides['u'], *strides['delta'], *strides['A'], *strides['D'], *strides['bias'], *strides['z'],
             *strides['gout'],
             DELTA_SOFTPLUS=delta_softplus, CHUNK=chunk, BLOCK_N=block_n, K=k,
         )
-    gbc = gbc.sum(2)  # (batch, 2, 2, dstate, seqlen), token order
-    gB, gC = (gbc[:, :, i].to(t.dtype).contiguous() for i, t in ((0, B), (1, C)))
-    return (gu, gdelta, gA.sum((0, 1)).transpose(1, 2).to(A.dtype).contiguous(), gB, gC, gD.sum((0, 1)).to(D.dtype),
-            gz, gbias.sum((0, 1)).to(delta_bias.dtype))
+    _gate_grad_kernel[(triton.cdiv(seqlen, GATE_BLOCK_L) * triton.cdiv(dim, GATE_BLOCK_D) * batch,)](
+        ysum, z, gout, gz, seqlen, dim, *strides['z'], *strides['gout'], BLOCK_L=GATE_BLOCK_L, BLOCK_D=GATE_BLOCK_D,
+        num_warps=4,
+    )
+    gbc = gbc.sum(2)  # (batch, 2, 2, block_n, seqlen), token order; states past dstate never written
+    gB, gC = (gbc[:, :, i, :dstate].to(t.dtype).contiguous() for i, t in ((0, B), (1, C)))
+    gA = carry[:, :, :, 1].sum((0, 1)).transpose(1, 2).to(A.dtype).contiguous()
+    return (gu, gdelta, gA, gB, gC, _channel_sum(gD, dim, D.dtype), gz, _channel_sum(gbias, dim, delta_bias.dtype))
+
+
+def _channel_sum(partials: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """(programs, n_groups, 2, 32) partials -> (2, dim) in ``dtype``: summed over programs, channels in order."""
+    return partials.sum(0).transpose(0, 1).reshape(2, -1)[:, :dim].to(dtype).contiguous()

@@ -22,7 +22,7 @@ scan runs in three launches, as chunked scans do (mamba_ssm's chunked state pass
    states; the backward direction first, its ungated y kept in a private fp32 row that the forward direction reads
    back to write ``(y0 + y1) silu(z) / 2`` once, in the output's dtype (no zero fill, no atomics, no cast kernel).
    With a backward pass to follow it also stores the state at every CHUNK-token boundary of the sequence, in both
-   directions.
+   directions, and the ungated sum ``y0 + y1`` for the gate's gradient.
 
 Without a split (enough batch elements) only launch 3 runs. Every tensor offset is int64 (batch and token terms).
 """
@@ -410,14 +410,17 @@ def _segment_boundary_kernel(
 
 @triton.jit
 def _scan_direction(u_row, dt_row, bc_row, s_u_l, s_dt_l, first, step, n_tok, h0, h1, h2, h3, A0, A1, A2, A3, Dk,
-                    bias, dstate, offs_d, mask_d, y1_row, z_row, s_z_l, out_row, s_y_l, states_row, chunk_stride,
+                    bias, dstate, offs_d, mask_d, y1_row, z_row, s_z_l, out_row, ysum_row, s_y_l, states_row,
+                    chunk_stride,
                     s_h_n, s_h_d, seqlen,
                     DIRECTION: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
                     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, STATE_J: tl.constexpr, N_GROUPS: tl.constexpr,
                     UNROLL: tl.constexpr):
     """One direction over one segment: n_tok tokens from token ``first`` by ``step``, from state h. Direction 1
-    stores its ungated y to ``y1_row``; direction 0 reads it back and writes the gated mean to ``out_row`` (both rows
-    channel-contiguous, ``s_y_l`` apart per token: a warp's store of one token is one contiguous run)."""
+    stores its ungated y to ``y1_row``; direction 0 reads it back and writes the gated mean to ``out_row`` and, for
+    a backward (STORE_STATES), the ungated sum to ``ysum_row`` (the gate's gradient needs it; mamba_ssm saves its
+    ungated output too). All rows channel-contiguous, ``s_y_l`` apart per token: a warp's store of one token is one
+    contiguous run."""
     u_n = tl.load(u_row + first * s_u_l, mask=mask_d, other=0.0)
     dt_n = tl.load(dt_row + first * s_dt_l, mask=mask_d, other=0.0)
     B0n, B1n, B2n, B3n = _packed(bc_row + first * (2 * BLOCK_N), STATE_J, N_GROUPS)
@@ -448,7 +451,10 @@ def _scan_direction(u_row, dt_row, bc_row, s_u_l, s_dt_l, first, step, n_tok, h0
         if DIRECTION == 1:
             tl.store(y1_row + t * s_y_l, y, mask=mask_d)
         else:
-            y = (y + y_other) * silu(z.to(tl.float32)) * 0.5
+            y += y_other
+            if STORE_STATES:
+                tl.store(ysum_row + t * s_y_l, y.to(ysum_row.dtype.element_ty), mask=mask_d)
+            y = y * silu(z.to(tl.float32)) * 0.5
             tl.store(out_row + t * s_y_l, y.to(out_row.dtype.element_ty), mask=mask_d)
         if STORE_STATES:
             # the state at each token boundary j * CHUNK inside the sequence, as entry j - 1, in both directions
@@ -463,7 +469,7 @@ def _scan_direction(u_row, dt_row, bc_row, s_u_l, s_dt_l, first, step, n_tok, h0
 @triton.autotune(configs=autotune_configs(_OUTPUT_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'])
 @triton.jit(do_not_specialize=['seqlen', 'seg_len', 'n_seg', *_CHANNEL_STRIDES])
 def _scan_output_kernel(
-        u_ptr, delta_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, y1_ptr, hseg_ptr, states_ptr,
+        u_ptr, delta_ptr, A_ptr, bc_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ysum_ptr, y1_ptr, hseg_ptr, states_ptr,
         batch, seqlen, dim, dstate, seg_len, n_seg, s_h_n, s_h_d,
         s_u_b, s_u_k, s_u_d, s_u_l,
         s_dt_b, s_dt_k, s_dt_d, s_dt_l,
@@ -484,9 +490,10 @@ def _scan_output_kernel(
     t_lo = seg * seg_len
     n_tok = tl.minimum(seqlen - t_lo, seg_len)
     n_chunks = tl.cdiv(seqlen, CHUNK)
-    # out, y1: (batch, seqlen, dim) in memory; states (batch, 2, n_chunks - 1, dim, dstate); hseg (batch, 2, n_seg - 1,
-    # dim, dstate)
+    # out, ysum, y1: (batch, seqlen, dim) in memory; states (batch, 2, n_chunks - 1, dim, dstate); hseg (batch, 2,
+    # n_seg - 1, dim, dstate)
     out_row = out_ptr + b * seqlen * dim + offs_d
+    ysum_row = ysum_ptr + b * seqlen * dim + offs_d
     y1_row = y1_ptr + b * seqlen * dim + offs_d
     z_row = z_ptr + b * s_z_b + offs_d.to(tl.int64) * s_z_d
     chunk_stride = dim * dstate
@@ -505,7 +512,8 @@ def _scan_output_kernel(
                         _packed_rows(bc_ptr, b * 2 + k, seqlen, offs_d, STATE_J, BLOCK_N), s_u_l, s_dt_l,
                         t_lo + k * (n_tok - 1), 1 - 2 * k, n_tok, h0, h1, h2, h3,
                         A0, A1, A2, A3, Dk, bias, dstate, offs_d, mask_d,
-                        y1_row, z_row, s_z_l, out_row, dim, states_ptr + (b * 2 + k) * (n_chunks - 1) * chunk_stride,
+                        y1_row, z_row, s_z_l, out_row, ysum_row, dim,
+                        states_ptr + (b * 2 + k) * (n_chunks - 1) * chunk_stride,
                         chunk_stride, s_h_n, s_h_d, seqlen,
                         k, DELTA_SOFTPLUS, STORE_STATES, CHUNK, BLOCK_N, STATE_J, N_GROUPS, UNROLL)
 
@@ -533,14 +541,15 @@ def scan_fwd(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool, chunk: int,
         store_states: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the forward pass. Shapes as ``bidirectional_scan_ref``; inputs may be strided views.
 
     Returns:
         out: (batch, dim, seqlen) in u's dtype, a transposed view of (batch, seqlen, dim) memory. states: (batch,
         2, n_chunks - 1, dim, dstate) fp32, each direction's state at token boundary ``(j + 1) x chunk`` as entry
         j (direction 0 after the tokens before it, direction 1 after those from it on); None unless
-        ``store_states`` (inference needs none).
+        ``store_states`` (inference needs none). ysum: the ungated y of both directions summed, as out (shape,
+        layout, dtype), for the gate's gradient; None unless ``store_states``.
     """
     batch, _, dim, seqlen = u.shape
     dstate = A.shape[-1]
@@ -550,6 +559,7 @@ def scan_fwd(
     n_chunks = triton.cdiv(seqlen, chunk)
     block_n = triton.next_power_of_2(dstate)
     out = scan_output(u)
+    ysum = scan_output(u) if store_states else out  # (not written without states)
     y1 = torch.empty(batch, seqlen, dim, device=dev, dtype=torch.float32)
     states = torch.empty(batch, 2, n_chunks - 1 if store_states else 0, dim, dstate, device=dev, dtype=torch.float32)
     hseg = torch.empty(batch, 2, n_seg - 1, dim, dstate, device=dev, dtype=torch.float32)
@@ -571,9 +581,9 @@ def scan_fwd(
             A, hseg, dtsum, batch, dim, dstate, n_seg, 1, dstate, *strides['A'], REVERSE=0, **groups,
         )
     _scan_output_kernel[lambda meta: (blocks(meta) * n_seg * batch,)](
-        u, delta, A, bc, D, z, delta_bias, out, y1, hseg, states,
+        u, delta, A, bc, D, z, delta_bias, out, ysum, y1, hseg, states,
         batch, seqlen, dim, dstate, seg_len, n_seg, 1, dstate,
         *strides['u'], *strides['delta'], *strides['A'], *strides['D'], *strides['bias'], *strides['z'],
         DELTA_SOFTPLUS=delta_softplus, STORE_STATES=store_states, CHUNK=chunk, **groups,
     )
-    return out, states if store_states else None
+    return (out, states, ysum) if store_states else (out, None, None)

@@ -95,12 +95,13 @@ def _device_context(device: torch.device):
 @torch.library.custom_op('vim::triton_bidirectional_scan', mutates_args=())
 def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool, chunk: int,
-             store_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+             store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with _device_context(u.device):
-        out, states = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states=store_states)
+        out, states, ysum = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk,
+                                     store_states=store_states)
     if states is None:
-        states = u.new_empty(0, dtype=torch.float32)
-    return out, states
+        return out, u.new_empty(0, dtype=torch.float32), u.new_empty(0)
+    return out, states, ysum
 
 
 @_scan_op.register_fake
@@ -108,20 +109,21 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states):
     batch, _, dim, seqlen = u.shape
     out = scan_output(u)
     if not store_states:
-        return out, u.new_empty(0, dtype=torch.float32)
-    return out, u.new_empty(batch, 2, -(-seqlen // chunk) - 1, dim, A.shape[-1], dtype=torch.float32)
+        return out, u.new_empty(0, dtype=torch.float32), u.new_empty(0)
+    return (out, u.new_empty(batch, 2, -(-seqlen // chunk) - 1, dim, A.shape[-1], dtype=torch.float32),
+            scan_output(u))
 
 
 @torch.library.custom_op('vim::triton_bidirectional_scan_bwd', mutates_args=())
 def _scan_bwd_op(gout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, states: torch.Tensor,
-                 delta_softplus: bool, chunk: int) -> list[torch.Tensor]:
+                 ysum: torch.Tensor, delta_softplus: bool, chunk: int) -> list[torch.Tensor]:
     with _device_context(u.device):
-        return list(scan_bwd(gout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, chunk))
+        return list(scan_bwd(gout, u, delta, A, B, C, D, z, delta_bias, states, ysum, delta_softplus, chunk))
 
 
 @_scan_bwd_op.register_fake
-def _(gout, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, chunk):
+def _(gout, u, delta, A, B, C, D, z, delta_bias, states, ysum, delta_softplus, chunk):
     batch, _, dim, seqlen = u.shape
     # u, delta and z: channel-contiguous, as the kernel writes them (fwd.channel_contiguous)
     owned = [channel_contiguous(batch, lead, dim, seqlen, u.device, t.dtype) for lead, t in (((2,), u), ((2,), delta))]
@@ -134,13 +136,13 @@ def _scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states = inputs
     if not store_states:
         raise RuntimeError('the Triton scan ran without saving chunk states; call bidirectional_scan_triton')
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
-    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.delta_softplus = delta_softplus
     ctx.chunk = chunk
 
 
-def _scan_backward(ctx, gout, _g_states):
+def _scan_backward(ctx, gout, _g_states, _g_ysum):
     grads = _scan_bwd_op(gout, *ctx.saved_tensors, ctx.delta_softplus, ctx.chunk)
     return (*grads, None, None, None)
 
@@ -219,7 +221,7 @@ def bidirectional_scan_triton(
     if u.numel() == 0:  # nothing to launch; keep the (empty) result attached to the graph
         return (u.sum(1) + z).to(u.dtype)
     inputs = (u, delta, A, B, C, D, z, delta_bias)
-    out, _ = _scan_op(*inputs, bool(delta_softplus), int(chunk_size), _needs_grad(*inputs))
+    out, _, _ = _scan_op(*inputs, bool(delta_softplus), int(chunk_size), _needs_grad(*inputs))
     return out
 
 

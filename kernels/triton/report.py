@@ -101,6 +101,8 @@ def _specs():
         # the backward's main kernel: one compile and launch per direction (direction 1 first)
         *((KernelSpec(f'scan_bwd_k{k}', bwd._bidirectional_scan_bwd_kernel, all_configs(bwd._CONFIGS), 'state',
                       dict(scan, K=k)), CHUNK) for k in (1, 0)),
+        (KernelSpec('gate_grad', _Plain(bwd._gate_grad_kernel), [triton.Config({}, num_warps=4)], 'none',
+                    dict(BLOCK_L=bwd.GATE_BLOCK_L, BLOCK_D=bwd.GATE_BLOCK_D)), 1),
         (KernelSpec('conv_fwd', conv._bidirectional_conv_fwd_kernel, all_configs(conv._FWD_CONFIGS), 'conv',
                     dict(WIDTH=WIDTH)), 1),
         (KernelSpec('conv_bwd', conv._bidirectional_conv_bwd_kernel, all_configs(conv._BWD_CONFIGS), 'conv',
@@ -202,6 +204,7 @@ def _floors(dim: int, seqlen: int, batch: int) -> dict:
 
 def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -> list[tuple[dict, Launch]]:
     """The launches of ``op`` for a case, each with the config row it runs (row_of(kernel) -> best row)."""
+    from . import bwd
     from .bwd import plan_backward_segments
     from .conv import conv_block_tokens
     from .fwd import plan_segments
@@ -237,22 +240,24 @@ def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -
         r = row_of(kernel)
         # per warp: seg tokens in each direction; the loops are unrolled by UNROLL tokens. Per (token, channel): u,
         # delta (both directions), z, out, direction 1's y (fp32, written and read back); per token the packed B
-        # and C; with autograd the states saved every CHUNK tokens
+        # and C; with autograd the states saved every CHUNK tokens and the ungated y (ysum)
         unroll = r['config'].get('UNROLL', 1)
-        states = batch * 2 * n_chunks * DSTATE * dim * 4 if op == 'scan_fwd' else 0
+        states = batch * 2 * n_chunks * DSTATE * dim * 4 + tokens * dim * e if op == 'scan_fwd' else 0
         out.append((r, Launch(kernel, warps(r, lambda nb: nb * n_seg * batch), seg / unroll,
                               tokens * (dim * (4 * e + e + e + 8) + 2 * 2 * DSTATE * 4) + states)))
     elif op == 'scan_bwd':
         groups = _ceil(dim, 32)
         out += split_passes('segment_carry', bseg, bn_seg, 3)  # delta, z, gout
-        # per (token, channel): u, delta both directions, z and gout once per direction, gu, gdelta, gz, direction
-        # 1's y (fp32, written and read back), the saved states; per token: packed B, C and the gB, gC partials.
-        # One launch per direction, each with half of those bytes.
+        # per (token, channel): u, delta both directions, z and gout once per direction, gu, gdelta, the saved
+        # states; per token: packed B, C and the gB, gC partials. One launch per direction, each with half of those
+        # bytes. Then the gate's gradient from the saved ysum, z and gout: tiles of (token, channel), 4 warps each.
         for k in (1, 0):
             r = row_of(f'scan_bwd_k{k}')
             out.append((r, Launch(f'scan_bwd_k{k}', warps(r, lambda nb: nb * bn_seg * batch), _ceil(bseg, CHUNK),
-                                  tokens * (dim * (e * 13 + 8 + 2 * DSTATE * 4 / CHUNK)
+                                  tokens * (dim * (e * 12 + 2 * DSTATE * 4 / CHUNK)
                                             + 2 * 2 * DSTATE * 4 * (1 + groups)) / 2)))
+        out.append((row_of('gate_grad'), Launch('gate_grad', _ceil(seqlen, bwd.GATE_BLOCK_L)
+                                                * _ceil(dim, bwd.GATE_BLOCK_D) * batch * 4, 0, tokens * dim * 4 * e)))
         # the partials summed over channel groups and cast (torch): bytes only
         out.append((row_of('pack_bc'), Launch('bc_partials_sum', 0, 0, tokens * 2 * 2 * DSTATE * (4 * groups + e))))
     elif op in ('conv_fwd', 'conv_bwd'):

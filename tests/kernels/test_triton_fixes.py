@@ -54,6 +54,7 @@ def test_launch_grids_hold_a_batch_above_65535(monkeypatch):
     for module, name in ((fwd, '_segment_state_kernel'), (fwd, '_segment_boundary_kernel'),
                          (fwd, '_scan_output_kernel'), (bwd, '_segment_carry_kernel'),
                          (bwd, '_segment_boundary_kernel'), (bwd, '_bidirectional_scan_bwd_kernel'),
+                         (bwd, '_gate_grad_kernel'),
                          (conv, '_bidirectional_conv_fwd_kernel'), (conv, '_bidirectional_conv_bwd_kernel'),
                          (pack, '_pack_bc_kernel')):
         monkeypatch.setattr(module, name, _GridRecorder(name, grids))
@@ -65,12 +66,13 @@ def test_launch_grids_hold_a_batch_above_65535(monkeypatch):
     A, D, bias = torch.zeros(2, dim, dstate, **f32), torch.zeros(2, dim, **f32), torch.zeros(2, dim, **f32)
     B, C = torch.zeros(batch, 2, dstate, seqlen, **f32), torch.zeros(batch, 2, dstate, seqlen, **f32)
     z, gout = torch.zeros(batch, dim, seqlen, **f32), torch.zeros(batch, dim, seqlen, **f32)
-    _, states = fwd.scan_fwd(u, delta, A, B, C, D, z, bias, True, chunk)
-    bwd.scan_bwd(gout, u, delta, A, B, C, D, z, bias, states, True, chunk)
+    _, states, ysum = fwd.scan_fwd(u, delta, A, B, C, D, z, bias, True, chunk)
+    bwd.scan_bwd(gout, u, delta, A, B, C, D, z, bias, states, ysum, True, chunk)
     x, w, b = torch.zeros(batch, dim, seqlen, **f32), torch.zeros(2, dim, 4, **f32), torch.zeros(2, dim, **f32)
     conv.conv_fwd(x, w, b)
     conv.conv_bwd(torch.zeros(batch, 2, dim, seqlen, **f32), x, w, b)
-    assert {name for name, _ in grids} == {k.fn.__name__ for k in AUTOTUNED_KERNELS} | {'_pack_bc_kernel'}
+    plain = {'_pack_bc_kernel', '_gate_grad_kernel'}
+    assert {name for name, _ in grids} == {k.fn.__name__ for k in AUTOTUNED_KERNELS} | plain
     for name, grid in grids:
         assert grid[0] < 2**31 and all(g <= 65_535 for g in grid[1:]), (name, grid)
 

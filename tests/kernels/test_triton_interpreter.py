@@ -255,7 +255,7 @@ def test_fake_impls_match_the_kernels():
     args = [x[n].detach() for n in NAMES]
     torch.library.opcheck(torch.ops.vim.triton_bidirectional_scan, (*args, True, 4, True),
                           test_utils=('test_faketensor',))
-    _, states = torch.ops.vim.triton_bidirectional_scan(*args, True, 4, True)
+    _, states, ysum = torch.ops.vim.triton_bidirectional_scan(*args, True, 4, True)
     gout = torch.randn(1, 8, 9)
-    torch.library.opcheck(torch.ops.vim.triton_bidirectional_scan_bwd, (gout, *args, states, True, 4),
+    torch.library.opcheck(torch.ops.vim.triton_bidirectional_scan_bwd, (gout, *args, states, ysum, True, 4),
                           test_utils=('test_faketensor',))
