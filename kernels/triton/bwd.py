@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, sigmoid, silu, silu_grad, tensor_strides
+from .common import autotune_configs, pick, sigmoid, silu, silu_grad, tensor_strides
 from .fwd import (
     H100_SMS,
     _channels,
@@ -68,7 +68,7 @@ from .fwd import (
     plan_split,
     sm_count,
 )
-from .pack import pack_bc
+from .pack import PACK_PAD, pack_bc
 
 __all__ = ['scan_bwd', 'plan_backward_segments']
 
@@ -91,10 +91,10 @@ _STRIDES = ['s_u_d', 's_u_l', 's_dt_d', 's_dt_l', 's_A_d', 's_A_n', 's_D_d', 's_
             's_go_l', 's_c_d', 's_g_d']
 
 # The segment plan's weights (fwd.plan_split), relative to the forward's output pass per token and direction: the
-# main kernel issues ~3.7x its instructions per element (44-47 against 11-13, static report), the carry pass about
+# main kernel issues ~3x its instructions per element (35-36.5 against 11-13, static report), the carry pass about
 # as many as the forward's state pass. RESIDENT_*: warps a scheduler holds (static report: the main kernel capped at
 # MAX_REGISTERS, 3 in both directions; the carry pass at 72 registers, 0.44).
-_MAIN_COST = 3.7
+_MAIN_COST = 3.0
 _CARRY_COST = 0.8
 RESIDENT_MAIN = 3
 RESIDENT_CARRY = 7
@@ -189,9 +189,8 @@ def _gate_grad_kernel(y_ptr, z_ptr, gout_ptr, gz_ptr, seqlen, dim, s_z_b, s_z_d,
 
 @triton.jit
 def _at(X, p, i):
-    """Row i (BLOCK_D,) of a (CHUNK, BLOCK_D) tile whose CHUNK axis lives in each thread: a register pick (-0.0 is
-    the exact identity of the sum, so the masked-out terms fold away)."""
-    return tl.sum(tl.where(p == i, X, -0.0), axis=0)
+    """Row i (BLOCK_D,) of a (CHUNK, BLOCK_D) tile whose CHUNK axis lives in each thread: a register pick."""
+    return pick(X, p, i)
 
 
 @triton.jit
@@ -271,7 +270,9 @@ def _bidirectional_scan_bwd_kernel(
     dt_row = delta_ptr + b * s_dt_b + k * s_dt_k + d64 * s_dt_d
     gu_row = gu_ptr + (b * 2 + k) * seqlen * dim + dg
     gdt_row = gdelta_ptr + (b * 2 + k) * seqlen * dim + dg
-    bc_row = bc_ptr + (b * 2 + k) * seqlen * (2 * BLOCK_N) + offs_d * 0  # the same address for every channel
+    # packed B and C: the same address for every channel; read a chunk whole, the padding's zeros past the sequence
+    tl.static_assert(CHUNK - 1 <= PACK_PAD)
+    bc_row = bc_ptr + (b * 2 + k) * (seqlen + PACK_PAD) * (2 * BLOCK_N) + offs_d * 0
     # states: (batch, 2, n_chunks - 1, dim, dstate), entry j the state at token boundary (j + 1) CHUNK
     st_row = states_ptr + (b * 2 + k) * (n_chunks - 1) * dim * dstate + offs_d * s_h_d
     # gbc: (batch, 2, n_dblocks, 2, BLOCK_N, seqlen) fp32 partials, one row a program (a warp of 32 channels); the
@@ -325,7 +326,7 @@ def _bidirectional_scan_bwd_kernel(
                 q = t + k * (CHUNK - 1 - 2 * t)
                 a = tl.exp2(_at(DT, p, t) * A2n)
                 # packed B: a compile-time token stride, so a chunk's loads share one address register
-                bu = _at(DTU, p, t) * tl.load(bc_c + q * (2 * BLOCK_N) + n, mask=q < n_in, other=0.0)
+                bu = _at(DTU, p, t) * tl.load(bc_c + q * (2 * BLOCK_N) + n)
                 # kept as a product, not recovered as h_t - dt u B: exactly 0 at the direction's first token
                 # (a GPU contracts that subtraction into an FMA and leaves the product's rounding error)
                 ah = a * h
@@ -343,8 +344,8 @@ def _bidirectional_scan_bwd_kernel(
                 q = r + k * (CHUNK - 1 - 2 * r)
                 h = _at(H, p, r)
                 dy = _at(DY, p, r)
-                Bq = tl.load(bc_c + q * (2 * BLOCK_N) + n, mask=q < n_in, other=0.0)
-                Cq = tl.load(bc_c + q * (2 * BLOCK_N) + (BLOCK_N + n), mask=q < n_in, other=0.0)
+                Bq = tl.load(bc_c + q * (2 * BLOCK_N) + n)
+                Cq = tl.load(bc_c + q * (2 * BLOCK_N) + (BLOCK_N + n))
                 g = Cq * dy + g
                 w = g * _at(AH, p, r)  # g a h_{r-1}
                 gA_n += w * _at(DT, p, r)

@@ -35,6 +35,17 @@ def all_configs(candidates: list[tuple[int, ...] | triton.Config]) -> list[trito
 
 
 @triton.jit
+def pick(X, index, i):
+    """Row i (X's axis 0, which lives inside each thread, numbered by ``index``) of an fp32 tile: a register pick.
+
+    Summed as int32 bits: the other rows' zeros then fold away (x + 0 is x). As a float sum each pick kept one
+    ``FADD x, +0.0`` (not x when x is -0.0, so the compiler may not drop it): 2 per element in the backward's state
+    loop (SASS, triton 3.6 and 3.8)."""
+    bits = tl.where(index == i, X.to(tl.int32, bitcast=True), 0)
+    return tl.sum(bits, axis=0).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def sigmoid(x):
     # exp2 of x log2 e, as tl.exp computes it, but compiled to one MUFU.EX2 (tl.exp's fp32 lowering adds 4
     # instructions that keep results below 2^-126 from flushing to zero, which 1 + e^-x cannot see)

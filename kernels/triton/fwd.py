@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import affine_combine, autotune_configs, silu, softplus, tensor_strides
-from .pack import pack_bc
+from .common import affine_combine, autotune_configs, pick, silu, softplus, tensor_strides
+from .pack import PACK_PAD, pack_bc
 
 __all__ = ['scan_fwd', 'scan_output', 'channel_contiguous', 'sm_count', 'plan_segments', 'plan_split', 'MIN_SEGMENT',
            'MAX_DSTATE']
@@ -183,7 +183,7 @@ def _side_program(dim, n_seg, BLOCK_D: tl.constexpr):
 def _packed_rows(bc_ptr, bk, seqlen, offs_d, STATE_J: tl.constexpr, BLOCK_N: tl.constexpr):
     """(STATE_J, BLOCK_D) pointers to token 0's first STATE_J packed values of (batch, direction) ``bk``, the same
     for every channel; token t's B at ``+ t * 2 * BLOCK_N``, its C ``BLOCK_N`` further."""
-    return bc_ptr + bk * seqlen * (2 * BLOCK_N) + tl.arange(0, STATE_J)[:, None] + offs_d[None, :] * 0
+    return bc_ptr + bk * (seqlen + PACK_PAD) * (2 * BLOCK_N) + tl.arange(0, STATE_J)[:, None] + offs_d[None, :] * 0
 
 
 @triton.jit
@@ -405,7 +405,7 @@ def _segment_boundary_kernel(
                                            affine_combine)
         hs = decay * h[None, :] + local
         tl.store(ptrs, hs, mask=m)
-        h = tl.sum(tl.where(rows[:, None] == BLOCK_S - 1, hs, 0.0), axis=0)  # the block's last entry, in-thread
+        h = pick(hs, rows[:, None], BLOCK_S - 1)  # the block's last entry, in-thread
 
 
 @triton.jit
