@@ -70,7 +70,7 @@ from .fwd import (
 )
 from .pack import PACK_PAD, pack_bc
 
-__all__ = ['scan_bwd', 'plan_backward_segments']
+__all__ = ['scan_bwd', 'plan_backward_segments', 'within_chunk_offsets']
 
 # (BLOCK_D, num_warps, num_stages): one channel a thread, one warp a program. With several warps the per-warp gB/gC
 # partials, a (BLOCK_D // 32,) vector spread over warps, reach their store through shared memory: 32 BAR and 32
@@ -298,14 +298,19 @@ def _bidirectional_scan_bwd_kernel(
         DT = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
         DTU = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
         DY = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+        # the chunk's rows: a 64-bit product a row a chunk, then a token's offset q x stride in 32 bits (q < CHUNK):
+        # token x stride in 64 bits took ~6 integer instructions a load (SASS); pointers stepped a token instead
+        # held their 64-bit strides across the state loop and spilled
+        u_c, dt_c = u_row + t0 * s_u_l, dt_row + t0 * s_dt_l
+        z_c, go_c = z_row + t0 * s_z_l, go_row + t0 * s_go_l
         for t in tl.static_range(CHUNK):
             q = t + k * (CHUNK - 1 - 2 * t)
             m = mask_d & (q < n_in)
-            dt = _step_dt(_load(dt_row, t0 + q, s_dt_l, m), bias, m, DELTA_SOFTPLUS)
-            z = _load(z_row, t0 + q, s_z_l, m)
+            dt = _step_dt(_load(dt_c, q, s_dt_l, m), bias, m, DELTA_SOFTPLUS)
+            z = _load(z_c, q, s_z_l, m)
             DT = _put(DT, p, t, dt)
-            DTU = _put(DTU, p, t, dt * _load(u_row, t0 + q, s_u_l, m))
-            DY = _put(DY, p, t, _load(go_row, t0 + q, s_go_l, m) * z * sigmoid(z) * 0.5)
+            DTU = _put(DTU, p, t, dt * _load(u_c, q, s_u_l, m))
+            DY = _put(DY, p, t, _load(go_c, q, s_go_l, m) * z * sigmoid(z) * 0.5)
         GDU = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # sum_n g B
         GDA = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # sum_n g a h_{t-1} A log2 e
         # the chunk's start state in scan order: boundary c CHUNK (direction 0) or (c + 1) CHUNK (1)
@@ -381,18 +386,18 @@ def _bidirectional_scan_bwd_kernel(
                      mask=(lane % (16 // CHUNK) == 0) & (q_rs < n_in))
             tl.store(carry_row + n * dim, _at(AT, p, 0) * g, mask=mask_d)
             tl.store(gA_row + n * dim, gA_n, mask=mask_d)
+        gu_c, gdt_c = gu_row + t0 * dim, gdt_row + t0 * dim
         for t in tl.static_range(CHUNK):
             q = t + k * (CHUNK - 1 - 2 * t)
             m = mask_d & (q < n_in)
-            tok = t0 + q
-            u = _load(u_row, tok, s_u_l, m)
+            u = _load(u_c, q, s_u_l, m)
             dt = _at(DT, p, t)
             dy = _at(DY, p, t)
             gdu = _at(GDU, p, t)
-            gdt = _dt_grad(_load(dt_row, tok, s_dt_l, m) + bias, dt, DELTA_SOFTPLUS)
+            gdt = _dt_grad(_load(dt_c, q, s_dt_l, m) + bias, dt, DELTA_SOFTPLUS)
             gdt = tl.where(m, (gdu * u + _at(GDA, p, t) * LN2) * gdt, 0.0)
-            tl.store(gu_row + tok * dim, (gdu * dt + dy * Dk).to(gu_ptr.dtype.element_ty), mask=m)
-            tl.store(gdt_row + tok * dim, gdt.to(gdelta_ptr.dtype.element_ty), mask=m)
+            tl.store(gu_c + q * dim, (gdu * dt + dy * Dk).to(gu_ptr.dtype.element_ty), mask=m)
+            tl.store(gdt_c + q * dim, gdt.to(gdelta_ptr.dtype.element_ty), mask=m)
             gD += dy * u
             gbias += gdt
 
@@ -404,6 +409,12 @@ def _bidirectional_scan_bwd_kernel(
     tl.store(gbias_ptr + row, gbias)
 
 
+def within_chunk_offsets(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """x, or a contiguous copy if a chunk's token offsets (chunk - 1 tokens x x's token stride, the last axis)
+    would not fit the main kernel's 32-bit offsets."""
+    return x if (chunk - 1) * abs(x.stride(-1)) < 2**31 else x.contiguous()
+
+
 def scan_bwd(
         gout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, states: torch.Tensor,
@@ -412,6 +423,7 @@ def scan_bwd(
     """Launch the backward pass. ``states`` and ``ysum`` as ``fwd.scan_fwd`` returns them. Returns the gradients
     of (u, delta, A, B, C, D, z, delta_bias), each in the dtype of its input; those of u, delta and z
     channel-contiguous (``fwd.channel_contiguous``), the others contiguous."""
+    u, delta, z, gout = (within_chunk_offsets(t, chunk) for t in (u, delta, z, gout))
     batch, _, dim, seqlen = u.shape
     dstate = A.shape[-1]
     dev = u.device

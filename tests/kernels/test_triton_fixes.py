@@ -81,3 +81,16 @@ def test_autotune_keys_include_the_batch():
     """A batch-1 warm-up must not fix the config that a batch-64 training step runs."""
     for kernel in AUTOTUNED_KERNELS:
         assert 'batch' in kernel.keys, (kernel.fn.__name__, kernel.keys)
+
+
+def test_token_offsets_within_a_chunk_fit_32_bits():
+    """The backward's main kernel adds a chunk's token offsets (at most 7 tokens x the token stride) in 32 bits; an
+    input whose token stride would overflow them is copied contiguous (token stride 1) first."""
+    chunk = 8
+    limit = (2**31 - 1) // (chunk - 1)  # the largest token stride whose 7 tokens fit
+    strided = lambda stride: torch.empty(0, device='meta').as_strided((1, 4, 3), (0, 1, stride))  # noqa: E731
+    fits = strided(limit)
+    assert bwd.within_chunk_offsets(fits, chunk) is fits
+    huge = strided(limit + 1)
+    fixed = bwd.within_chunk_offsets(huge, chunk)
+    assert fixed.stride(-1) == 1 and fixed.shape == huge.shape
