@@ -79,7 +79,7 @@ __all__ = ['scan_bwd', 'plan_backward_segments', 'within_chunk_offsets']
 # the state loop fits in fewer, and at 168 a scheduler holds 3 warps (65,536 / (168 x 32) = 12 an SM). With the
 # gate's gradient moved out (_gate_grad_kernel) nothing spills at that cap (test_triton_compile).
 MAX_REGISTERS = 168
-GATE_BLOCK_L, GATE_BLOCK_D = 32, 64  # _gate_grad_kernel's tile of (token, channel), 4 warps
+GATE_BLOCK_L, GATE_BLOCK_D, GATE_WARPS = 32, 64, 4  # _gate_grad_kernel's tile of (token, channel) and its warps
 _CONFIGS = [triton.Config({'BLOCK_D': 32}, num_warps=1, num_stages=1, maxnreg=MAX_REGISTERS)]
 _CARRY_CONFIGS = [(64, 2, 1), (32, 1, 1), (128, 4, 1)]
 LN2 = tl.constexpr(0.6931471805599453)
@@ -188,12 +188,6 @@ def _gate_grad_kernel(y_ptr, z_ptr, gout_ptr, gz_ptr, seqlen, dim, s_z_b, s_z_d,
 
 
 @triton.jit
-def _at(X, p, i):
-    """Row i (BLOCK_D,) of a (CHUNK, BLOCK_D) tile whose CHUNK axis lives in each thread: a register pick."""
-    return pick(X, p, i)
-
-
-@triton.jit
 def _put(X, p, i, x):
     """X with row i replaced by the vector x (BLOCK_D,): a register write."""
     return tl.where(p == i, x[None, :], X)
@@ -226,7 +220,7 @@ def _load(row, tok, stride, mask):
 # (CHUNK, BLOCK_D) memory op with runtime strides on both axes ties its axes' contiguity, and Triton 3.6 breaks the
 # tie towards the token axis, laying lanes over tokens and the whole state loop out with shuffles and barriers (the
 # static report compiled with 3.6 showed 426 SHFL and 19-43 BAR per state iteration; 3.8 broke it the other way).
-# The (CHUNK, BLOCK_D) tiles only hold a chunk's per-token vectors in registers (_put, _at: compile-time picks).
+# The (CHUNK, BLOCK_D) tiles only hold a chunk's per-token vectors in registers (_put, common.pick: compile-time picks).
 @triton.autotune(configs=autotune_configs(_CONFIGS), key=['dim', 'dstate', 'batch', 'n_seg'])
 @triton.jit(do_not_specialize=['batch', 'dim', 'dstate', 'seqlen', 'seg_len', 'n_seg', *_STRIDES])
 def _bidirectional_scan_bwd_kernel(
@@ -261,7 +255,7 @@ def _bidirectional_scan_bwd_kernel(
     z_row = z_ptr + b * s_z_b + d64 * s_z_d
     go_row = gout_ptr + b * s_go_b + d64 * s_go_d
     # gu, gdelta: (batch, 2, seqlen, dim), channel-contiguous
-    part = b * n_seg + seg  # this program's partials of gA, gD and gbias, and its carry rows
+    part = b * n_seg + seg  # this program's carry and gA rows
 
     k = K  # one launch per direction
     Dk = tl.load(D_ptr + k * s_D_k + offs_d * s_D_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -329,9 +323,9 @@ def _bidirectional_scan_bwd_kernel(
             AH = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # a_t h_{t-1}
             for t in tl.static_range(CHUNK):
                 q = t + k * (CHUNK - 1 - 2 * t)
-                a = tl.exp2(_at(DT, p, t) * A2n)
+                a = tl.exp2(pick(DT, p, t) * A2n)
                 # packed B: a compile-time token stride, so a chunk's loads share one address register
-                bu = _at(DTU, p, t) * tl.load(bc_c + q * (2 * BLOCK_N) + n)
+                bu = pick(DTU, p, t) * tl.load(bc_c + q * (2 * BLOCK_N) + n)
                 # kept as a product, not recovered as h_t - dt u B: exactly 0 at the direction's first token
                 # (a GPU contracts that subtraction into an FMA and leaves the product's rounding error)
                 ah = a * h
@@ -347,28 +341,28 @@ def _bidirectional_scan_bwd_kernel(
             for tt in tl.static_range(CHUNK):
                 r = CHUNK - 1 - tt  # positions in reverse
                 q = r + k * (CHUNK - 1 - 2 * r)
-                h = _at(H, p, r)
-                dy = _at(DY, p, r)
+                h = pick(H, p, r)
+                dy = pick(DY, p, r)
                 Bq = tl.load(bc_c + q * (2 * BLOCK_N) + n)
                 Cq = tl.load(bc_c + q * (2 * BLOCK_N) + (BLOCK_N + n))
                 g = Cq * dy + g
-                w = g * _at(AH, p, r)  # g a h_{r-1}
-                gA_n += w * _at(DT, p, r)
-                GDA = _put(GDA, p, r, _at(GDA, p, r) + w * A2n)
-                GDU = _put(GDU, p, r, _at(GDU, p, r) + g * Bq)
+                w = g * pick(AH, p, r)  # g a h_{r-1}
+                gA_n += w * pick(DT, p, r)
+                GDA = _put(GDA, p, r, pick(GDA, p, r) + w * A2n)
+                GDU = _put(GDU, p, r, pick(GDU, p, r) + g * Bq)
                 # gB and gC of (token, state), summed over the warp's channels (the only cross-lane work): a
                 # reduce-scatter of the chunk's 2 CHUNK sums. First level: B's kept by lanes 0-15, C's by 16-31;
                 # then, as soon as both are there, positions r and r + 1 (even r) exchange over lane bit 3, pairs
                 # over bit 2, quadruples over bit 1: one value pending per level (in RS), so few live registers
-                X = _exchange(g * _at(DTU, p, r), h * dy, lane, 16)
+                X = _exchange(g * pick(DTU, p, r), h * dy, lane, 16)
                 for lvl in tl.static_range(3):
                     if (1 << lvl) < CHUNK and r % (1 << lvl) == 0:
                         if (r >> lvl) % 2 == 1:
                             RS = _put(RS, p, lvl, X)  # the odd group comes first (reverse order): it waits
                         else:
-                            X = _exchange(X, _at(RS, p, lvl), lane, 8 >> lvl)
+                            X = _exchange(X, pick(RS, p, lvl), lane, 8 >> lvl)
                 if r > 0:
-                    g = _at(AT, p, r) * g
+                    g = pick(AT, p, r) * g
             # X: each lane's sum over the reduce-scatter's lane bits; the bits below them by a plain butterfly
             gbc_sum = X
             for lvl in tl.static_range(3):
@@ -384,18 +378,18 @@ def _bidirectional_scan_bwd_kernel(
             q_rs = r_rs + k * (CHUNK - 1 - 2 * r_rs)
             tl.store(gbc_c + q_rs + ((lane // 16) * BLOCK_N + n) * seqlen, gbc_sum,
                      mask=(lane % (16 // CHUNK) == 0) & (q_rs < n_in))
-            tl.store(carry_row + n * dim, _at(AT, p, 0) * g, mask=mask_d)
+            tl.store(carry_row + n * dim, pick(AT, p, 0) * g, mask=mask_d)
             tl.store(gA_row + n * dim, gA_n, mask=mask_d)
         gu_c, gdt_c = gu_row + t0 * dim, gdt_row + t0 * dim
         for t in tl.static_range(CHUNK):
             q = t + k * (CHUNK - 1 - 2 * t)
             m = mask_d & (q < n_in)
             u = _load(u_c, q, s_u_l, m)
-            dt = _at(DT, p, t)
-            dy = _at(DY, p, t)
-            gdu = _at(GDU, p, t)
+            dt = pick(DT, p, t)
+            dy = pick(DY, p, t)
+            gdu = pick(GDU, p, t)
             gdt = _dt_grad(_load(dt_c, q, s_dt_l, m) + bias, dt, DELTA_SOFTPLUS)
-            gdt = tl.where(m, (gdu * u + _at(GDA, p, t) * LN2) * gdt, 0.0)
+            gdt = tl.where(m, (gdu * u + pick(GDA, p, t) * LN2) * gdt, 0.0)
             tl.store(gu_c + q * dim, (gdu * dt + dy * Dk).to(gu_ptr.dtype.element_ty), mask=m)
             tl.store(gdt_c + q * dim, gdt.to(gdelta_ptr.dtype.element_ty), mask=m)
             gD += dy * u
@@ -469,7 +463,7 @@ def scan_bwd(
         )
     _gate_grad_kernel[(triton.cdiv(seqlen, GATE_BLOCK_L) * triton.cdiv(dim, GATE_BLOCK_D) * batch,)](
         ysum, z, gout, gz, seqlen, dim, *strides['z'], *strides['gout'], BLOCK_L=GATE_BLOCK_L, BLOCK_D=GATE_BLOCK_D,
-        num_warps=4,
+        num_warps=GATE_WARPS,
     )
     gbc = gbc.sum(2)  # (batch, 2, 2, block_n, seqlen), token order; states past dstate never written
     gB, gC = (gbc[:, :, i, :dstate].to(t.dtype).contiguous() for i, t in ((0, B), (1, C)))

@@ -101,7 +101,7 @@ def _specs():
         # the backward's main kernel: one compile and launch per direction (direction 1 first)
         *((KernelSpec(f'scan_bwd_k{k}', bwd._bidirectional_scan_bwd_kernel, all_configs(bwd._CONFIGS), 'state',
                       dict(scan, K=k)), CHUNK) for k in (1, 0)),
-        (KernelSpec('gate_grad', _Plain(bwd._gate_grad_kernel), [triton.Config({}, num_warps=4)], 'none',
+        (KernelSpec('gate_grad', _Plain(bwd._gate_grad_kernel), [triton.Config({}, num_warps=bwd.GATE_WARPS)], 'none',
                     dict(BLOCK_L=bwd.GATE_BLOCK_L, BLOCK_D=bwd.GATE_BLOCK_D)), 1),
         (KernelSpec('conv_fwd', conv._bidirectional_conv_fwd_kernel, all_configs(conv._FWD_CONFIGS), 'conv',
                     dict(WIDTH=WIDTH)), 1),
@@ -205,12 +205,11 @@ def _floors(dim: int, seqlen: int, batch: int) -> dict:
 def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -> list[tuple[dict, Launch]]:
     """The launches of ``op`` for a case, each with the config row it runs (row_of(kernel) -> best row)."""
     from . import bwd
-    from .bwd import plan_backward_segments
     from .conv import conv_block_tokens
     from .fwd import plan_segments
     e, tokens = DTYPE_BYTES, batch * seqlen
     seg, n_seg = plan_segments(batch, dim, seqlen, CHUNK)
-    bseg, bn_seg = plan_backward_segments(batch, dim, seqlen, CHUNK)
+    bseg, bn_seg = bwd.plan_backward_segments(batch, dim, seqlen, CHUNK)
     n_chunks = _ceil(seqlen, CHUNK)
 
     def warps(row, programs_per_block_d):
@@ -257,7 +256,8 @@ def _op_launches(op: str, row_of: Callable, dim: int, seqlen: int, batch: int) -
                                   tokens * (dim * (e * 12 + 2 * DSTATE * 4 / CHUNK)
                                             + 2 * 2 * DSTATE * 4 * (1 + groups)) / 2)))
         out.append((row_of('gate_grad'), Launch('gate_grad', _ceil(seqlen, bwd.GATE_BLOCK_L)
-                                                * _ceil(dim, bwd.GATE_BLOCK_D) * batch * 4, 0, tokens * dim * 4 * e)))
+                                                * _ceil(dim, bwd.GATE_BLOCK_D) * batch * bwd.GATE_WARPS, 0,
+                                                tokens * dim * 4 * e)))
         # the partials summed over channel groups and cast (torch): bytes only
         out.append((row_of('pack_bc'), Launch('bc_partials_sum', 0, 0, tokens * 2 * 2 * DSTATE * (4 * groups + e))))
     elif op in ('conv_fwd', 'conv_bwd'):
