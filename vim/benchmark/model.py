@@ -119,6 +119,8 @@ def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, d
     def run():
         graph.replay()
         return out
+    # the graph reads the model's weights and the input where they lay at capture: they must live as long as it
+    run.forward = forward
     return run
 
 
