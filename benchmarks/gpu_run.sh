@@ -9,7 +9,10 @@
 # on triton 3.6) the first call of the scan step did not finish in 60 s and the test step passed 5 tests in 215 s.
 # With 10-minute calls and 15 minutes in all: first `tests` (RANDOM_S=30), since a kernel that is wrong on the GPU
 # makes every timing moot (the fourth run, 2026-11-27, found the conv backward wrong only there), then
-# `warm scan bench` (they share compiles), then `profile model` if time is left.
+# `warm scan bench` (they share compiles), then `profile model` if time is left. The fifth run (2026-11-27) ran
+# `warm tests scan bench` in 417 s of one call: warm used its 100 s, tests 170 s (14 passed, 6 unfinished), scan
+# ~60 s, and bench printed its first row 26 s in; on a fresh machine a bench run without the scan step before it
+# printed nothing in 130 s (the self-check's and the autotuner's compiles).
 #   tests    pytest -m gpu, one line per test as it ends (gpu-tests.log) and each failure's traceback as soon as
 #            it happens (gpu-test-failures.log, tests/conftest.py), so a cut-off run still says what failed and why.
 #            The targeted tests first (every autotune config, whole models, determinism, offsets past 2^31, compile
