@@ -94,3 +94,33 @@ def test_token_offsets_within_a_chunk_fit_32_bits():
     huge = strided(limit + 1)
     fixed = bwd.within_chunk_offsets(huge, chunk)
     assert fixed.stride(-1) == 1 and fixed.shape == huge.shape
+
+
+def test_backward_fills_no_zero_gradients_for_the_saved_outputs():
+    """The op's states and ysum outputs are saved for its backward and never differentiated: autograd must not
+    materialise zero gradients of their size for it (a states-sized fill a layer, measured on an H100)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from vim.kernels.triton import bidirectional_scan_triton
+
+    from tests.kernels.test_triton_interpreter import NAMES, make_inputs
+
+    class Fills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.zero_,
+                                       torch.ops.aten.fill_, torch.ops.aten.new_zeros, torch.ops.aten.full):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    x = make_inputs(1, 4, 16, 4, torch.float32)
+    out = bidirectional_scan_triton(*(x[n] for n in NAMES), chunk_size=4)
+    with Fills() as fills:
+        out.backward(torch.ones_like(out))
+    states = (1, 2, 16 // 4, 4, 4)  # (batch, direction, chunk, dim, dstate)
+    assert not [s for s in fills.shapes if s[-2:] == states[-2:] and len(s) == len(states)], fills.shapes
+    assert not [s for s in fills.shapes if s == tuple(out.shape)], fills.shapes  # ysum's
+    assert all(x[n].grad is not None for n in NAMES)
