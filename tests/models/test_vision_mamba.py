@@ -234,3 +234,22 @@ def test_ssm_projections_token_major_and_channel_major_agree(batch, seqlen):
     for a, b in zip(tok, chan):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_mixer_backward_hands_in_proj_one_contiguous_gradient(monkeypatch):
+    """x and z come from one split of in_proj's output, whose backward concatenates their gradients in in_proj's
+    (batch, seqlen, 2 d_inner) layout: one pass, and a gradient the matmul reads as it is. Two slices of the
+    transposed output each zero-filled a whole-size gradient, copied into it and added the two, and left a
+    transposed gradient that in_proj's backward copies again."""
+    from vim.layers import BidirectionalMamba
+    monkeypatch.setenv('VIM_SCAN_BACKEND', 'reference')
+    mixer = BidirectionalMamba(8)
+    seen = []
+
+    def keep_grad(module, args, output):
+        output.register_hook(lambda g: seen.append(g))
+    mixer.in_proj.register_forward_hook(keep_grad)
+    out = mixer(torch.randn(2, 5, 8))
+    out.backward(torch.randn_like(out))
+    assert len(seen) == 1 and seen[0].shape == (2, 5, 2 * mixer.d_inner) and seen[0].is_contiguous()
+

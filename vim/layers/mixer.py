@@ -123,9 +123,11 @@ class BidirectionalMamba(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (batch, seqlen, dim) -> (batch, seqlen, dim)."""
-        xz = self.in_proj(hidden).transpose(1, 2)
-        # slices rather than chunk/split: torch.fx cannot unpack the tuple those return
-        x, z = xz[:, :self.d_inner], xz[:, self.d_inner:]  # (batch, d_inner, seqlen) each
+        # one split, whose backward concatenates both halves' gradients into in_proj's (batch, seqlen, 2 d_inner)
+        # layout; two slices would each zero-fill a whole-size gradient, copy into it and add the two. Indexed, not
+        # unpacked: torch.fx cannot unpack the tuple a split returns.
+        xz = self.in_proj(hidden).split(self.d_inner, dim=-1)
+        x, z = xz[0].transpose(1, 2), xz[1].transpose(1, 2)  # (batch, d_inner, seqlen) each
         # both branches' causal conv + silu, in natural token order: (batch, 2, d_inner, seqlen)
         u = bidirectional_conv_silu(x, self.conv_weight, self.conv_bias)
         dt, B, C = ssm_projections(u, self.x_proj_weight.to(u.dtype), self.dt_rank, self.d_state)
