@@ -1,7 +1,7 @@
 #!/bin/bash
 # One GPU session's measurements, in the order that matters, each step time-limited so that a 10-minute device
 # call keeps what finished. Usage (repository root, CUDA machine):
-#   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile model scan bench (default: these five), chunk, warm
+#   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile model scan bench (default: these five), chunk, warm, host
 # Results go to $OUT (the device tool's folder) or ./gpu-run. Each step's limit: TESTS_S, RANDOM_S, PROFILE_S,
 # MODEL_S, SCAN_S, BENCH_S (200, 150, 150, 120, 240, 300 s). A fresh machine compiles every kernel on first use:
 # the backward's main kernel 18-32 s per direction and dtype (the -f- report JSONs), the forward's autotuning
@@ -29,6 +29,10 @@
 #   warm     benchmarks/precompile.py: every config of every kernel compiled side by side (one process a config
 #            index and dtype, bf16 and fp32, chunk 8) into triton's on-disk cache, so that the steps after it
 #            load them instead of compiling them one after another; WARM_S (120 s)
+#   host     the scan and conv at 128 x 197 and 8 x 6,085 (bf16) with --host-profile: where the host time of a call
+#            goes (cProfile's top functions). The fifth run measured the scan's forward at 0.63 ms wall against
+#            0.28 ms of kernels at 128 x 197, and Vim-Ti's eager forward at 224^2 b64 at 30 ms, most of it host work;
+#            our own Python is ~37 us a call (stubbed launches, CPU), so the rest is in the launches
 #   chunk    the scan with chunk size 4 instead of 8 (bf16, 8x6085 and 128x197; compiles its own backward): the
 #            static report predicted the backward 16-19% faster at 140 registers instead of 244-255, for twice the
 #            saved states' memory; the fourth run measured it 1.43x slower at 8x6085 and 9% faster at 128x197
@@ -71,6 +75,9 @@ for step in $steps; do
     scan)
       timeout -s INT "${SCAN_S:-240}" python3 tools/benchmark_scan.py --device cuda --dtypes bf16 fp32 \
           --backends triton --min-time 0.2 --out "$OUT/gpu-scan.json" ;;
+    host)
+      timeout -s INT "${SCAN_S:-240}" python3 tools/benchmark_scan.py --device cuda --dtypes bf16 --backends triton \
+          --shapes 128x197 8x6085 --min-time 0.1 --host-profile 100 --out "$OUT/gpu-scan-host.json" ;;
     chunk)
       timeout -s INT "${SCAN_S:-240}" python3 tools/benchmark_scan.py --device cuda --dtypes bf16 --backends triton \
           --shapes 8x6085 128x197 --triton-chunk 4 --min-time 0.2 --out "$OUT/gpu-scan-chunk4.json" ;;

@@ -114,3 +114,25 @@ def test_triton_chunk_option(monkeypatch):
                                 1.98, 1 << 16, triton_chunk=4)
     assert seen and set(seen) == {4}
     assert [row.get('chunk') for row in report['scan']] == [4, None]
+
+
+def test_host_profile_names_where_a_call_spends_the_host_time(tmp_path, monkeypatch):
+    """--host-profile N: cProfile over N calls of each op; the rows carry the top functions by their own time per
+    call, which include the op's own Python (here the reference scan's token loop)."""
+    monkeypatch.setattr(benchmark_scan, 'retain_freed_memory', lambda: True)
+    out = tmp_path / 'scan.json'
+    assert benchmark_scan.main(['--device', 'cpu', '--shapes', '1x9', '--dim', '8', '--dstate', '2', '--backends',
+                                'reference', '--min-time', '0.01', '--exp-rate', '1e9', '--host-profile', '3',
+                                '--out', str(out)]) == 0
+    report = json.loads(out.read_text())
+    for row in report['scan'] + report['conv']:
+        for key in ('fwd_host_profile', 'fwd_bwd_host_profile'):
+            prof = row[key]
+            assert 0 < len(prof) <= 12 and all(f['own_us'] >= 0 and f['cumulative_us'] >= f['own_us'] for f in prof)
+            assert [f['own_us'] for f in prof] == sorted((f['own_us'] for f in prof), reverse=True)
+    scan_functions = {f['function'] for f in report['scan'][0]['fwd_host_profile']}
+    assert any(f.startswith('reference.py:') for f in scan_functions), scan_functions
+    # without the option the rows carry no profile
+    assert benchmark_scan.main(['--device', 'cpu', '--shapes', '1x9', '--dim', '8', '--dstate', '2', '--backends',
+                                'reference', '--min-time', '0.01', '--exp-rate', '1e9', '--out', str(out)]) == 0
+    assert 'fwd_host_profile' not in json.loads(out.read_text())['scan'][0]

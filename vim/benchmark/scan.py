@@ -84,6 +84,34 @@ def _device_fields(fwd, fwd_bwd, device: torch.device, profile: bool) -> dict:
                 fwd_bwd_kernels_ms=fwd_bwd_kernels)
 
 
+def host_profile(fn, device: torch.device, calls: int, top: int = 12) -> list[dict]:
+    """Where the host's time per call of ``fn`` goes: cProfile over ``calls`` calls (after :func:`_time`'s warm-up),
+    the ``top`` functions by their own time, each with its own and cumulative microseconds and its calls per call.
+    On CUDA the wall time above the kernels' (``fwd_ms`` against ``fwd_device_ms``) is this host work wherever the
+    GPU waits for it; the calls run unsynchronised, as a model's layers do, and one synchronisation ends them."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, callers)}
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [dict(function=f'{Path(file).name}:{line}({name})', own_us=own / calls * 1e6,
+                 cumulative_us=cum / calls * 1e6, calls=n / calls)
+            for (file, line, name), (_, n, own, cum, _) in rows]
+
+
+def _host_fields(fwd, fwd_bwd, device: torch.device, calls: int) -> dict:
+    if not calls:
+        return {}
+    return dict(fwd_host_profile=host_profile(fwd, device, calls), fwd_bwd_host_profile=host_profile(fwd_bwd, device,
+                                                                                                    calls))
+
+
 def copy_bandwidth(device: torch.device, nbytes: int, min_time: float) -> float:
     """Bytes per second of a device-to-device copy (read + write counted)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
@@ -119,7 +147,9 @@ def _scan_fn(backend: str, chunk: int | None) -> Callable:
 
 
 def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype: torch.dtype,
-            device: torch.device, min_time: float, profile: bool = False, chunk: int | None = None) -> dict:
+            device: torch.device, min_time: float, profile: bool = False, chunk: int | None = None,
+            host_calls: int = 0) -> dict:
+    """One scan row; ``host_calls``: also profile the host over that many calls (:func:`host_profile`)."""
     scan = _scan_fn(backend, chunk)
     inputs = scan_inputs(batch, dim, dstate, seqlen, dtype, device)
     u, delta, A, B, C, D, z, bias = inputs
@@ -146,7 +176,7 @@ def measure(backend: str, batch: int, dim: int, dstate: int, seqlen: int, dtype:
     return dict(backend=backend, batch=batch, dim=dim, dstate=dstate, seqlen=seqlen, dtype=str(dtype).split('.')[-1],
                 **({} if chunk is None or backend != 'triton' else dict(chunk=chunk)),
                 fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, **_device_fields(fwd, fwd_bwd, device, profile),
-                fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
+                **_host_fields(fwd, fwd_bwd, device, host_calls), fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
                 fwd_exps=exps, bwd_exps=exps, fwd_gbps=fwd_bytes / t_fwd / 1e9, bwd_gbps=bwd_bytes / t_bwd / 1e9,
                 fwd_exp_per_s=exps / t_fwd, bwd_exp_per_s=exps / t_bwd)
 
@@ -161,7 +191,8 @@ def conv_inputs(batch: int, dim: int, seqlen: int, width: int, dtype: torch.dtyp
 
 
 def measure_conv(backend: str, batch: int, dim: int, seqlen: int, width: int, dtype: torch.dtype,
-                 device: torch.device, min_time: float, profile: bool = False) -> dict:
+                 device: torch.device, min_time: float, profile: bool = False, host_calls: int = 0) -> dict:
+    """One conv row; ``host_calls`` as :func:`measure`'s."""
     xz, weight, bias = conv_inputs(batch, dim, seqlen, width, dtype, device)
     x = xz.transpose(1, 2)[:, :dim]
     elt = torch.finfo(dtype).bits // 8
@@ -173,18 +204,19 @@ def measure_conv(backend: str, batch: int, dim: int, seqlen: int, width: int, dt
     def fwd():
         with torch.no_grad():
             bidirectional_conv_silu(x, weight, bias, backend=backend)
-    leaves = [t.detach().requires_grad_() for t in (xz, weight, bias)]
+    # x a leaf with the slice's strides: the op's gradient alone, not autograd's for the slice of xz (which zero-fills
+    # all of xz's gradient and copies x's into it: in the fifth H100 run as long as the conv's own kernel)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
     # u's gradient as x_proj's and the scan's backward hand it back in the mixer: channel stride 1
     grad = torch.randn(batch, 2, seqlen, dim, device=device, dtype=dtype).transpose(2, 3)
 
     def fwd_bwd():
-        torch.autograd.grad(bidirectional_conv_silu(leaves[0].transpose(1, 2)[:, :dim], *leaves[1:], backend=backend),
-                            leaves, grad)
+        torch.autograd.grad(bidirectional_conv_silu(*leaves, backend=backend), leaves, grad)
     t_fwd = _time(fwd, device, min_time, profile)
     t_bwd = max(_time(fwd_bwd, device, min_time, profile) - t_fwd, 1e-12)
     return dict(backend=backend, batch=batch, dim=dim, width=width, seqlen=seqlen, dtype=str(dtype).split('.')[-1],
                 fwd_ms=t_fwd * 1e3, bwd_ms=t_bwd * 1e3, **_device_fields(fwd, fwd_bwd, device, profile),
-                fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
+                **_host_fields(fwd, fwd_bwd, device, host_calls), fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
                 fwd_gbps=fwd_bytes / t_fwd / 1e9, bwd_gbps=bwd_bytes / t_bwd / 1e9,
                 fwd_exps=2 * tokens, bwd_exps=2 * tokens)
 
@@ -204,11 +236,12 @@ def add_floors(row: dict, copy_bps: float, exp_rate: float | None) -> dict:
 def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], dim: int, dstate: int,
         backends: list[str], min_time: float, exp_rate: float | None, clock_ghz: float,
         copy_bytes: int, on_row: Callable[[dict], None] | None = None, profile: bool = False,
-        triton_chunk: int | None = None) -> dict:
+        triton_chunk: int | None = None, host_calls: int = 0) -> dict:
     """Rows of the scan and the conv per (backend, dtype, shape), with the copy bandwidth and exp rate behind their
     floors. ``on_row`` gets the partial result after every shape (``complete`` False until the last), so that a run
     cut off by a time limit keeps what it measured. ``profile``: see :func:`_time`. ``triton_chunk``: the Triton
-    scan's chunk size (default: the op's)."""
+    scan's chunk size (default: the op's). ``host_calls``: profile the host over that many calls of each op
+    (:func:`host_profile`) and print the top functions of the forward's."""
     source = '--exp-rate' if exp_rate is not None else None
     if exp_rate is None and device.type == 'cuda':
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -226,9 +259,9 @@ def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], 
             dtype = DTYPES[dtype_name]
             for batch, seqlen in shapes:
                 scan = add_floors(measure(backend, batch, dim, dstate, seqlen, dtype, device, min_time, profile,
-                                          triton_chunk), copy_bps, exp_rate)
-                conv = add_floors(measure_conv(backend, batch, dim, seqlen, 4, dtype, device, min_time, profile),
-                                  copy_bps, exp_rate)
+                                          triton_chunk, host_calls), copy_bps, exp_rate)
+                conv = add_floors(measure_conv(backend, batch, dim, seqlen, 4, dtype, device, min_time, profile,
+                                               host_calls), copy_bps, exp_rate)
                 rows.append(scan)
                 conv_rows.append(conv)
                 for op, row in (('scan', scan), ('conv', conv)):
@@ -238,6 +271,9 @@ def run(device: torch.device, dtypes: list[str], shapes: list[tuple[int, int]], 
                     print(f'{op} {backend:9s} {dtype_name} {batch}x{seqlen}: fwd {row["fwd_ms"]:.3f} ms '
                           f'({row["fwd_gbps"]:.0f} GB/s, {row["fwd_x_floor"]:.1f}x floor), bwd {row["bwd_ms"]:.3f} '
                           f'ms ({row["bwd_gbps"]:.0f} GB/s, {row["bwd_x_floor"]:.1f}x floor){kernels}', flush=True)
+                    for f in row.get('fwd_host_profile', [])[:6]:
+                        print(f'    host, fwd: {f["own_us"]:8.1f} us own {f["cumulative_us"]:8.1f} us cumulative '
+                              f'{f["calls"]:5.1f} calls  {f["function"]}', flush=True)
                 if on_row is not None:
                     on_row(result)
     result['complete'] = True
@@ -304,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--triton-chunk', type=int, default=None, choices=[2, 4, 8],
                    help="the Triton scan's chunk size: the forward saves each direction's state every CHUNK tokens "
                         "for the backward (default: the op's, 8); 4 doubles that memory")
+    p.add_argument('--host-profile', type=int, default=0, metavar='CALLS',
+                   help="also profile the host's work (cProfile) over CALLS calls of each op, forward and forward + "
+                        "backward: the top functions by their own time go to the JSON rows (fwd_host_profile, "
+                        "fwd_bwd_host_profile), the forward's to the console")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     malloc = malloc_setting(device, args.glibc_malloc_defaults)
@@ -323,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report.update(run(device, args.dtypes, shapes, args.dim, args.dstate, args.backends or default_backends(device),
                       args.min_time, args.exp_rate, args.clock_ghz, copy_bytes, on_row=save,
-                      profile=args.cuda_profile, triton_chunk=args.triton_chunk))
+                      profile=args.cuda_profile, triton_chunk=args.triton_chunk, host_calls=args.host_profile))
     print(f'copy bandwidth {report["copy_gbps"]:.0f} GB/s; exp rate '
           + (f'{report["exp_rate"]:.3g}/s ({report["exp_rate_source"]})' if report['exp_rate']
              else 'unknown (floor from bytes only)'))
