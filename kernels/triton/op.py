@@ -145,9 +145,7 @@ def _scan_setup_context(ctx, inputs, output):
     ctx.chunk = chunk
 
 
-def _scan_backward(ctx, gout, _g_states, _g_ysum):
-    if gout is None:
-        return (None,) * 11
+def _scan_backward(ctx, gout, _g_states, _g_ysum):  # gout is always defined: the only differentiable output
     grads = _scan_bwd_op(gout, *ctx.saved_tensors, ctx.delta_softplus, ctx.chunk)
     return (*grads, None, None, None)
 

@@ -108,8 +108,8 @@ def host_profile(fn, device: torch.device, calls: int, top: int = 12) -> list[di
 def _host_fields(fwd, fwd_bwd, device: torch.device, calls: int) -> dict:
     if not calls:
         return {}
-    return dict(fwd_host_profile=host_profile(fwd, device, calls), fwd_bwd_host_profile=host_profile(fwd_bwd, device,
-                                                                                                    calls))
+    return dict(fwd_host_profile=host_profile(fwd, device, calls),
+                fwd_bwd_host_profile=host_profile(fwd_bwd, device, calls))
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, min_time: float) -> float:
