@@ -252,4 +252,3 @@ def test_mixer_backward_hands_in_proj_one_contiguous_gradient(monkeypatch):
     out = mixer(torch.randn(2, 5, 8))
     out.backward(torch.randn_like(out))
     assert len(seen) == 1 and seen[0].shape == (2, 5, 2 * mixer.d_inner) and seen[0].is_contiguous()
-
