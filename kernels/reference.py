@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ['selective_scan_ref', 'bidirectional_scan_ref', 'bidirectional_conv_silu_ref', 'delta_from_low_rank']
+__all__ = ['selective_scan_ref', 'bidirectional_scan_ref', 'bidirectional_conv_silu_ref', 'delta_from_low_rank',
+           'per_direction_matmul']
 
 # Elements of one (chunk, batch, dim, dstate) work buffer: large enough to amortise the per-token loop,
 # small enough to stay in cache and to bound memory at long sequence lengths.
@@ -357,14 +358,38 @@ def bidirectional_conv_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: tor
     return F.silu(torch.stack([y[:, :dim, :L], y[:, dim:, width - 1:width - 1 + L]], dim=1))
 
 
+def per_direction_matmul(x: torch.Tensor, weight: torch.Tensor,
+                         split: list[int] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A projection of each branch: x (batch, 2, K, seqlen), weight (2, M, K) -> (batch, 2, M, seqlen),
+    ``out[b, g] = weight[g] @ x[b, g]``; with ``split`` (sizes summing to M), its parts along M as a tuple of views.
+
+    Computed in the layout x arrives in. A token-major x (stride 1 along K) is projected token by token, into a
+    token-major result (stride 1 along M). If each branch's (batch, seqlen) tokens fold into one axis
+    (direction-major memory, ``(2, batch, seqlen, K)``: the Triton conv's output, and this function's), that is one
+    (batch * seqlen, K) @ (K, M) GEMM a branch on x in place, with a direction-major result, split before its
+    tokens are unfolded, so that the parts' gradients meet in the GEMM's layout without a copy. Otherwise a matmul
+    batched over (batch, branch), which copies x whole unless those two axes fold (the CPU conv's (batch, 2, seqlen,
+    K) does). Any other x gives a contiguous channel-major result. Same values every way, up to the GEMM's summation
+    order.
+    """
+    if x.stride(-2) == 1 and x.shape[-1] > 1:
+        rows = x.permute(1, 0, 3, 2)  # (2, batch, seqlen, K)
+        _, batch, seqlen, k = rows.shape
+        if batch == 1 or rows.stride(1) == seqlen * rows.stride(2):
+            out = torch.bmm(rows.reshape(2, batch * seqlen, k), weight.transpose(1, 2))  # a view: the axes fold
+            parts = out.split(split, dim=-1) if split is not None else (out,)
+            parts = tuple(p.view(2, batch, seqlen, -1).permute(1, 0, 3, 2) for p in parts)
+            return parts if split is not None else parts[0]
+        out = torch.matmul(x.transpose(-1, -2), weight.transpose(-1, -2)).transpose(-1, -2)
+    else:
+        out = torch.einsum('bgkl,gmk->bgml', x, weight)
+    return out.split(split, dim=2) if split is not None else out
+
+
 def delta_from_low_rank(dt: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Vim's step sizes from their low-rank form (its dt_proj): dt (batch, 2, R, seqlen), weight (2, dim, R) ->
-    delta (batch, 2, dim, seqlen), ``delta[b, g] = weight[g] @ dt[b, g]``.
-
-    Computed in the layout dt arrives in: a token-major dt (stride 1 along R) gives a token-major delta (a view with
-    channel stride 1, the CPU kernels' layout), any other a contiguous channel-major one. Same values either way, up to
-    the GEMM's summation order.
+    delta (batch, 2, dim, seqlen), ``delta[b, g] = weight[g] @ dt[b, g]``, in the layout dt arrives in
+    (:func:`per_direction_matmul`: token-major dt, as x_proj's output is, gives a delta with channel stride 1, the
+    layout the CPU and Triton scans read).
     """
-    if dt.stride(-2) == 1 and dt.shape[-1] > 1:
-        return torch.matmul(dt.transpose(-1, -2), weight.transpose(-1, -2)).transpose(-1, -2)
-    return torch.einsum('bgrl,gdr->bgdl', dt, weight)
+    return per_direction_matmul(dt, weight)

@@ -65,12 +65,13 @@ from .fwd import (
     _store_groups,
     _zero_groups,
     channel_contiguous,
+    direction_major,
     plan_split,
     sm_count,
 )
 from .pack import PACK_PAD, pack_bc
 
-__all__ = ['scan_bwd', 'plan_backward_segments', 'within_chunk_offsets']
+__all__ = ['scan_bwd', 'plan_backward_segments', 'within_chunk_offsets', 'bc_grad']
 
 # (BLOCK_D, num_warps, num_stages): one channel a thread, one warp a program. With several warps the per-warp gB/gC
 # partials, a (BLOCK_D // 32,) vector spread over warps, reach their store through shared memory: 32 BAR and 32
@@ -254,7 +255,7 @@ def _bidirectional_scan_bwd_kernel(
     n_c = tl.cdiv(tl.minimum(seqlen - t_lo, seg_len), CHUNK)
     z_row = z_ptr + b * s_z_b + d64 * s_z_d
     go_row = gout_ptr + b * s_go_b + d64 * s_go_d
-    # gu, gdelta: (batch, 2, seqlen, dim), channel-contiguous
+    # gu, gdelta: (2, batch, seqlen, dim), direction-major (fwd.direction_major)
     part = b * n_seg + seg  # this program's carry and gA rows
 
     k = K  # one launch per direction
@@ -262,8 +263,8 @@ def _bidirectional_scan_bwd_kernel(
     bias = tl.load(bias_ptr + k * s_bias_k + offs_d * s_bias_d, mask=mask_d, other=0.0).to(tl.float32)
     u_row = u_ptr + b * s_u_b + k * s_u_k + d64 * s_u_d
     dt_row = delta_ptr + b * s_dt_b + k * s_dt_k + d64 * s_dt_d
-    gu_row = gu_ptr + (b * 2 + k) * seqlen * dim + dg
-    gdt_row = gdelta_ptr + (b * 2 + k) * seqlen * dim + dg
+    gu_row = gu_ptr + (k * batch + b) * seqlen * dim + dg
+    gdt_row = gdelta_ptr + (k * batch + b) * seqlen * dim + dg
     # packed B and C: the same address for every channel; read a chunk whole, the padding's zeros past the sequence
     tl.static_assert(CHUNK - 1 <= PACK_PAD)
     bc_row = bc_ptr + (b * 2 + k) * (seqlen + PACK_PAD) * (2 * BLOCK_N) + offs_d * 0
@@ -415,8 +416,9 @@ def scan_bwd(
         ysum: torch.Tensor, delta_softplus: bool, chunk: int,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward pass. ``states`` and ``ysum`` as ``fwd.scan_fwd`` returns them. Returns the gradients
-    of (u, delta, A, B, C, D, z, delta_bias), each in the dtype of its input; those of u, delta and z
-    channel-contiguous (``fwd.channel_contiguous``), the others contiguous."""
+    of (u, delta, A, B, C, D, z, delta_bias), each in the dtype of its input; those of u and delta
+    direction-major (``fwd.direction_major``), z's channel-contiguous (``fwd.channel_contiguous``), B's and C's as
+    ``bc_grad`` lays them out, the others contiguous."""
     u, delta, z, gout = (within_chunk_offsets(t, chunk) for t in (u, delta, z, gout))
     batch, _, dim, seqlen = u.shape
     dstate = A.shape[-1]
@@ -426,8 +428,8 @@ def scan_bwd(
     block_n = triton.next_power_of_2(dstate)
     n_groups = triton.cdiv(dim, 32)
     f32 = torch.float32
-    gu = channel_contiguous(batch, (2,), dim, seqlen, dev, u.dtype)
-    gdelta = channel_contiguous(batch, (2,), dim, seqlen, dev, delta.dtype)
+    gu = direction_major(batch, dim, seqlen, dev, u.dtype)
+    gdelta = direction_major(batch, dim, seqlen, dev, delta.dtype)
     gz = channel_contiguous(batch, (), dim, seqlen, dev, z.dtype)
     gbc = torch.empty(batch, 2, n_groups, 2, block_n, seqlen, device=dev, dtype=f32)
     carry = torch.empty(batch, n_seg, 2, 2, dstate, dim, device=dev, dtype=f32)  # [..., 0]: the carry, 1: gA
@@ -466,9 +468,19 @@ def scan_bwd(
         num_warps=GATE_WARPS,
     )
     gbc = gbc.sum(2)  # (batch, 2, 2, block_n, seqlen), token order; states past dstate never written
-    gB, gC = (gbc[:, :, i, :dstate].to(t.dtype).contiguous() for i, t in ((0, B), (1, C)))
+    gB, gC = (bc_grad(t).copy_(gbc[:, :, i, :dstate]) for i, t in ((0, B), (1, C)))
     gA = carry[:, :, :, 1].sum((0, 1)).transpose(1, 2).to(A.dtype).contiguous()
     return (gu, gdelta, gA, gB, gC, _channel_sum(gD, dim, D.dtype), gz, _channel_sum(gbias, dim, delta_bias.dtype))
+
+
+def bc_grad(t: torch.Tensor) -> torch.Tensor:
+    """An empty buffer for the gradient of B or C (batch, 2, dstate, seqlen), in t's dtype: direction-major and
+    token-major (``fwd.direction_major``) if t is token-major, as x_proj's output is, so that the gradient reaches
+    x_proj's GEMM without a copy; else contiguous."""
+    batch, _, dstate, seqlen = t.shape
+    if t.stride(-2) == 1 and seqlen > 1:
+        return direction_major(batch, dstate, seqlen, t.device, t.dtype)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def _channel_sum(partials: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:

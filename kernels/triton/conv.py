@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .common import autotune_configs, silu, silu_grad, tensor_strides
-from .fwd import H100_SMS, SUBPARTITIONS_PER_SM, sm_count
+from .fwd import H100_SMS, SUBPARTITIONS_PER_SM, direction_major, sm_count
 
 __all__ = ['conv_fwd', 'conv_bwd', 'conv_output', 'conv_input_grad', 'conv_block_tokens', 'check_width', 'MAX_WIDTH']
 
@@ -126,8 +126,9 @@ def _bidirectional_conv_fwd_kernel(
     # the window around token t0 (each iteration then loads one token ahead)
     x_m3, x_m2, x_m1, x_0, x_p1, x_p2, x_next = _window(x_row, t0, s_x_l, mask_d, seqlen)
     x_ahead = x_row + (t0 + 4).to(tl.int64) * s_x_l
-    # out: (batch, seqlen, 2, dim) in memory, channel-contiguous
-    out = out_ptr + (b * seqlen + t0) * (2 * dim) + offs_d
+    # out: (2, batch, seqlen, dim) in memory (direction-major, channel-contiguous)
+    out = out_ptr + (b * seqlen + t0) * dim + offs_d
+    branch1 = batch * seqlen.to(tl.int64) * dim
     for i in tl.range(n_tok, loop_unroll_factor=UNROLL):
         x_p3 = x_next
         x_next = tl.load(x_ahead, mask=mask_d & (t0 + i + 4 < seqlen), other=0.0).to(tl.float32)
@@ -135,8 +136,8 @@ def _bidirectional_conv_fwd_kernel(
         a0 = b0 + c00 * x_0 + c01 * x_m1 + c02 * x_m2 + c03 * x_m3  # from the tokens before t0 + i
         a1 = b1 + c10 * x_0 + c11 * x_p1 + c12 * x_p2 + c13 * x_p3  # and after it
         tl.store(out, silu(a0).to(out_ptr.dtype.element_ty), mask=mask_d)
-        tl.store(out + dim, silu(a1).to(out_ptr.dtype.element_ty), mask=mask_d)
-        out += 2 * dim
+        tl.store(out + branch1, silu(a1).to(out_ptr.dtype.element_ty), mask=mask_d)
+        out += dim
         x_m3, x_m2, x_m1, x_0, x_p1, x_p2 = x_m2, x_m1, x_0, x_p1, x_p2, x_p3
 
 
@@ -242,10 +243,11 @@ def _grid(seqlen: int, dim: int, batch: int, block_l: int):
 
 
 def conv_output(x: torch.Tensor) -> torch.Tensor:
-    """The forward's output buffer for x (batch, dim, seqlen): (batch, 2, dim, seqlen), channel-contiguous."""
+    """The forward's output buffer for x (batch, dim, seqlen): (batch, 2, dim, seqlen), a view of direction-major
+    (2, batch, seqlen, dim) memory (``fwd.direction_major``)."""
     batch, dim, seqlen = x.shape
-    # torch.empty (not new_empty): the interpreter tests fill it with NaN to catch unwritten outputs
-    return torch.empty(batch, seqlen, 2, dim, device=x.device, dtype=x.dtype).permute(0, 2, 3, 1)
+    # torch.empty inside (not new_empty): the interpreter tests fill it with NaN to catch unwritten outputs
+    return direction_major(batch, dim, seqlen, x.device, x.dtype)
 
 
 def conv_input_grad(x: torch.Tensor) -> torch.Tensor:
@@ -266,8 +268,9 @@ def check_width(weight: torch.Tensor) -> int:
 
 def conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x (batch, dim, seqlen), weight (2, dim, width <= MAX_WIDTH), bias (2, dim), any strides -> (batch, 2, dim,
-    seqlen) in x's dtype, a view of channel-contiguous (batch, seqlen, 2, dim) memory: the scan, a thread per
-    channel, then reads each token's channels as one contiguous run."""
+    seqlen) in x's dtype, a view of direction-major (2, batch, seqlen, dim) memory: the scan, a thread per channel,
+    reads each token's channels as one contiguous run, and x_proj reads each branch as one (batch * seqlen, dim)
+    matrix in place (``vim.kernels.reference.per_direction_matmul``)."""
     batch, dim, seqlen = x.shape
     width = check_width(weight)
     block_l = conv_block_tokens(batch, dim, seqlen, sm_count(x.device))

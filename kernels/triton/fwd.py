@@ -531,6 +531,13 @@ def channel_contiguous(batch: int, lead: tuple, dim: int, seqlen: int, device, d
     return torch.empty(batch, *lead, seqlen, dim, device=device, dtype=dtype).transpose(-1, -2)
 
 
+def direction_major(batch: int, dim: int, seqlen: int, device, dtype) -> torch.Tensor:
+    """An empty (batch, 2, dim, seqlen) tensor as a view of (2, batch, seqlen, dim) memory: channel-contiguous, and
+    each branch one (batch * seqlen, dim) matrix, which x_proj and dt_proj read and write as one GEMM a branch
+    (``vim.kernels.reference.per_direction_matmul``). The conv's output and the gradients of u and delta have it."""
+    return torch.empty(2, batch, seqlen, dim, device=device, dtype=dtype).permute(1, 0, 3, 2)
+
+
 def scan_output(u: torch.Tensor) -> torch.Tensor:
     """The forward's output buffer for u (batch, 2, dim, seqlen): (batch, dim, seqlen) in u's dtype,
     channel-contiguous."""

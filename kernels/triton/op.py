@@ -12,10 +12,10 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ..reference import bidirectional_conv_silu_ref
-from .bwd import scan_bwd
+from .bwd import bc_grad, scan_bwd
 from .common import INTERPRET
 from .conv import check_width, conv_bwd, conv_fwd, conv_input_grad, conv_output
-from .fwd import MAX_DSTATE, channel_contiguous, scan_fwd, scan_output
+from .fwd import MAX_DSTATE, channel_contiguous, direction_major, scan_fwd, scan_output
 
 __all__ = ['bidirectional_scan_triton', 'bidirectional_conv_silu_triton', 'check_device', 'DEFAULT_CHUNK']
 
@@ -125,9 +125,10 @@ def _scan_bwd_op(gout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: to
 @_scan_bwd_op.register_fake
 def _(gout, u, delta, A, B, C, D, z, delta_bias, states, ysum, delta_softplus, chunk):
     batch, _, dim, seqlen = u.shape
-    # u, delta and z: channel-contiguous, as the kernel writes them (fwd.channel_contiguous)
-    owned = [channel_contiguous(batch, lead, dim, seqlen, u.device, t.dtype) for lead, t in (((2,), u), ((2,), delta))]
-    shared = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (A, B, C, D)]
+    # as the kernel writes them: u's and delta's direction-major, z's channel-contiguous
+    owned = [direction_major(batch, dim, seqlen, u.device, t.dtype) for t in (u, delta)]
+    shared = [torch.empty_like(A, memory_format=torch.contiguous_format), bc_grad(B), bc_grad(C),
+              torch.empty_like(D, memory_format=torch.contiguous_format)]
     return [*owned, *shared, channel_contiguous(batch, (), dim, seqlen, u.device, z.dtype),
             torch.empty_like(delta_bias, memory_format=torch.contiguous_format)]
 

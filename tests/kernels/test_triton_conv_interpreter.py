@@ -43,8 +43,9 @@ def check_conv_against_reference(x: torch.Tensor, weight: torch.Tensor, bias: to
     refs = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
     y_ref = bidirectional_conv_silu_ref(*refs)
     assert y.dtype == dtype and y.shape == y_ref.shape
-    # channel-contiguous (batch, seqlen, 2, dim) memory: the scan reads a token's channels as one run
-    assert y.permute(0, 3, 1, 2).is_contiguous(), y.stride()
+    # direction-major (2, batch, seqlen, dim) memory: the scan reads a token's channels as one run, x_proj each
+    # branch as one matrix
+    assert y.permute(1, 0, 3, 2).is_contiguous(), y.stride()
     _assert_close(y, y_ref, TOL[dtype], 'output')
     gout = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(y.device, dtype)
     grads = torch.autograd.grad(y, (x, weight, bias), gout)

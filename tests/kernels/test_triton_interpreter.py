@@ -58,9 +58,9 @@ def make_inputs(batch: int, dim: int, seqlen: int, dstate: int, dtype: torch.dty
     mixer passes them. Each is a leaf with requires_grad, or a view of one. ``positive_delta`` draws delta and
     delta_bias from [0, 0.25) for scans without softplus, whose decays would otherwise grow past fp32's range.
 
-    layout: 'contiguous'; 'mixer', the views the mixer produces (B and C slices of x_dbl, z a slice of a transposed
-    in_proj output whose token stride is 2 * dim, position-major u and delta, transposed A and D); 'strided', every
-    tensor a step-2 slice along the sequence.
+    layout: 'contiguous'; 'mixer', the views the mixer produces on a GPU (B and C slices of x_dbl, z a slice of a
+    transposed in_proj output whose token stride is 2 * dim, direction-major u, delta and x_dbl, transposed A and
+    D); 'strided', every tensor a step-2 slice along the sequence.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -76,10 +76,10 @@ def make_inputs(batch: int, dim: int, seqlen: int, dstate: int, dtype: torch.dty
                  B=leaf(batch, 2, dstate, seqlen), C=leaf(batch, 2, dstate, seqlen), D=leaf(2, dim, dt=f32),
                  z=leaf(batch, dim, seqlen), delta_bias=leaf(2, dim, dt=f32, **dkw))
     elif layout == 'mixer':
-        x_dbl = leaf(batch, 2, 3 + 2 * dstate, seqlen)
+        x_dbl = leaf(2, batch, seqlen, 3 + 2 * dstate).permute(1, 0, 3, 2)
         xz = leaf(batch, seqlen, 2 * dim)
-        x = dict(u=leaf(batch, seqlen, 2, dim).permute(0, 2, 3, 1),
-                 delta=leaf(batch, 2, seqlen, dim, **dkw).transpose(2, 3),
+        x = dict(u=leaf(2, batch, seqlen, dim).permute(1, 0, 3, 2),
+                 delta=leaf(2, batch, seqlen, dim, **dkw).permute(1, 0, 3, 2),
                  A=leaf(2, dstate, dim, scale=-4 * decay, shift=-0.1, dt=f32, rand=True).transpose(1, 2),
                  B=x_dbl[:, :, 3:3 + dstate], C=x_dbl[:, :, 3 + dstate:], D=leaf(dim, 2, dt=f32).t(),
                  z=xz.transpose(1, 2)[:, dim:], delta_bias=leaf(2, dim, dt=f32, **dkw))

@@ -1,4 +1,6 @@
 """The timm contract of every registered Vim model, and parity with the official forward pass."""
+import importlib.util
+
 import pytest
 import timm
 import torch
@@ -213,8 +215,9 @@ def test_bf16_autocast_and_bf16_model_agree_with_fp32():
 
 @pytest.mark.parametrize('batch, seqlen', [(1, 7), (2, 5), (1, 1)])
 def test_ssm_projections_token_major_and_channel_major_agree(batch, seqlen):
-    """The mixer's x_proj (and the dt_proj after it) runs token-major for a token-major u (the CPU conv's output)
-    and channel-major otherwise (the GPU ops'): the same dt, B, C and delta either way, in float64."""
+    """The mixer's x_proj (and the dt_proj after it) runs token-major for a token-major u, one GEMM a branch for a
+    direction-major one (the Triton conv's output), batched over (batch, branch) for the CPU conv's, and
+    channel-major otherwise (the reference conv's): the same dt, B, C and delta every way, in float64."""
     from vim.kernels.reference import delta_from_low_rank
 
     from vim.layers.mixer import ssm_projections
@@ -224,16 +227,21 @@ def test_ssm_projections_token_major_and_channel_major_agree(batch, seqlen):
     u_tok = torch.randn(batch, 2, seqlen, d, generator=g, dtype=torch.float64).transpose(2, 3)
     x_w = torch.randn(2, r + 2 * n, d, generator=g, dtype=torch.float64)
     dt_w = torch.randn(2, d, r, generator=g, dtype=torch.float64)
-    tok = ssm_projections(u_tok, x_w, r, n)
+    u_dir = u_tok.permute(1, 0, 3, 2).contiguous().permute(1, 0, 3, 2)  # (2, batch, seqlen, d) memory
     chan = ssm_projections(u_tok.contiguous(), x_w, r, n)
-    tok, chan = (*tok, delta_from_low_rank(tok[0], dt_w)), (*chan, delta_from_low_rank(chan[0], dt_w))
-    if seqlen > 1:
-        assert tok[0].stride(-2) == 1 and tok[3].stride(-2) == 1  # token-major: no copy in the CPU scan
+    chan = (*chan, delta_from_low_rank(chan[0], dt_w))
     expected = torch.einsum('gkd,bgdl->bgkl', x_w, u_tok)
     torch.testing.assert_close(chan[3], torch.einsum('gdr,bgrl->bgdl', dt_w, expected[:, :, :r]))
-    for a, b in zip(tok, chan):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for u in (u_tok, u_dir):
+        tok = ssm_projections(u, x_w, r, n)
+        tok = (*tok, delta_from_low_rank(tok[0], dt_w))
+        if seqlen > 1:
+            assert tok[0].stride(-2) == 1 and tok[3].stride(-2) == 1  # token-major: no copy in the CPU scan
+            if u is u_dir:  # one GEMM a branch: direction-major results
+                assert tok[3].permute(1, 0, 3, 2).is_contiguous() and tok[1].stride(1) == batch * tok[1].stride(0)
+        for a, b in zip(tok, chan):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_mixer_backward_hands_in_proj_one_contiguous_gradient(monkeypatch):
@@ -252,3 +260,42 @@ def test_mixer_backward_hands_in_proj_one_contiguous_gradient(monkeypatch):
     out = mixer(torch.randn(2, 5, 8))
     out.backward(torch.randn_like(out))
     assert len(seen) == 1 and seen[0].shape == (2, 5, 2 * mixer.d_inner) and seen[0].is_contiguous()
+
+
+@pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='triton not installed')
+def test_mixer_on_triton_copies_no_activation(monkeypatch):
+    """On the Triton ops every per-branch activation is direction-major (2, batch, seqlen, channels): the conv's u,
+    x_proj's output, delta, and the gradients the backward writes, so that x_proj and dt_proj run one GEMM a branch
+    on their inputs in place and the gradients come back in the layouts their views need. A matmul batched over
+    (batch, branch) copied u whole (and the weights expanded to the batch) in every forward; a gradient in another
+    layout than its view's costs a copy in the backward. No copy here may scale with batch x tokens."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vim.layers import BidirectionalMamba
+
+    copies = (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy, torch.ops.aten.contiguous)
+
+    class LargeCopies(TorchDispatchMode):
+        def __init__(self, limit):
+            super().__init__()
+            self.limit, self.seen = limit, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in copies:
+                n = max(a.numel() for a in args if isinstance(a, torch.Tensor))
+                if n >= self.limit:
+                    self.seen.append((str(func), n))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv('VIM_SCAN_BACKEND', 'triton')
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'  # the Triton interpreter on CPU (tests/conftest.py)
+    mixer = BidirectionalMamba(4, d_state=2).to(device)
+    batch, seqlen = 8, 11  # batch x tokens above every weight's size: only activations reach the limit
+    assert batch * seqlen > max(p.numel() for p in mixer.parameters())
+    hidden = torch.randn(batch, seqlen, 4, device=device, requires_grad=True)
+    with LargeCopies(batch * seqlen) as forward:
+        out = mixer(hidden)
+    with LargeCopies(batch * seqlen) as backward:
+        out.backward(torch.randn_like(out))
+    assert forward.seen == [] and backward.seen == []
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()

@@ -120,16 +120,16 @@ def copy_bandwidth(device: torch.device, nbytes: int, min_time: float) -> float:
 
 
 def scan_inputs(batch: int, dim: int, dstate: int, seqlen: int, dtype: torch.dtype, device: torch.device):
-    """The scan's inputs in the layouts the mixer (vim.layers.mixer) passes: u and delta channel-contiguous (the
-    conv's output and the dt einsum's), B and C slices of a token-major x_dbl, z a transposed slice of in_proj's
-    (batch, seqlen, 2 * dim) output."""
+    """The scan's inputs in the layouts the mixer (vim.layers.mixer) passes on a GPU: u and delta direction-major
+    (the conv's output and dt_proj's), B and C slices of a direction-major token-major x_dbl, z a transposed slice of
+    in_proj's (batch, seqlen, 2 * dim) output."""
     g = torch.Generator(device=device).manual_seed(0)  # drawn on the device: a GPU run's inputs take no CPU time
 
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
-    u = r(batch, seqlen, 2, dim).permute(0, 2, 3, 1)
-    delta = r(batch, seqlen, 2, dim, scale=0.5).permute(0, 2, 3, 1)
-    x_dbl = r(batch, seqlen, 2, 2 * dstate).permute(0, 2, 3, 1)
+    u = r(2, batch, seqlen, dim).permute(1, 0, 3, 2)
+    delta = r(2, batch, seqlen, dim, scale=0.5).permute(1, 0, 3, 2)
+    x_dbl = r(2, batch, seqlen, 2 * dstate).permute(1, 0, 3, 2)
     B, C = x_dbl[:, :, :dstate], x_dbl[:, :, dstate:]
     z = r(batch, seqlen, 2 * dim).transpose(1, 2)[:, dim:]
     A = -torch.rand(2, dim, dstate, generator=g, device=device) * 4 - 0.1

@@ -10,6 +10,7 @@ from timm.layers import register_notrace_function
 
 from vim.kernels import bidirectional_conv_silu, bidirectional_scan
 from vim.kernels.cpu import plain_eager
+from vim.kernels.reference import per_direction_matmul
 
 __all__ = ['BidirectionalMamba', 'ssm_projections', 'widened_dtype']
 
@@ -29,26 +30,22 @@ def widened_dtype(x: torch.Tensor) -> torch.dtype:
 def ssm_projections(u: torch.Tensor, x_proj_weight: torch.Tensor, dt_rank: int,
                     d_state: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x_proj of both branches: u (batch, 2, d_inner, seqlen) -> the low-rank step dt (batch, 2, dt_rank, seqlen) and
-    B, C (batch, 2, d_state, seqlen), views of one product computed in the layout u arrives in.
+    B, C (batch, 2, d_state, seqlen), views of one product computed in the layout u arrives in
+    (:func:`vim.kernels.reference.per_direction_matmul`).
 
-    A token-major u (channel stride 1: the output of the CPU and Triton convs) is projected token by token,
-    ``(seqlen, d_inner) @ (d_inner, k)``, so that dt, B and C are views with the projection axis contiguous (dt_proj
-    then yields a token-major delta, the layout both fast scans read, or runs inside the CPU kernel); otherwise (the
-    reference conv's channel-major u) as a channel-major product. Same values either way, up to the GEMM's summation
-    order.
+    A token-major u (channel stride 1: the CPU and Triton convs' output) gives views with the projection axis
+    contiguous: dt_proj then yields a token-major delta, the layout both fast scans read, or runs inside the CPU
+    kernel. The Triton conv's direction-major u is read in place, one GEMM a branch.
     """
     r, n = dt_rank, d_state
-    if u.stride(-2) == 1 and u.shape[-1] > 1:
-        w = x_proj_weight
-        if u.is_cpu and w.shape[1] % 8 and plain_eager(u):
-            # MKL's sgemm runs this skinny product ~20% faster with its width a multiple of 8 (Vim-Ti: 44 -> 48
-            # zero rows; benchmarks/README.md). Plain eager mode only, as the CPU ops' direct calls: not while
-            # compiling nor under dispatch modes such as FlopCounterMode (exact FLOPs).
-            w = F.pad(w, (0, 0, 0, -w.shape[1] % 8))
-        x_dbl = torch.matmul(u.transpose(-1, -2), w.transpose(-1, -2)).transpose(-1, -2)
-    else:
-        x_dbl = torch.einsum('bgdl,gkd->bgkl', u, x_proj_weight)
-    return x_dbl[:, :, :r], x_dbl[:, :, r:r + n], x_dbl[:, :, r + n:r + 2 * n]
+    w = x_proj_weight
+    if u.is_cpu and u.stride(-2) == 1 and w.shape[1] % 8 and plain_eager(u):
+        # MKL's sgemm runs this skinny product ~20% faster with its width a multiple of 8 (Vim-Ti: 44 -> 48
+        # zero rows; benchmarks/README.md). Plain eager mode only, as the CPU ops' direct calls: not while
+        # compiling nor under dispatch modes such as FlopCounterMode (exact FLOPs).
+        w = F.pad(w, (0, 0, 0, -w.shape[1] % 8))
+    dt, B, C, *_ = per_direction_matmul(u, w, split=[r, n, n, w.shape[1] - r - 2 * n])  # the last: MKL's padding
+    return dt, B, C
 
 
 class BidirectionalMamba(nn.Module):
