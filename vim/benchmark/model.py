@@ -62,8 +62,12 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_time: float, war
 
 
 def _peak_gib(device: torch.device, fn: Callable[[], object]) -> float | None:
+    """Peak memory of one call of ``fn``, or what a replayed graph holds (its ``peak_gib``: a replay allocates
+    nothing, so the peak of a replay would only count what every live case holds)."""
     if device.type != 'cuda':
         return None
+    if hasattr(fn, 'peak_gib'):
+        return fn.peak_gib
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     fn()
@@ -101,9 +105,12 @@ def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, d
     per launch (Python, the custom ops' dispatch, Triton's launcher), which an eager forward pays for every kernel.
     Two eager calls on a side stream come first: they run the scan's self-check, compile and autotune, so that the
     capture launches compiled, tuned kernels (``vim.kernels.warmup``). Returns a function that replays the graph and
-    returns its output tensor. CUDA only."""
+    returns its output tensor, with ``peak_gib``: the model, its input and the graph's peak while capturing (the
+    memory its replays use), without what other cases hold. CUDA only."""
     if device.type != 'cuda':
         raise ValueError(f'a CUDA graph needs a CUDA device, got {device}')
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     # no cast cache: weights cast during the warm-up, outside the graph, would be freed under it
     forward = inference_case(name, size, batch, dtype, device, cast_cache=False)
     side = torch.cuda.Stream(device)
@@ -112,15 +119,20 @@ def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, d
         for _ in range(2):
             forward()
     torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = forward()
+    torch.cuda.synchronize(device)
+    peak_gib = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 30
 
     def run():
         graph.replay()
         return out
     # the graph reads the model's weights and the input where they lay at capture: they must live as long as it
     run.forward = forward
+    run.peak_gib = peak_gib
     return run
 
 
