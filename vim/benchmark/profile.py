@@ -41,6 +41,8 @@ def profile_steps(run: Callable[[], object], device: torch.device, steps: int) -
             torch.cuda.synchronize(device)
     rows = []
     for event in prof.key_averages():
+        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # an op's device time is its kernels': counting both would count every kernel twice
         us = event.self_device_time_total if cuda else event.self_cpu_time_total
         if us > 0:
             rows.append(dict(name=event.key, calls=event.count / steps, ms=us / 1e3 / steps))
