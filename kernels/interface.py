@@ -315,13 +315,15 @@ def selective_scan(
 def bidirectional_scan(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool = True, *,
-        backend: str | None = None, delta_proj_weight: torch.Tensor | None = None,
+        backend: str | None = None, delta_proj_weight: torch.Tensor | None = None, recompute_states: bool = False,
 ) -> torch.Tensor:
     """Vim's fused bidirectional scan. Shapes and semantics: :func:`vim.kernels.bidirectional_scan_ref`.
 
     With ``delta_proj_weight`` (2, dim, R), ``delta`` is the low-rank step (batch, 2, R, seqlen) and the scan runs on
     :func:`vim.kernels.reference.delta_from_low_rank` of the two (Vim's dt_proj). The ``cpu`` backend computes it
     inside its kernel when no gradient is needed; every other backend gets the full delta computed here.
+    ``recompute_states`` trades a forward scan in the backward for the chunk states' memory on the ``triton``
+    backend (:func:`vim.kernels.triton.bidirectional_scan_triton`); the other backends save what they always save.
     """
     name = _scan_backend(backend, u, A)
     fn = _implementation(_BIDIRECTIONAL, name, 'bidirectional_scan')
@@ -329,6 +331,8 @@ def bidirectional_scan(
         if name == 'cpu':
             return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, delta_proj_weight=delta_proj_weight)
         delta = delta_from_low_rank(delta, delta_proj_weight)
+    if recompute_states and name == 'triton':
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, recompute_states=True)
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from ..eager import direct_call, plain_eager
 from ..reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, delta_from_low_rank
 from .build import load_extension
 
@@ -140,33 +141,13 @@ def _needs_grad(*inputs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
-def plain_eager(x: torch.Tensor) -> bool:
-    """Whether a call without autograd may run the compiled kernel directly rather than through its custom op.
-
-    The custom op's dispatch costs about 0.1 ms a call in Python (two ops a layer, 24 layers: a few ms of a 224²
-    Vim-Ti forward). Direct calls are taken only for plain tensors in eager mode with no Python dispatch mode active:
-    torch.compile / torch.export tracing, FakeTensors, tensor subclasses and modes such as FlopCounterMode still see
-    the op. Under torch.profiler a direct call is recorded under the op's name (:func:`_direct`). The mixer's eager-only
-    x_proj padding (vim.layers.mixer.ssm_projections) asks the same question.
-    """
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-
-
-def _direct(name: str, fn, *args):
-    """fn(*args), as a profiler range named like the custom op while torch.profiler runs."""
-    if torch._C._autograd._profiler_enabled():
-        with torch.profiler.record_function(name):
-            return fn(*args)
-    return fn(*args)
-
-
 def _first_output(op, name: str, kernel: str, args: tuple, needs_grad: bool, x: torch.Tensor) -> torch.Tensor:
     """The forward's first output: through the custom ``op`` (named ``name``) saving for the backward when a gradient
     is needed, the extension's ``kernel`` called directly in plain eager mode (no dispatch cost), else the op."""
     if needs_grad:
         return op(*args, True)[0]
     if plain_eager(x):
-        return _direct(name, getattr(load_extension(), kernel), *args, False)[0]
+        return direct_call(name, getattr(load_extension(), kernel), *args, False)[0]
     return op(*args, False)[0]
 
 
@@ -228,7 +209,7 @@ def _scan_low_rank(u, dt, weight, A, B, C, D, z, delta_bias, delta_softplus: boo
         raise ValueError(f'delta_proj_weight must be a float CPU tensor of shape (2, {dim}, {R}), got '
                          f'{tuple(weight.shape)} {weight.dtype} on {weight.device}')
     dtype = _compute_dtype(u)
-    out = _direct(
+    out = direct_call(
         'vim::cpu_bidirectional_scan', load_extension().scan_fwd_lowrank, _channels_contiguous(u, dtype),
         _as(dt, dtype), _as(weight, dtype), _as(A, dtype), _as(B, dtype), _as(C, dtype), _as(D, dtype).contiguous(),
         _channels_contiguous(z, dtype), _as(delta_bias, dtype).contiguous(), delta_softplus)

@@ -11,6 +11,7 @@ import contextlib
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from ..eager import direct_call, plain_eager
 from ..reference import bidirectional_conv_silu_ref
 from .bwd import bc_grad, scan_bwd
 from .common import INTERPRET
@@ -124,6 +125,11 @@ def _scan_bwd_op(gout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: to
 
 @_scan_bwd_op.register_fake
 def _(gout, u, delta, A, B, C, D, z, delta_bias, states, ysum, delta_softplus, chunk):
+    return _scan_grads_like(u, delta, A, B, C, D, z, delta_bias)
+
+
+def _scan_grads_like(u, delta, A, B, C, D, z, delta_bias) -> list[torch.Tensor]:
+    """Empty gradients of the scan's inputs in the layouts ``bwd.scan_bwd`` returns."""
     batch, _, dim, seqlen = u.shape
     # as the kernel writes them: u's and delta's direction-major, z's channel-contiguous
     owned = [direction_major(batch, dim, seqlen, u.device, t.dtype) for t in (u, delta)]
@@ -133,11 +139,33 @@ def _(gout, u, delta, A, B, C, D, z, delta_bias, states, ysum, delta_softplus, c
             torch.empty_like(delta_bias, memory_format=torch.contiguous_format)]
 
 
+def _recompute_and_bwd(gout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk: int):
+    """The backward of a forward that saved no chunk states: the forward runs again to write them (and ysum), for
+    this layer only, then the backward as usual."""
+    with _device_context(u.device):
+        _, states, ysum = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states=True)
+        return scan_bwd(gout, u, delta, A, B, C, D, z, delta_bias, states, ysum, delta_softplus, chunk)
+
+
+@torch.library.custom_op('vim::triton_bidirectional_scan_bwd_recompute', mutates_args=())
+def _scan_bwd_recompute_op(gout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
+                           B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, z: torch.Tensor,
+                           delta_bias: torch.Tensor, delta_softplus: bool, chunk: int) -> list[torch.Tensor]:
+    return list(_recompute_and_bwd(gout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk))
+
+
+@_scan_bwd_recompute_op.register_fake
+def _(gout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+    return _scan_grads_like(u, delta, A, B, C, D, z, delta_bias)
+
+
 def _scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states = inputs
-    if not store_states:
-        raise RuntimeError('the Triton scan ran without saving chunk states; call bidirectional_scan_triton')
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], output[2])
+    ctx.recompute = not store_states
+    if store_states:
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], output[2])
+    else:  # recompute_states: the forward's chunk states are written again by the backward
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
     ctx.mark_non_differentiable(output[1], output[2])
     # else autograd hands the backward zero gradients of the states and ysum: a states-sized fill every layer (0.09 ms
     # of a 2.1 ms backward at 8 x 6,085 tokens on an H100, fifth run)
@@ -147,7 +175,10 @@ def _scan_setup_context(ctx, inputs, output):
 
 
 def _scan_backward(ctx, gout, _g_states, _g_ysum):  # gout is always defined: the only differentiable output
-    grads = _scan_bwd_op(gout, *ctx.saved_tensors, ctx.delta_softplus, ctx.chunk)
+    if ctx.recompute:
+        grads = _scan_bwd_recompute_op(gout, *ctx.saved_tensors, ctx.delta_softplus, ctx.chunk)
+    else:
+        grads = _scan_bwd_op(gout, *ctx.saved_tensors, ctx.delta_softplus, ctx.chunk)
     return (*grads, None, None, None)
 
 
@@ -188,6 +219,58 @@ def _conv_backward(ctx, gout):
 _conv_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
+class _EagerScan(torch.autograd.Function):
+    """The scan op's autograd without its dispatch, for plain eager calls (``vim.kernels.eager``): the same kernels,
+    the same saved tensors, the same gradients."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk: int, recompute: bool):
+        with _device_context(u.device):
+            out, states, ysum = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk,
+                                         store_states=not recompute)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *(() if recompute else (states, ysum)))
+        ctx.delta_softplus, ctx.chunk, ctx.recompute = delta_softplus, chunk, recompute
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout):
+        saved = ctx.saved_tensors
+        if ctx.recompute:
+            grads = _recompute_and_bwd(gout, *saved, ctx.delta_softplus, ctx.chunk)
+        else:
+            with _device_context(gout.device):
+                grads = scan_bwd(gout, *saved, ctx.delta_softplus, ctx.chunk)
+        return (*grads, None, None, None)
+
+
+class _EagerConv(torch.autograd.Function):
+    """The conv op's autograd without its dispatch, for plain eager calls."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        with _device_context(x.device):
+            return conv_fwd(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout):
+        x, weight, bias = ctx.saved_tensors
+        with _device_context(x.device):
+            return conv_bwd(gout, x, weight, bias)
+
+
+def _eager_scan_inference(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk: int) -> torch.Tensor:
+    with _device_context(u.device):
+        return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states=False)[0]
+
+
+def _eager_conv_inference(x, weight, bias) -> torch.Tensor:
+    with _device_context(x.device):
+        return conv_fwd(x, weight, bias)
+
+
 @register_flop_formula(torch.ops.vim.triton_bidirectional_scan)
 def _scan_flops(u_shape, delta_shape, A_shape, *args, **kwargs) -> int:
     """As the reference scan's ops (vim.kernels.reference): 9 per (token, channel, state) and direction."""
@@ -201,6 +284,13 @@ def _scan_bwd_flops(gout_shape, u_shape, delta_shape, A_shape, *args, **kwargs) 
     return 27 * batch * 2 * dim * seqlen * A_shape[-1]
 
 
+@register_flop_formula(torch.ops.vim.triton_bidirectional_scan_bwd_recompute)
+def _scan_bwd_recompute_flops(gout_shape, u_shape, delta_shape, A_shape, *args, **kwargs) -> int:
+    """The forward again (9) and the backward (27) per (token, channel, state) and direction."""
+    batch, _, dim, seqlen = u_shape
+    return 36 * batch * 2 * dim * seqlen * A_shape[-1]
+
+
 def _needs_grad(*inputs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
@@ -208,7 +298,7 @@ def _needs_grad(*inputs: torch.Tensor) -> bool:
 def bidirectional_scan_triton(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool = True, *,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: int = DEFAULT_CHUNK, recompute_states: bool = False,
 ) -> torch.Tensor:
     """Vim's bidirectional scan, both directions and the gate fused into one Triton op.
 
@@ -217,7 +307,11 @@ def bidirectional_scan_triton(
     (batch, dim, seqlen) in u's dtype, a transposed view of channel-contiguous (batch, seqlen, dim) memory (what
     out_proj reads). Inputs may be non-contiguous views. ``chunk_size`` (a power of two, 2 to 8) is the
     scan tile length and the spacing of the saved states; tests shrink it to cover several chunks cheaply.
-    Without autograd (inference) no chunk states are written.
+    Without autograd (inference) no chunk states are written. ``recompute_states``: under autograd, save only the
+    inputs and let the backward run the forward again to write the chunk states (fp32, 2 x dstate x 4 / chunk_size
+    bytes per (token, channel): 16 at the default 8, four times u's in bf16) for the layer it is in: a model's training
+    peak then holds one layer's states instead of every layer's, for one more forward scan in each backward. The
+    gradients are the same, bit for bit.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size < 2 or chunk_size > MAX_CHUNK or chunk_size & (chunk_size - 1):
@@ -225,7 +319,15 @@ def bidirectional_scan_triton(
     if u.numel() == 0:  # nothing to launch; keep the (empty) result attached to the graph
         return (u.sum(1) + z).to(u.dtype)
     inputs = (u, delta, A, B, C, D, z, delta_bias)
-    out, _, _ = _scan_op(*inputs, bool(delta_softplus), int(chunk_size), _needs_grad(*inputs))
+    needs_grad = _needs_grad(*inputs)
+    if plain_eager(u):  # past the custom op's dispatch (vim.kernels.eager)
+        if needs_grad:
+            return direct_call('vim::triton_bidirectional_scan', _EagerScan.apply, *inputs, bool(delta_softplus),
+                               int(chunk_size), bool(recompute_states))
+        return direct_call('vim::triton_bidirectional_scan', _eager_scan_inference, *inputs, bool(delta_softplus),
+                           int(chunk_size))
+    store_states = needs_grad and not recompute_states  # without it the backward writes them
+    out, _, _ = _scan_op(*inputs, bool(delta_softplus), int(chunk_size), store_states)
     return out
 
 
@@ -239,4 +341,7 @@ def bidirectional_conv_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: 
     _check_conv_inputs(x, weight, bias)
     if x.numel() == 0:  # nothing to launch
         return bidirectional_conv_silu_ref(x, weight, bias)
+    if plain_eager(x):  # past the custom op's dispatch (vim.kernels.eager)
+        fn = _EagerConv.apply if _needs_grad(x, weight, bias) else _eager_conv_inference
+        return direct_call('vim::triton_bidirectional_conv_silu', fn, x, weight, bias)
     return _conv_op(x, weight, bias)

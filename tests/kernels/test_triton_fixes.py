@@ -117,8 +117,8 @@ def test_backward_fills_no_zero_gradients_for_the_saved_outputs():
             return out
 
     x = make_inputs(1, 4, 16, 4, torch.float32)
-    out = bidirectional_scan_triton(*(x[n] for n in NAMES), chunk_size=4)
-    with Fills() as fills:
+    with Fills() as fills:  # a dispatch mode: the custom op's path (plain eager calls have no such outputs)
+        out = bidirectional_scan_triton(*(x[n] for n in NAMES), chunk_size=4)
         out.backward(torch.ones_like(out))
     states = (1, 2, 16 // 4 - 1, 4, 4)  # (batch, direction, inner chunk boundaries, dim, dstate)
     assert states not in fills.shapes, fills.shapes

@@ -37,6 +37,19 @@ def test_benchmark_writes_side_by_side_report(tmp_path, monkeypatch):
     assert malloc_calls == [1] and report['malloc'].startswith('freed memory kept for reuse')
 
 
+def test_scan_recompute_reaches_vim_in_training(tmp_path, monkeypatch):
+    from vim.models import VisionMamba
+    calls = []
+    monkeypatch.setattr(VisionMamba, 'set_scan_recompute', lambda self, enable=True: calls.append(enable))
+    _record_malloc_calls(monkeypatch)
+    out = tmp_path / 'bench.json'
+    assert benchmark.main(['--device', 'cpu', '--img-sizes', '32', '--rounds', '1', '--min-time', '0.01', '--train',
+                           '--train-batch-size', '2', '--train-img-size', '32', '--scan-recompute',
+                           '--out', str(out)]) == 0
+    assert calls == [True]  # the training case's Vim; not the inference case's, not DeiT
+    assert json.loads(out.read_text())['scan_recompute'] is True
+
+
 def test_out_of_memory_is_recorded_and_vim_only_sizes(tmp_path, monkeypatch):
     make = benchmark.inference_case
 

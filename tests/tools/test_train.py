@@ -271,6 +271,19 @@ def test_validate_reproduces_the_training_evaluation(data, uninterrupted):
         assert res['loss'] == pytest.approx(last[f'{prefix}loss'], rel=1e-5), checkpoint
 
 
+def test_scan_recompute_reaches_every_mixer(data, tmp_path, monkeypatch):
+    from vim.models import VisionMamba
+    models = []
+    real = VisionMamba.set_scan_recompute
+    monkeypatch.setattr(VisionMamba, 'set_scan_recompute', lambda self, enable=True: models.append(self) or real(
+        self, enable))
+    result = train.main(_args(data, tmp_path / 'r', '--scan-recompute', '--max-steps', '0'))
+    assert result['stopped'] == 'max_steps' and len(models) == 1
+    assert all(b.mixer.recompute_scan_states for b in models[0].layers)
+    with pytest.raises(ValueError, match='needs a Vim model'):
+        train.main(_args(data, tmp_path / 'd', '--scan-recompute', '--max-steps', '0', '--model', 'test_vit'))
+
+
 def test_presets_parse_and_command_line_wins(tmp_path):
     presets = sorted((REPO / 'configs' / 'imagenet').glob('*.yaml'))
     assert {p.stem for p in presets} >= {'vim_tiny_patch16_224', 'vim_small_patch16_224', 'vim_base_patch16_224',

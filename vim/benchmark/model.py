@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -136,8 +137,13 @@ def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, d
     return run
 
 
-def training_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device):
+def training_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device,
+                  scan_recompute: bool = False):
+    """One AdamW step of ``name`` on a fixed batch; ``scan_recompute``: Vim's scans write their chunk states again in
+    the backward (``VisionMamba.set_scan_recompute``)."""
     model = timm.create_model(name, img_size=size).to(device).train()
+    if scan_recompute and hasattr(model, 'set_scan_recompute'):
+        model.set_scan_recompute(True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
@@ -272,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--train', action='store_true', help='also time a training step at 224 px')
     p.add_argument('--train-batch-size', type=int, default=None, help='default: 8 on CPU, 128 on CUDA')
     p.add_argument('--train-img-size', type=int, default=224)
+    p.add_argument('--scan-recompute', action='store_true',
+                   help="training: Vim's scans write their chunk states again in the backward instead of saving "
+                        'them (less memory, one more forward scan a layer; the Triton backend)')
     p.add_argument('--flops', action='store_true', help='also count forward GFLOPs per image (on CPU)')
     p.add_argument('--scan', action='store_true', help='also time the scan alone against its floor '
                    '(tools/benchmark_scan.py with its defaults for the device)')
@@ -293,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         command=' '.join(['python tools/benchmark.py'] + (argv if argv is not None else sys.argv[1:])),
         scan_backend=resolve_backend(None, torch.empty(0, device=device)),
         conv_backend=resolve_backend(None, torch.empty(0, device=device), op='conv'), torch=torch.__version__,
-        timm=timm.__version__, python=platform.python_version(), malloc=malloc, complete=False, results=results,
-        scan=None)
+        timm=timm.__version__, python=platform.python_version(), malloc=malloc, scan_recompute=args.scan_recompute,
+        complete=False, results=results, scan=None)
 
     def save() -> None:
         atomic_write(out, json.dumps(report, indent=1).encode())
@@ -331,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             batch = args.train_batch_size or (128 if on_cuda else 8)
             dtype = torch.bfloat16 if on_cuda else torch.float32
             size = args.train_img_size
-            res = measure_pair(names, training_case, size, batch, dtype, device, args.rounds, args.min_time)
+            case = partial(training_case, scan_recompute=args.scan_recompute)
+            res = measure_pair(names, case, size, batch, dtype, device, args.rounds, args.min_time)
             for n, r in res.items():
                 results.append(dict(mode='train', model=n, img_size=size, batch=batch,
                                     dtype='bf16' if on_cuda else 'fp32', **r))

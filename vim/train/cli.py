@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--drop', type=float, default=0.0, help='dropout before the head')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--grad-checkpointing', action='store_true')
+    g.add_argument('--scan-recompute', action='store_true',
+                   help="each scan's backward writes its chunk states again instead of the forward saving them: "
+                        'less memory for one more forward scan a layer (Triton backend; '
+                        'VisionMamba.set_scan_recompute)')
     g = p.add_argument_group('optimizer')
     g.add_argument('--opt', default='adamw')
     g.add_argument('--opt-eps', type=float, default=1e-8)

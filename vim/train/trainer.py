@@ -70,6 +70,10 @@ class Trainer:
         self.model = create_model(args, self.num_classes, initial_weights).to(device)
         if args.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        if args.scan_recompute:
+            if not hasattr(self.model, 'set_scan_recompute'):
+                raise ValueError(f'--scan-recompute needs a Vim model, got {args.model}')
+            self.model.set_scan_recompute(True)
         data_config = resolve_data_config(vars(args), model=self.model)
         self.ema = None
         if args.model_ema:
