@@ -91,7 +91,8 @@ def _device_context(device: torch.device):
 
 # The kernels run inside torch custom ops (forward and backward each), so that torch.compile treats them as opaque
 # nodes (no graph break, no tracing into Triton launches), torch.utils.flop_counter can count them, and autograd
-# comes from register_autograd.
+# comes from register_autograd. Plain eager calls skip the ops' dispatch for the same kernels (_EagerScan, _EagerConv
+# below; vim.kernels.eager).
 
 @torch.library.custom_op('vim::triton_bidirectional_scan', mutates_args=())
 def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
