@@ -163,3 +163,14 @@ def test_backbone_and_neck_shapes_and_prefix_loading(tmp_path):
     other.init_weights()
     for k, v in backbone.state_dict().items():
         torch.testing.assert_close(other.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_scan_recompute_reaches_every_mixer():
+    """``scan_recompute`` in a config (model.backbone.scan_recompute=True) sets VisionMamba.set_scan_recompute."""
+    init_default_scope('mmdet')
+    from mmdet.registry import MODELS
+
+    import vim.mmdet  # noqa: F401
+    for flag in (False, True):
+        backbone = MODELS.build(dict(type='VisionMambaDet', arch=TINY_ARCH, img_size=128, scan_recompute=flag))
+        assert [b.mixer.recompute_scan_states for b in backbone.layers] == [flag] * len(backbone.layers)

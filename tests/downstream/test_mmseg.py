@@ -127,3 +127,15 @@ def _plain_bicubic(patches: torch.Tensor, old: tuple[int, int], new: tuple[int, 
     img = patches.reshape(1, *old, -1).permute(0, 3, 1, 2)
     img = F.interpolate(img, size=new, mode='bicubic', align_corners=False)
     return img.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1)
+
+
+def test_scan_recompute_reaches_every_mixer():
+    """``scan_recompute`` in a config (model.backbone.scan_recompute=True) sets VisionMamba.set_scan_recompute."""
+    init_default_scope('mmseg')
+    from mmseg.registry import MODELS
+
+    import vim.mmseg  # noqa: F401
+    for flag in (False, True):
+        backbone = MODELS.build(dict(type='VisionMambaSeg', arch=TINY_ARCH, img_size=64, out_indices=(1, 3),
+                                     scan_recompute=flag))
+        assert [b.mixer.recompute_scan_states for b in backbone.layers] == [flag] * len(backbone.layers)

@@ -52,6 +52,9 @@ class VimBackbone(VisionMamba, BaseModule):
         out_indices: blocks whose outputs are returned (negative from the end).
         final_norm: apply the model's final RMSNorm to the returned features; without it the norm is removed.
         drop_path_rate: stochastic depth over the blocks. with_cp: gradient checkpointing per block.
+        scan_recompute: each scan's backward writes its chunk states again instead of saving them from the forward
+            (``VisionMamba.set_scan_recompute``; the Triton backend): less training memory for one more forward scan
+            a layer, a finer knob than ``with_cp``.
         autocast_dtype: run the backbone under ``torch.autocast`` in this dtype ('bfloat16' or 'float16') and
             return fp32 maps, so that mixed precision covers the backbone without reaching the heads (mmdet's RoI
             heads build anchors and boxes in the features' dtype and mmcv's NMS takes only fp32 boxes).
@@ -72,6 +75,7 @@ class VimBackbone(VisionMamba, BaseModule):
             final_norm: bool = False,
             drop_path_rate: float = 0.0,
             with_cp: bool = False,
+            scan_recompute: bool = False,
             autocast_dtype: Literal['bfloat16', 'float16'] | None = None,
             init_cfg: dict | list[dict] | None = None,
     ) -> None:
@@ -106,6 +110,7 @@ class VimBackbone(VisionMamba, BaseModule):
         if not final_norm:
             self.norm = nn.Identity()  # unused parameters would break DDP without find_unused_parameters
         self.set_grad_checkpointing(with_cp)
+        self.set_scan_recompute(scan_recompute)
         self.autocast_dtype = autocast_dtype
 
     def init_weights(self) -> None:

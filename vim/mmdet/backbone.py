@@ -30,10 +30,11 @@ class VisionMambaDet(VimBackbone):
             final_norm: bool = True,
             drop_path_rate: float = 0.1,
             with_cp: bool = False,
+            scan_recompute: bool = False,
             autocast_dtype: Literal['bfloat16', 'float16'] | None = None,
             init_cfg: dict | list[dict] | None = None,
     ) -> None:
         super().__init__(
             arch=arch, img_size=img_size, patch_size=patch_size, stride=stride, out_indices=out_indices,
             final_norm=final_norm, drop_path_rate=drop_path_rate, with_cp=with_cp,
-            autocast_dtype=autocast_dtype, init_cfg=init_cfg)
+            scan_recompute=scan_recompute, autocast_dtype=autocast_dtype, init_cfg=init_cfg)
