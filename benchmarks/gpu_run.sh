@@ -1,7 +1,7 @@
 #!/bin/bash
 # One GPU session's measurements, in the order that matters, each step time-limited so that a 10-minute device
 # call keeps what finished. Usage (repository root, CUDA machine):
-#   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile model scan bench (default: these five), chunk, warm, host
+#   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile model scan bench (default: these five), chunk, warm, host, recompute
 # Results go to $OUT (the device tool's folder) or ./gpu-run. Each step's limit: TESTS_S, RANDOM_S, PROFILE_S,
 # MODEL_S, SCAN_S, BENCH_S (200, 150, 150, 120, 240, 300 s). A fresh machine compiles every kernel on first use:
 # the backward's main kernel 18-32 s per direction and dtype (the -f- report JSONs), the forward's autotuning
@@ -9,7 +9,9 @@
 # on triton 3.6) the first call of the scan step did not finish in 60 s and the test step passed 5 tests in 215 s.
 # With 10-minute calls and 15 minutes in all: first `tests` (RANDOM_S=30), since a kernel that is wrong on the GPU
 # makes every timing moot (the fourth run, 2026-11-27, found the conv backward wrong only there), then
-# `warm scan bench` (they share compiles), then `profile model` if time is left. The fifth run (2026-11-27) ran
+# `warm scan bench` (they share compiles), then `profile model` if time is left. The sixth run (2026-11-27) found a
+# bench on a fresh machine printing nothing in 210 s after 80 s of warm, and the same bench in 37 s once the cache
+# was filled: on a fresh machine give `bench` 300 s, or run `tests` first (their compiles fill the cache too). The fifth run (2026-11-27) ran
 # `warm tests scan bench` in 417 s of one call: warm used its 100 s, tests 170 s (14 passed, 6 unfinished), scan
 # ~60 s, and bench printed its first row 26 s in; on a fresh machine a bench run without the scan step before it
 # printed nothing in 130 s (the self-check's and the autotuner's compiles).
@@ -33,6 +35,8 @@
 #            goes (cProfile's top functions). The fifth run measured the scan's forward at 0.63 ms wall against
 #            0.28 ms of kernels at 128 x 197, and Vim-Ti's eager forward at 224^2 b64 at 30 ms, most of it host work;
 #            our own Python is ~37 us a call (stubbed launches, CPU), so the rest is in the launches
+#   recompute  the training step of Vim-Ti and Vim-S at 224² b128 with --scan-recompute (the scans' chunk states
+#            written again in the backward instead of saved): compare its time and peak with the bench step's train rows
 #   chunk    the scan with chunk size 4 instead of 8 (bf16, 8x6085 and 128x197; compiles its own backward): the
 #            static report predicted the backward 16-19% faster at 140 registers instead of 244-255, for twice the
 #            saved states' memory; the fourth run measured it 1.43x slower at 8x6085 and 9% faster at 128x197
@@ -81,6 +85,10 @@ for step in $steps; do
     chunk)
       timeout -s INT "${SCAN_S:-240}" python3 tools/benchmark_scan.py --device cuda --dtypes bf16 --backends triton \
           --shapes 8x6085 128x197 --triton-chunk 4 --min-time 0.2 --out "$OUT/gpu-scan-chunk4.json" ;;
+    recompute)
+      timeout -s INT "${BENCH_S:-300}" python3 tools/benchmark.py --device cuda --pairs tiny small --img-sizes 224 \
+          --dtypes bf16 --train --scan-recompute --rounds 2 --min-time 0.2 --out "$OUT/gpu-bench-recompute.json" \
+          2>&1 | grep -v Warning ;;
     bench)
       timeout -s INT "${BENCH_S:-300}" python3 tools/benchmark.py --device cuda ${BENCH_ARGS:---pairs tiny small base \
           --img-sizes 224 512 1024 1248 2048 --vim-only-sizes 4096 --dtypes bf16 fp32 --train --cuda-graph \
