@@ -12,7 +12,7 @@ pytest.importorskip('triton')
 import vim.kernels.triton.op as triton_op  # noqa: E402
 from vim.kernels.triton import bidirectional_conv_silu_triton, bidirectional_scan_triton  # noqa: E402
 
-from tests.kernels.test_triton_interpreter import NAMES, make_inputs  # noqa: E402
+from tests.kernels.test_triton_interpreter import DEVICE, NAMES, make_inputs  # noqa: E402
 
 
 class PassthroughMode(TorchDispatchMode):
@@ -29,9 +29,8 @@ class PassthroughMode(TorchDispatchMode):
 
 def _conv_inputs():
     g = torch.Generator().manual_seed(3)
-    return dict(x=torch.randn(2, 70, 11, generator=g).requires_grad_(),
-                weight=torch.randn(2, 70, 4, generator=g).requires_grad_(),
-                bias=torch.randn(2, 70, generator=g).requires_grad_())
+    return {name: torch.randn(*shape, generator=g).to(DEVICE).requires_grad_()
+            for name, shape in (('x', (2, 70, 11)), ('weight', (2, 70, 4)), ('bias', (2, 70)))}
 
 
 def _run(recompute: bool, grad: bool):
@@ -42,13 +41,18 @@ def _run(recompute: bool, grad: bool):
     if not grad:
         return (out, y), ()
     g = torch.Generator().manual_seed(4)
-    grads = torch.autograd.grad((out, y), [x[n] for n in NAMES] + list(conv.values()),
-                                (torch.randn(out.shape, generator=g).to(out.dtype), torch.randn(y.shape, generator=g)))
+    gout = (torch.randn(out.shape, generator=g).to(DEVICE, out.dtype), torch.randn(y.shape, generator=g).to(DEVICE))
+    grads = torch.autograd.grad((out, y), [x[n] for n in NAMES] + list(conv.values()), gout)
     return (out, y), grads
 
 
 @pytest.mark.parametrize('recompute, grad', [(False, False), (False, True), (True, True)])
 def test_eager_calls_match_the_custom_ops_bit_for_bit(recompute, grad, monkeypatch):
+    """On CUDA too: tests/kernels/test_triton_gpu.py runs this check there."""
+    check_eager_matches_ops(recompute, grad, monkeypatch)
+
+
+def check_eager_matches_ops(recompute: bool, grad: bool, monkeypatch) -> None:
     with PassthroughMode() as mode:
         outs_op, grads_op = _run(recompute, grad)
     assert 'vim.triton_bidirectional_scan' in mode.ops and 'vim.triton_bidirectional_conv_silu' in mode.ops

@@ -183,3 +183,15 @@ def test_vim_matches_reference_backend(name, amp, monkeypatch):
     for name, g_ref in grads_ref.items():
         err = (grads[name] - g_ref).norm()
         assert err <= 10 * tol * (g_ref.norm() + floor), f'{name}: gradient error {err:.2e}, norm {g_ref.norm():.2e}'
+
+
+@pytest.mark.parametrize('recompute, grad', [(False, False), (False, True), (True, True)])
+def test_eager_calls_match_the_custom_ops_on_cuda(recompute, grad, monkeypatch):
+    """Plain eager calls past the custom ops (vim.kernels.eager) give the ops' bits on the GPU too."""
+    from tests.kernels.test_triton_eager import check_eager_matches_ops
+    check_eager_matches_ops(recompute, grad, monkeypatch)
+
+
+def test_recompute_states_on_cuda():
+    from tests.kernels.test_triton_recompute import check_recompute
+    check_recompute(torch.bfloat16, 'mixer')

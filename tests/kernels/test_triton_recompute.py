@@ -13,7 +13,7 @@ from vim.kernels import bidirectional_scan  # noqa: E402
 from vim.kernels.triton import bidirectional_scan_triton  # noqa: E402
 
 from tests.kernels.test_triton_eager import PassthroughMode  # noqa: E402
-from tests.kernels.test_triton_interpreter import NAMES, make_inputs  # noqa: E402
+from tests.kernels.test_triton_interpreter import DEVICE, NAMES, make_inputs  # noqa: E402
 
 
 def _saved_shapes(fn, *args, **kwargs) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
@@ -35,14 +35,16 @@ def test_recomputed_states_give_the_same_gradients_and_are_not_saved(dtype, layo
     """Both paths: plain eager calls (vim.kernels.eager) and the custom ops (taken under a dispatch mode)."""
     mode = PassthroughMode() if via == 'custom op' else contextlib.nullcontext()
     with mode:
-        _check_recompute(dtype, layout)
+        check_recompute(dtype, layout)
 
 
-def _check_recompute(dtype, layout):
+def check_recompute(dtype: torch.dtype, layout: str) -> None:
+    """Recomputed and saved states give the same output and gradients, and only the saved ones are saved (on CUDA
+    too: tests/kernels/test_triton_gpu.py)."""
     batch, dim, seqlen, dstate, chunk = 2, 5, 19, 4, 4
     x = make_inputs(batch, dim, seqlen, dstate, dtype, layout=layout)
     states = (batch, 2, -(-seqlen // chunk) - 1, dim, dstate)
-    gout = torch.randn(batch, dim, seqlen, generator=torch.Generator().manual_seed(1)).to(dtype)
+    gout = torch.randn(batch, dim, seqlen, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     results = {}
     for recompute in (False, True):
         out, saved = _saved_shapes(bidirectional_scan_triton, *(x[n] for n in NAMES), chunk_size=chunk,
