@@ -16,7 +16,7 @@ from ..eager import direct_call, plain_eager
 from ..reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, delta_from_low_rank
 from .build import load_extension
 
-__all__ = ['bidirectional_scan_cpu', 'bidirectional_conv_silu_cpu', 'plain_eager', 'DEFAULT_CHUNK']
+__all__ = ['bidirectional_scan_cpu', 'bidirectional_conv_silu_cpu', 'DEFAULT_CHUNK']
 
 # Tokens between the states the forward saves for the backward, and the length of the backward's recompute tile
 # (two tiles of chunk x dstate x 64 channels: 128 KiB each at 32 tokens and dstate 16, held in L2).

@@ -7,6 +7,7 @@ and accumulation in fp32, the output in u's dtype and each gradient in its input
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
@@ -89,6 +90,18 @@ def _device_context(device: torch.device):
     return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
 
 
+def _on_inputs_device(launch):
+    """``launch`` run on its first tensor argument's device (the others are on it: the guards checked)."""
+    @functools.wraps(launch)
+    def guarded(first, *args, **kwargs):
+        with _device_context(first.device):
+            return launch(first, *args, **kwargs)
+    return guarded
+
+
+_scan_fwd, _scan_bwd, _conv_fwd, _conv_bwd = (_on_inputs_device(f) for f in (scan_fwd, scan_bwd, conv_fwd, conv_bwd))
+
+
 # The kernels run inside torch custom ops (forward and backward each), so that torch.compile treats them as opaque
 # nodes (no graph break, no tracing into Triton launches), torch.utils.flop_counter can count them, and autograd
 # comes from register_autograd. Plain eager calls skip the ops' dispatch for the same kernels (_EagerScan, _EagerConv
@@ -98,9 +111,7 @@ def _device_context(device: torch.device):
 def _scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, delta_softplus: bool, chunk: int,
              store_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _device_context(u.device):
-        out, states, ysum = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk,
-                                     store_states=store_states)
+    out, states, ysum = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states=store_states)
     if states is None:
         return out, u.new_empty(0, dtype=torch.float32), u.new_empty(0)
     return out, states, ysum
@@ -120,8 +131,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states):
 def _scan_bwd_op(gout: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  C: torch.Tensor, D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor, states: torch.Tensor,
                  ysum: torch.Tensor, delta_softplus: bool, chunk: int) -> list[torch.Tensor]:
-    with _device_context(u.device):
-        return list(scan_bwd(gout, u, delta, A, B, C, D, z, delta_bias, states, ysum, delta_softplus, chunk))
+    return list(_scan_bwd(gout, u, delta, A, B, C, D, z, delta_bias, states, ysum, delta_softplus, chunk))
 
 
 @_scan_bwd_op.register_fake
@@ -143,9 +153,8 @@ def _scan_grads_like(u, delta, A, B, C, D, z, delta_bias) -> list[torch.Tensor]:
 def _recompute_and_bwd(gout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk: int):
     """The backward of a forward that saved no chunk states: the forward runs again to write them (and ysum), for
     this layer only, then the backward as usual."""
-    with _device_context(u.device):
-        _, states, ysum = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states=True)
-        return scan_bwd(gout, u, delta, A, B, C, D, z, delta_bias, states, ysum, delta_softplus, chunk)
+    _, states, ysum = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states=True)
+    return _scan_bwd(gout, u, delta, A, B, C, D, z, delta_bias, states, ysum, delta_softplus, chunk)
 
 
 @torch.library.custom_op('vim::triton_bidirectional_scan_bwd_recompute', mutates_args=())
@@ -160,27 +169,34 @@ def _(gout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
     return _scan_grads_like(u, delta, A, B, C, D, z, delta_bias)
 
 
+def _save_scan(ctx, inputs: tuple, states, ysum, delta_softplus: bool, chunk: int, recompute: bool) -> None:
+    """What the scan's backward needs: its eight inputs, and the chunk states and ysum unless it writes them again
+    (``recompute_states``). Shared by the custom op and the eager Function."""
+    ctx.save_for_backward(*inputs, *(() if recompute else (states, ysum)))
+    ctx.delta_softplus, ctx.chunk, ctx.recompute = delta_softplus, chunk, recompute
+
+
+def _scan_grads(ctx, gout, recompute_and_bwd, bwd) -> tuple:
+    """The backward's gradients through ``recompute_and_bwd`` or ``bwd`` (the custom ops or their kernels)."""
+    if ctx.recompute:
+        grads = recompute_and_bwd(gout, *ctx.saved_tensors, ctx.delta_softplus, ctx.chunk)
+    else:
+        grads = bwd(gout, *ctx.saved_tensors, ctx.delta_softplus, ctx.chunk)
+    return (*grads, None, None, None)
+
+
 def _scan_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states = inputs
-    ctx.recompute = not store_states
-    if store_states:
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1], output[2])
-    else:  # recompute_states: the forward's chunk states are written again by the backward
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+    *tensors, delta_softplus, chunk, store_states = inputs
+    # without store_states under autograd: recompute_states, the chunk states written again by the backward
+    _save_scan(ctx, tuple(tensors), output[1], output[2], delta_softplus, chunk, recompute=not store_states)
     ctx.mark_non_differentiable(output[1], output[2])
     # else autograd hands the backward zero gradients of the states and ysum: a states-sized fill every layer (0.09 ms
     # of a 2.1 ms backward at 8 x 6,085 tokens on an H100, fifth run)
     ctx.set_materialize_grads(False)
-    ctx.delta_softplus = delta_softplus
-    ctx.chunk = chunk
 
 
 def _scan_backward(ctx, gout, _g_states, _g_ysum):  # gout is always defined: the only differentiable output
-    if ctx.recompute:
-        grads = _scan_bwd_recompute_op(gout, *ctx.saved_tensors, ctx.delta_softplus, ctx.chunk)
-    else:
-        grads = _scan_bwd_op(gout, *ctx.saved_tensors, ctx.delta_softplus, ctx.chunk)
-    return (*grads, None, None, None)
+    return _scan_grads(ctx, gout, _scan_bwd_recompute_op, _scan_bwd_op)
 
 
 _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
@@ -188,8 +204,7 @@ _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 @torch.library.custom_op('vim::triton_bidirectional_conv_silu', mutates_args=())
 def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    with _device_context(x.device):
-        return conv_fwd(x, weight, bias)
+    return _conv_fwd(x, weight, bias)
 
 
 @_conv_op.register_fake
@@ -200,8 +215,7 @@ def _(x, weight, bias):
 @torch.library.custom_op('vim::triton_bidirectional_conv_silu_bwd', mutates_args=())
 def _conv_bwd_op(gout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _device_context(x.device):
-        return conv_bwd(gout, x, weight, bias)
+    return _conv_bwd(gout, x, weight, bias)
 
 
 @_conv_bwd_op.register_fake
@@ -226,23 +240,20 @@ class _EagerScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk: int, recompute: bool):
-        with _device_context(u.device):
-            out, states, ysum = scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk,
-                                         store_states=not recompute)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *(() if recompute else (states, ysum)))
-        ctx.delta_softplus, ctx.chunk, ctx.recompute = delta_softplus, chunk, recompute
+        inputs = (u, delta, A, B, C, D, z, delta_bias)
+        out, states, ysum = _scan_fwd(*inputs, delta_softplus, chunk, store_states=not recompute)
+        _save_scan(ctx, inputs, states, ysum, delta_softplus, chunk, recompute)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
-        saved = ctx.saved_tensors
-        if ctx.recompute:
-            grads = _recompute_and_bwd(gout, *saved, ctx.delta_softplus, ctx.chunk)
-        else:
-            with _device_context(gout.device):
-                grads = scan_bwd(gout, *saved, ctx.delta_softplus, ctx.chunk)
-        return (*grads, None, None, None)
+        return _scan_grads(ctx, gout, _recompute_and_bwd, _scan_bwd)
+
+
+def _scan_inference(*args) -> torch.Tensor:
+    """The forward alone, for plain eager calls without autograd: no chunk states written."""
+    return _scan_fwd(*args, store_states=False)[0]
 
 
 class _EagerConv(torch.autograd.Function):
@@ -251,25 +262,12 @@ class _EagerConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight, bias)
-        with _device_context(x.device):
-            return conv_fwd(x, weight, bias)
+        return _conv_fwd(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
-        x, weight, bias = ctx.saved_tensors
-        with _device_context(x.device):
-            return conv_bwd(gout, x, weight, bias)
-
-
-def _eager_scan_inference(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk: int) -> torch.Tensor:
-    with _device_context(u.device):
-        return scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, store_states=False)[0]
-
-
-def _eager_conv_inference(x, weight, bias) -> torch.Tensor:
-    with _device_context(x.device):
-        return conv_fwd(x, weight, bias)
+        return _conv_bwd(gout, *ctx.saved_tensors)
 
 
 @register_flop_formula(torch.ops.vim.triton_bidirectional_scan)
@@ -325,7 +323,7 @@ def bidirectional_scan_triton(
         if needs_grad:
             return direct_call('vim::triton_bidirectional_scan', _EagerScan.apply, *inputs, bool(delta_softplus),
                                int(chunk_size), bool(recompute_states))
-        return direct_call('vim::triton_bidirectional_scan', _eager_scan_inference, *inputs, bool(delta_softplus),
+        return direct_call('vim::triton_bidirectional_scan', _scan_inference, *inputs, bool(delta_softplus),
                            int(chunk_size))
     store_states = needs_grad and not recompute_states  # without it the backward writes them
     out, _, _ = _scan_op(*inputs, bool(delta_softplus), int(chunk_size), store_states)
@@ -343,6 +341,6 @@ def bidirectional_conv_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: 
     if x.numel() == 0:  # nothing to launch
         return bidirectional_conv_silu_ref(x, weight, bias)
     if plain_eager(x):  # past the custom op's dispatch (vim.kernels.eager)
-        fn = _EagerConv.apply if _needs_grad(x, weight, bias) else _eager_conv_inference
+        fn = _EagerConv.apply if _needs_grad(x, weight, bias) else _conv_fwd
         return direct_call('vim::triton_bidirectional_conv_silu', fn, x, weight, bias)
     return _conv_op(x, weight, bias)

@@ -78,3 +78,20 @@ def test_profiler_names_the_direct_calls():
         out.sum().backward()
     keys = {e.key for e in prof.key_averages()}
     assert {'vim::triton_bidirectional_scan', 'vim::triton_bidirectional_conv_silu'} <= keys
+
+
+def test_eager_inference_writes_no_states(monkeypatch):
+    """Without autograd the eager path runs the forward alone, as the op does (no chunk states, no ysum)."""
+    calls = []
+    real = triton_op._scan_fwd
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out[1] is None and out[2] is None)
+        return out
+    monkeypatch.setattr(triton_op, '_scan_fwd', recording)
+    x = make_inputs(1, 4, 6, 2, torch.float32)
+    with torch.no_grad():
+        bidirectional_scan_triton(*(x[n] for n in NAMES))
+    assert calls == [True]
+
