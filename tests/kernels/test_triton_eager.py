@@ -80,22 +80,6 @@ def test_profiler_names_the_direct_calls():
     assert {'vim::triton_bidirectional_scan', 'vim::triton_bidirectional_conv_silu'} <= keys
 
 
-def test_eager_inference_writes_no_states(monkeypatch):
-    """Without autograd the eager path runs the forward alone, as the op does (no chunk states, no ysum)."""
-    calls = []
-    real = triton_op._scan_fwd
-
-    def recording(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out[1] is None and out[2] is None)
-        return out
-    monkeypatch.setattr(triton_op, '_scan_fwd', recording)
-    x = make_inputs(1, 4, 6, 2, torch.float32)
-    with torch.no_grad():
-        bidirectional_scan_triton(*(x[n] for n in NAMES))
-    assert calls == [True]
-
-
 def test_dispatch_benchmark_runs():
     """benchmarks/eager_dispatch.py stubs this module's launchers by name: it must keep running as they change (its
     timings are its own business, not this test's)."""

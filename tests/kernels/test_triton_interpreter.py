@@ -227,7 +227,7 @@ def test_inference_stores_no_states_and_matches_training_output(monkeypatch):
         stored.append(store_states)
         return fwd.scan_fwd(*args, store_states=store_states)
 
-    monkeypatch.setattr(triton_op, 'scan_fwd', scan_fwd)
+    monkeypatch.setattr(triton_op, '_scan_fwd', scan_fwd)  # the launcher every path calls (op.py)
     x = make_inputs(1, 8, 9, 4, torch.float32, seed=3)
     args = [x[n] for n in NAMES]
     y = bidirectional_scan_triton(*args, chunk_size=4)
