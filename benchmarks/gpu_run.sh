@@ -1,7 +1,7 @@
 #!/bin/bash
 # One GPU session's measurements, in the order that matters, each step time-limited so that a 10-minute device
 # call keeps what finished. Usage (repository root, CUDA machine):
-#   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile model scan bench (default: these five), chunk, warm, host, recompute
+#   bash benchmarks/gpu_run.sh [STEP ...]     steps: tests profile model scan bench (default: these five), chunk, warm, host, recompute, compile
 # Results go to $OUT (the device tool's folder) or ./gpu-run. Each step's limit: TESTS_S, RANDOM_S, PROFILE_S,
 # MODEL_S, SCAN_S, BENCH_S (200, 150, 150, 120, 240, 300 s). A fresh machine compiles every kernel on first use:
 # the backward's main kernel 18-32 s per direction and dtype (the -f- report JSONs), the forward's autotuning
@@ -37,6 +37,9 @@
 #            our own Python is ~37 us a call (stubbed launches, CPU), so the rest is in the launches
 #   recompute  the training step of Vim-Ti and Vim-S at 224² b128 with --scan-recompute (the scans' chunk states
 #            written again in the backward instead of saved): compare its time and peak with the bench step's train rows
+#   compile  the bench's inference and training cases with --torchcompile (inductor) for both models: the seventh
+#            run (2026-11-27) found the eager training step bound by the host (Vim-S's step shorter than Vim-Ti's);
+#            compare with the bench step's eager rows. Inductor compiles each case for a minute or more on first use
 #   chunk    the scan with chunk size 4 instead of 8 (bf16, 8x6085 and 128x197; compiles its own backward): the
 #            static report predicted the backward 16-19% faster at 140 registers instead of 244-255, for twice the
 #            saved states' memory; the fourth run measured it 1.43x slower at 8x6085 and 9% faster at 128x197
@@ -88,6 +91,10 @@ for step in $steps; do
     recompute)
       timeout -s INT "${BENCH_S:-300}" python3 tools/benchmark.py --device cuda --pairs tiny small --img-sizes 224 \
           --dtypes bf16 --train --scan-recompute --rounds 2 --min-time 0.2 --out "$OUT/gpu-bench-recompute.json" \
+          2>&1 | grep -v Warning ;;
+    compile)
+      timeout -s INT "${BENCH_S:-300}" python3 tools/benchmark.py --device cuda --pairs tiny small --img-sizes 224 1248 \
+          --dtypes bf16 --train --torchcompile --rounds 2 --min-time 0.2 --out "$OUT/gpu-bench-compile.json" \
           2>&1 | grep -v Warning ;;
     bench)
       timeout -s INT "${BENCH_S:-300}" python3 tools/benchmark.py --device cuda ${BENCH_ARGS:---pairs tiny small base \

@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from vim.kernels.cpu import cpu_backend_status
 
 import vim  # noqa: F401
 
@@ -44,6 +45,32 @@ def test_torch_compile_has_no_graph_break_and_matches_eager(model_and_input, bac
     model(x).square().sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, msg=n)
+
+
+INDUCTOR_BACKENDS = [*BACKENDS, pytest.param('cpu', marks=pytest.mark.skipif(
+    not cpu_backend_status()[0], reason='the fused CPU backend does not build here'))]
+
+
+@pytest.mark.parametrize('backend', INDUCTOR_BACKENDS)
+def test_inductor_matches_eager(model_and_input, backend, monkeypatch):
+    """torch.compile's default backend (what ``--torchcompile`` gives): Inductor plans its buffers from the ops' fake
+    implementations, so a fake output whose strides differ from the real one's would read wrong memory here."""
+    model, x = _for_backend(model_and_input, backend, monkeypatch)
+    model.train()
+    torch.compiler.reset()
+    compiled = torch.compile(model)
+    out = compiled(x)
+    out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = model(x)
+    ref.square().sum().backward()
+
+    def close(actual, expected, what):  # fp32 rounding (2^-24 a step) over the model's fused reductions
+        torch.testing.assert_close(actual, expected, rtol=0, atol=2 ** -16 * expected.abs().max().item(), msg=what)
+    close(out, ref, 'logits')
+    for n, p in model.named_parameters():
+        close(grads[n], p.grad, n)
 
 
 def test_torch_export_keeps_the_scan_op(model_and_input, monkeypatch):

@@ -50,13 +50,33 @@ def test_scan_recompute_reaches_vim_in_training(tmp_path, monkeypatch):
     assert json.loads(out.read_text())['scan_recompute'] is True
 
 
+def test_torchcompile_compiles_both_models_of_every_case(tmp_path, monkeypatch, capsys):
+    compiled = []
+    real = benchmark.maybe_compile
+    monkeypatch.setattr(benchmark, 'maybe_compile', lambda module, backend, mode=None: compiled.append(
+        (type(module).__name__, module.training, backend, mode)) or real(module, backend, mode))
+    _record_malloc_calls(monkeypatch)
+    out = tmp_path / 'bench.json'
+    assert benchmark.main(['--device', 'cpu', '--img-sizes', '32', '--rounds', '1', '--min-time', '0.01', '--train',
+                           '--train-batch-size', '2', '--train-img-size', '32', '--torchcompile', 'aot_eager',
+                           '--out', str(out)]) == 0
+    assert sorted(compiled) == sorted((cls, training, 'aot_eager', None) for cls in ('VisionMamba', 'VisionTransformer')
+                                      for training in (False, True))
+    report = json.loads(out.read_text())
+    assert (report['torchcompile'], report['torchcompile_mode']) == ('aot_eager', None)
+    assert all(r['img_per_s'] > 0 for r in report['results']) and len(report['results']) == 4
+    with pytest.raises(SystemExit):
+        benchmark.main(['--device', 'cpu', '--torchcompile-mode', 'max-autotune'])
+    assert '--torchcompile-mode needs --torchcompile' in capsys.readouterr().err
+
+
 def test_out_of_memory_is_recorded_and_vim_only_sizes(tmp_path, monkeypatch):
     make = benchmark.inference_case
 
-    def inference_case(name, size, batch, dtype, device):
+    def inference_case(name, size, batch, dtype, device, **kwargs):
         if name.startswith('deit_') and size == 48:
             raise benchmark.torch.OutOfMemoryError('CUDA out of memory (simulated)')
-        return make(name, size, batch, dtype, device)
+        return make(name, size, batch, dtype, device, **kwargs)
 
     monkeypatch.setattr(benchmark, 'inference_case', inference_case)
     malloc_calls = _record_malloc_calls(monkeypatch)
@@ -84,7 +104,7 @@ def test_cuda_graph_needs_cuda(capsys):
 
 
 def test_a_failed_capture_is_recorded_per_case(monkeypatch):
-    def capture_fails(name, size, batch, dtype, device):
+    def capture_fails(name, size, batch, dtype, device, **kwargs):
         raise RuntimeError('operation not permitted when stream is capturing\nmore detail')
 
     monkeypatch.setattr(benchmark, 'graph_inference_case', capture_fails)

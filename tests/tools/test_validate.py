@@ -113,3 +113,22 @@ def test_too_few_classes_is_an_error(data, tmp_path):
     with pytest.raises(ValueError, match='3 classes'):
         validate.main([str(data), '--model', 'test_vim', '--checkpoint', str(checkpoint), '--num-classes', '2',
                        '--device', 'cpu', '--workers', '0'])
+
+
+def test_torchcompile_matches_hand_computation(data, tmp_path):
+    """--torchcompile (inductor, timm's flag): the same counts and loss; batches of 5, 5, 2 make it compile twice
+    (the second time with a dynamic batch)."""
+    from torch._dynamo.utils import counters
+    model = _model('test_vim')
+    expected = _by_hand(model, data)
+    checkpoint = _write(model, tmp_path / 'w.safetensors', 'safetensors')
+    torch.compiler.reset()
+    counters.clear()
+    results = validate.main([str(data), '--model', 'test_vim', '--checkpoint', str(checkpoint), '--device', 'cpu',
+                             '--workers', '0', '--batch-size', '5', '--log-interval', '0', '--torchcompile'])
+    assert counters['stats']['unique_graphs'] >= 1  # it did compile
+    assert results['torchcompile'] == 'inductor'
+    assert results['top1'] == pytest.approx(expected['top1'], abs=1e-9)
+    assert results['loss'] == pytest.approx(expected['loss'], rel=1e-5)
+    with pytest.raises(ValueError, match='needs --torchcompile'):
+        validate.main([str(data), '--model', 'test_vim', '--device', 'cpu', '--torchcompile-mode', 'max-autotune'])

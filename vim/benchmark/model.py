@@ -8,7 +8,9 @@ Each pair (vim_<size>_patch16_224, deit_<size>_patch16_224) is timed in alternat
 same machine state; the median round counts. Inference: images/s, latency, peak memory (CUDA). Training (--train):
 one AdamW step with bf16 autocast on CUDA (fp32 on CPU), images/s and peak memory. ``--cuda-graph`` (CUDA) also
 times each inference case captured once in a CUDA graph and replayed, for both models: the GPU's own time, without
-the host's work per kernel launch that an eager forward pays. ``--vim-only-sizes``: Vim alone
+the host's work per kernel launch that an eager forward pays. ``--torchcompile [BACKEND]`` (timm's flag; inductor
+by default) compiles both models of every case, inference and training, each for its own static shapes.
+``--vim-only-sizes``: Vim alone
 at batch 1 (e.g. 4096 px, 65k tokens, where DeiT's quadratic attention is out of the comparison). A case that runs
 out of GPU memory is recorded as such and the run goes on. The JSON report is rewritten (atomically) after every
 case, so an interrupted run keeps what it measured; a PNG plot is written at the end if matplotlib is installed.
@@ -37,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vim.benchmark import scan as scan_benchmark
 from vim.benchmark.scan import device_name, malloc_setting
 from vim.kernels import available_backends, resolve_backend
-from vim.utils import atomic_write
+from vim.utils import add_compile_arguments, atomic_write, maybe_compile
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -86,11 +88,21 @@ def count_gflops(name: str, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def _compiled(model: torch.nn.Module, torchcompile: tuple[str | None, str | None]) -> torch.nn.Module:
+    """``maybe_compile`` for one case, with torch.compile's caches reset first: each case then compiles for its own
+    static shapes. Without the reset a second image size would make the compiled shapes dynamic (torch's automatic
+    dynamic shapes) and every new case would count toward dynamo's recompile limit."""
+    if torchcompile[0]:
+        torch.compiler.reset()
+    return maybe_compile(model, *torchcompile)
+
+
 def inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device,
-                   cast_cache: bool | None = None):
+                   cast_cache: bool | None = None, torchcompile: tuple[str | None, str | None] = (None, None)):
     """A function running one forward of ``name`` on a fixed (batch, 3, size, size) input; ``cast_cache``:
-    autocast's (default: torch's setting)."""
+    autocast's (default: torch's setting); ``torchcompile``: (backend, mode) of torch.compile, or (None, None)."""
     model = timm.create_model(name, dynamic_img_size=True, img_size=size).to(device).eval()
+    model = _compiled(model, torchcompile)
     x = torch.randn(batch, 3, size, size, device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=cast_cache)
 
@@ -101,7 +113,8 @@ def inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device:
     return run
 
 
-def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device):
+def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device,
+                         torchcompile: tuple[str | None, str | None] = (None, None)):
     """``inference_case`` captured once in a CUDA graph and replayed: the GPU's time alone, without the host's work
     per launch (Python, the custom ops' dispatch, Triton's launcher), which an eager forward pays for every kernel.
     Two eager calls on a side stream come first: they run the scan's self-check, compile and autotune, so that the
@@ -113,7 +126,7 @@ def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, d
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     # no cast cache: weights cast during the warm-up, outside the graph, would be freed under it
-    forward = inference_case(name, size, batch, dtype, device, cast_cache=False)
+    forward = inference_case(name, size, batch, dtype, device, cast_cache=False, torchcompile=torchcompile)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -138,13 +151,15 @@ def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, d
 
 
 def training_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device,
-                  scan_recompute: bool = False):
+                  scan_recompute: bool = False, torchcompile: tuple[str | None, str | None] = (None, None)):
     """One AdamW step of ``name`` on a fixed batch; ``scan_recompute``: Vim's scans write their chunk states again in
-    the backward (``VisionMamba.set_scan_recompute``)."""
-    model = timm.create_model(name, img_size=size).to(device).train()
-    if scan_recompute and hasattr(model, 'set_scan_recompute'):
-        model.set_scan_recompute(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    the backward (``VisionMamba.set_scan_recompute``); ``torchcompile``: (backend, mode) for the model (the optimizer
+    step stays eager)."""
+    module = timm.create_model(name, img_size=size).to(device).train()
+    if scan_recompute and hasattr(module, 'set_scan_recompute'):
+        module.set_scan_recompute(True)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    model = _compiled(module, torchcompile)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -200,11 +215,12 @@ def measure_pair(names: list[str], make_case, size: int, batch: int, dtype: torc
 
 
 def _graph_pair(names: list[str], size: int, batch: int, dtype: torch.dtype, device: torch.device, rounds: int,
-                min_time: float) -> dict[str, dict]:
+                min_time: float, torchcompile: tuple[str | None, str | None] = (None, None)) -> dict[str, dict]:
     """``measure_pair`` of ``graph_inference_case``; a capture that fails is recorded (``error``) and the run goes
     on with the next case."""
     try:
-        return measure_pair(names, graph_inference_case, size, batch, dtype, device, rounds, min_time)
+        return measure_pair(names, partial(graph_inference_case, torchcompile=torchcompile), size, batch, dtype,
+                            device, rounds, min_time)
     except Exception as e:  # noqa: BLE001  (reported per case; the eager figures stand)
         message = (str(e).strip().splitlines() or [''])[0][:300]
         return {n: dict(error=f'{type(e).__name__}: {message}', img_per_s=None) for n in names}
@@ -281,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--scan-recompute', action='store_true',
                    help="training: Vim's scans write their chunk states again in the backward instead of saving "
                         'them (less memory, one more forward scan a layer; the Triton backend)')
+    add_compile_arguments(p)
     p.add_argument('--flops', action='store_true', help='also count forward GFLOPs per image (on CPU)')
     p.add_argument('--scan', action='store_true', help='also time the scan alone against its floor '
                    '(tools/benchmark_scan.py with its defaults for the device)')
@@ -293,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     on_cuda = device.type == 'cuda'
     if args.cuda_graph and not on_cuda:
         p.error(f'--cuda-graph needs a CUDA device, got --device {args.device}')
+    if args.torchcompile_mode and not args.torchcompile:
+        p.error('--torchcompile-mode needs --torchcompile')
+    compiled = (args.torchcompile, args.torchcompile_mode)
+    infer = partial(inference_case, torchcompile=compiled)
     started = dt.datetime.now(dt.timezone.utc)
     out = args.out or Path('benchmarks') / f'{device.type}-{started:%Y%m%d-%H%M}.json'
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         scan_backend=resolve_backend(None, torch.empty(0, device=device)),
         conv_backend=resolve_backend(None, torch.empty(0, device=device), op='conv'), torch=torch.__version__,
         timm=timm.__version__, python=platform.python_version(), malloc=malloc, scan_recompute=args.scan_recompute,
-        complete=False, results=results, scan=None)
+        torchcompile=args.torchcompile, torchcompile_mode=args.torchcompile_mode, complete=False, results=results,
+        scan=None)
 
     def save() -> None:
         atomic_write(out, json.dumps(report, indent=1).encode())
@@ -313,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         for dtype_name in args.dtypes:
             for size in args.img_sizes:
                 batch = args.batch_size or ((64 if size <= 512 else 8) if on_cuda else 1)
-                res = measure_pair(names, inference_case, size, batch, DTYPES[dtype_name], device,
-                                   args.rounds, args.min_time)
+                res = measure_pair(names, infer, size, batch, DTYPES[dtype_name], device, args.rounds,
+                                   args.min_time)
                 for n, r in res.items():
                     if args.flops:
                         r['gflops_per_img'] = count_gflops(n, size)
@@ -323,14 +345,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f'{size_name:5s} {dtype_name} {size:5d}px b{batch:<3d} ' + '  '.join(
                     f'{n}: {_speed(r)}' for n, r in res.items()), flush=True)
                 if args.cuda_graph:
-                    res = _graph_pair(names, size, batch, DTYPES[dtype_name], device, args.rounds, args.min_time)
+                    res = _graph_pair(names, size, batch, DTYPES[dtype_name], device, args.rounds, args.min_time,
+                                      compiled)
                     results.extend(dict(mode='inference-cuda-graph', model=n, img_size=size, batch=batch,
                                         dtype=dtype_name, **r) for n, r in res.items())
                     save()
                     print(f'{size_name:5s} {dtype_name} {size:5d}px b{batch:<3d} CUDA graph ' + '  '.join(
                         f'{n}: {_speed(r)}' for n, r in res.items()), flush=True)
             for size in args.vim_only_sizes:
-                res = measure_pair(names[:1], inference_case, size, 1, DTYPES[dtype_name], device, args.rounds,
+                res = measure_pair(names[:1], infer, size, 1, DTYPES[dtype_name], device, args.rounds,
                                    args.min_time)
                 results.append(dict(mode='inference', model=names[0], img_size=size, batch=1, dtype=dtype_name,
                                     **res[names[0]]))
@@ -340,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             batch = args.train_batch_size or (128 if on_cuda else 8)
             dtype = torch.bfloat16 if on_cuda else torch.float32
             size = args.train_img_size
-            case = partial(training_case, scan_recompute=args.scan_recompute)
+            case = partial(training_case, scan_recompute=args.scan_recompute, torchcompile=compiled)
             res = measure_pair(names, case, size, batch, dtype, device, args.rounds, args.min_time)
             for n, r in res.items():
                 results.append(dict(mode='train', model=n, img_size=size, batch=batch,

@@ -27,6 +27,7 @@ from timm.data import resolve_data_config
 
 from vim.eval.loop import create_eval_loader, evaluate
 from vim.eval.model import create_model
+from vim.utils import add_compile_arguments, maybe_compile
 
 _logger = logging.getLogger('vim.validate')
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument('--amp', action='store_true', help='autocast the forward (CUDA; fp32 otherwise)')
     p.add_argument('--amp-dtype', choices=sorted(AMP_DTYPES), default='bf16', help='(default: %(default)s)')
     p.add_argument('--channels-last', action='store_true')
+    add_compile_arguments(p)
     p.add_argument('--log-interval', type=int, default=50, help='batches between progress lines (0: none)')
     p.add_argument('--json', default='', metavar='PATH', help="write the results as JSON to PATH ('-': stdout)")
     return p.parse_args(argv)
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    forward = maybe_compile(model, args.torchcompile, args.torchcompile_mode)
     data_config = resolve_data_config(
         dict(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation), model=model)
     loader = create_eval_loader(args.data, args.split, data_config, args.batch_size, args.workers,
@@ -81,12 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
     _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, '
                  f'{len(dataset)} images, data config {data_config}, '
                  f'{"autocast " + args.amp_dtype if amp_dtype else "fp32"}')
-    results = evaluate(model, loader, device, amp_dtype=amp_dtype, channels_last=args.channels_last,
-                       log_interval=args.log_interval)
+    results = evaluate(forward, loader, device,
+                       amp_dtype=amp_dtype, channels_last=args.channels_last, log_interval=args.log_interval)
     results.update(model=args.model, checkpoint=str(args.checkpoint) if args.checkpoint else None,
                    pretrained=args.pretrained, input_size=list(data_config['input_size']),
                    crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'],
-                   amp=args.amp_dtype if amp_dtype else None, batch_size=args.batch_size, device=str(device))
+                   amp=args.amp_dtype if amp_dtype else None, batch_size=args.batch_size, device=str(device),
+                   torchcompile=args.torchcompile)
     _logger.info(f"top1 {results['top1']:.3f}  top5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
                  f"{results['img_per_sec']:.1f} img/s ({results['model_img_per_sec']:.1f} img/s model only)")
     if args.json:

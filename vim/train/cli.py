@@ -48,6 +48,7 @@ from timm.utils import init_distributed_device
 from vim.train.data import allow_zero_bit_posterize
 from vim.train.state import STATE_FILE, load_training_state, to_builtins
 from vim.train.trainer import AMP_DTYPES, NonFiniteLossError, Trainer
+from vim.utils import add_compile_arguments
 
 # the command's interface to callers and tests, some of it defined in the sibling modules
 __all__ = ['NonFiniteLossError', 'Trainer', 'allow_zero_bit_posterize', 'build_parser', 'command',
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each scan's backward writes its chunk states again instead of the forward saving them: "
                         'less memory for one more forward scan a layer (Triton backend; '
                         'VisionMamba.set_scan_recompute)')
+    add_compile_arguments(g)
     g = p.add_argument_group('optimizer')
     g.add_argument('--opt', default='adamw')
     g.add_argument('--opt-eps', type=float, default=1e-8)

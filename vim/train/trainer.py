@@ -33,7 +33,7 @@ from vim.train.state import (
     seed_everything,
     to_builtins,
 )
-from vim.utils import atomic_write
+from vim.utils import atomic_write, maybe_compile
 
 _logger = logging.getLogger('vim.train')
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}
@@ -82,6 +82,8 @@ class Trainer:
         seed_everything(args.seed + args.rank)  # different augmentations and drop paths per process
         self.ddp = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == 'cuda' else None)
                     if args.distributed else self.model)
+        # compiled after DDP wrapping, as timm's train.py does; saves and evaluation use self.model
+        self.ddp = maybe_compile(self.ddp, args.torchcompile, args.torchcompile_mode)
 
         pin = args.pin_mem if args.pin_mem is not None else device.type == 'cuda'
         self.train_loader = create_train_loader(args, train_set, data_config, pin)
@@ -113,7 +115,8 @@ class Trainer:
         _logger.info(f'{args.model}: {n_params:,} parameters, {self.num_classes} classes, '
                      f'{len(train_set)} training images, {self.steps_per_epoch} steps/epoch x {self.num_epochs} '
                      f'epochs, global batch {global_batch} ({args.world_size} x {args.batch_size}), lr {args.lr:.3g}, '
-                     f'{"autocast " + amp if self.amp_dtype else "fp32"} on {device}')
+                     f'{"autocast " + amp if self.amp_dtype else "fp32"} on {device}'
+                     + (f', torch.compile {args.torchcompile}' if args.torchcompile else ''))
         _logger.info(f'data config {data_config}')
         if args.aug_repeats and not args.distributed:
             _logger.info('--aug-repeats applies to multi-process runs only; not used')
