@@ -173,4 +173,4 @@ def test_scan_recompute_reaches_every_mixer():
     import vim.mmdet  # noqa: F401
     for flag in (False, True):
         backbone = MODELS.build(dict(type='VisionMambaDet', arch=TINY_ARCH, img_size=128, scan_recompute=flag))
-        assert [b.mixer.recompute_scan_states for b in backbone.layers] == [flag] * len(backbone.layers)
+        assert [b.mixer.scan_recompute for b in backbone.layers] == [flag] * len(backbone.layers)

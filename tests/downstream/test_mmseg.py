@@ -138,4 +138,4 @@ def test_scan_recompute_reaches_every_mixer():
     for flag in (False, True):
         backbone = MODELS.build(dict(type='VisionMambaSeg', arch=TINY_ARCH, img_size=64, out_indices=(1, 3),
                                      scan_recompute=flag))
-        assert [b.mixer.recompute_scan_states for b in backbone.layers] == [flag] * len(backbone.layers)
+        assert [b.mixer.scan_recompute for b in backbone.layers] == [flag] * len(backbone.layers)

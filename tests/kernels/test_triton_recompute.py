@@ -80,7 +80,7 @@ def test_vim_set_scan_recompute_reaches_every_mixer(monkeypatch):
     real = mixer_module.bidirectional_scan
     monkeypatch.setattr(mixer_module, 'bidirectional_scan',
                         lambda *a, recompute_states, **k: seen.append(recompute_states) or real(*a, **k))
-    model = timm.create_model('test_vim', img_size=16, embed_dim=8, depth=2, d_state=2, recompute_scan_states=True)
+    model = timm.create_model('test_vim', img_size=16, embed_dim=8, depth=2, d_state=2, scan_recompute=True)
     model(torch.randn(1, 3, 16, 16))
     assert seen == [True, True]
     model.set_scan_recompute(False)

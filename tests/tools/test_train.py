@@ -279,7 +279,7 @@ def test_scan_recompute_reaches_every_mixer(data, tmp_path, monkeypatch):
         self, enable))
     result = train.main(_args(data, tmp_path / 'r', '--scan-recompute', '--max-steps', '0'))
     assert result['stopped'] == 'max_steps' and len(models) == 1
-    assert all(b.mixer.recompute_scan_states for b in models[0].layers)
+    assert all(b.mixer.scan_recompute for b in models[0].layers)
     with pytest.raises(ValueError, match='needs a Vim model'):
         train.main(_args(data, tmp_path / 'd', '--scan-recompute', '--max-steps', '0', '--model', 'test_vit'))
 

@@ -60,7 +60,7 @@ class BidirectionalMamba(nn.Module):
         dim: model width. d_state: SSM state size N. d_conv: conv kernel size. expand: d_inner = expand * dim.
         dt_rank: rank of the dt projection, ``ceil(dim / 16)`` by default.
         dt_min, dt_max, dt_init_floor: range of the initial step sizes (Mamba's initialisation).
-        recompute_scan_states: under autograd, the scan's backward writes its chunk states again instead of
+        scan_recompute: under autograd, the scan's backward writes its chunk states again instead of
             saving them from the forward (the ``triton`` backend; :func:`vim.kernels.bidirectional_scan`).
         device, dtype: factory arguments of the parameters.
     """
@@ -76,7 +76,7 @@ class BidirectionalMamba(nn.Module):
             dt_min: float = 0.001,
             dt_max: float = 0.1,
             dt_init_floor: float = 1e-4,
-            recompute_scan_states: bool = False,
+            scan_recompute: bool = False,
             device: torch.device | str | None = None,
             dtype: torch.dtype | None = None,
     ) -> None:
@@ -87,7 +87,7 @@ class BidirectionalMamba(nn.Module):
         self.d_inner = d_inner = expand * dim
         self.dt_rank = dt_rank = dt_rank or math.ceil(dim / 16)
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
-        self.recompute_scan_states = recompute_scan_states
+        self.scan_recompute = scan_recompute
 
         dd = dict(device=device, dtype=dtype)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False, **dd)
@@ -137,5 +137,5 @@ class BidirectionalMamba(nn.Module):
         y = bidirectional_scan(
             u, dt, -torch.exp(self.A_log.to(ssm_dtype)), B, C, self.D.to(ssm_dtype), z,
             self.dt_proj_bias.to(ssm_dtype), delta_softplus=True, delta_proj_weight=self.dt_proj_weight.to(u.dtype),
-            recompute_states=self.recompute_scan_states)
+            recompute_states=self.scan_recompute)
         return self.out_proj(y.transpose(1, 2))

@@ -97,7 +97,8 @@ class VimBackbone(VisionMamba, BaseModule):
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         super().__init__(
             img_size=tuple(s + 2 * grid_pad for s in img_size), patch_size=patch_size, stride=stride,
-            num_classes=0, global_pool='', drop_path_rate=drop_path_rate, dynamic_img_size=True, **arch_args)
+            num_classes=0, global_pool='', drop_path_rate=drop_path_rate, dynamic_img_size=True,
+            scan_recompute=scan_recompute, **arch_args)
         # VisionMamba.__init__ ran BaseModule.__init__ (init_cfg None) through super(); set ours now.
         self.init_cfg = copy.deepcopy(init_cfg)
         self.grid_pad = grid_pad
@@ -110,7 +111,6 @@ class VimBackbone(VisionMamba, BaseModule):
         if not final_norm:
             self.norm = nn.Identity()  # unused parameters would break DDP without find_unused_parameters
         self.set_grad_checkpointing(with_cp)
-        self.set_scan_recompute(scan_recompute)
         self.autocast_dtype = autocast_dtype
 
     def init_weights(self) -> None:

@@ -63,7 +63,7 @@ class VisionMamba(nn.Module):
         drop_path_rate: stochastic depth, linear over the blocks.
         norm_eps: RMSNorm epsilon. dynamic_img_size: accept any input size that tiles with the patch stride,
             resampling the position embedding per input.
-        recompute_scan_states: in training, let each scan's backward write its chunk states again instead of
+        scan_recompute: in training, let each scan's backward write its chunk states again instead of
             saving them from the forward (Triton backend; :meth:`set_scan_recompute`).
         device, dtype: factory arguments of every parameter (e.g. ``device='meta'`` to build without memory,
             then ``to_empty`` and :meth:`init_weights`).
@@ -92,7 +92,7 @@ class VisionMamba(nn.Module):
             drop_path_rate: float = 0.0,
             norm_eps: float = 1e-5,
             dynamic_img_size: bool = False,
-            recompute_scan_states: bool = False,
+            scan_recompute: bool = False,
             device: torch.device | str | None = None,
             dtype: torch.dtype | None = None,
     ) -> None:
@@ -117,7 +117,7 @@ class VisionMamba(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
         self.layers = nn.ModuleList([
             Block(embed_dim, drop_path=([0.0] + dpr)[i], norm_eps=norm_eps, d_state=d_state, d_conv=d_conv,
-                  expand=expand, dt_rank=dt_rank, recompute_scan_states=recompute_scan_states, **dd)
+                  expand=expand, dt_rank=dt_rank, scan_recompute=scan_recompute, **dd)
             for i in range(depth)])
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm = RmsNorm(embed_dim, eps=norm_eps, **dd)
@@ -153,7 +153,7 @@ class VisionMamba(nn.Module):
         them from the forward, so that the peak holds one layer's states instead of every layer's. Same gradients;
         the Triton backend only (the others save what they always save)."""
         for block in self.layers:
-            block.mixer.recompute_scan_states = enable
+            block.mixer.scan_recompute = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
