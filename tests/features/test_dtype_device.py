@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vim.features import Extractor, FeatureStore
+from vim.features.layout import FeatureError
 
 from .common import make_many
 
@@ -42,3 +43,34 @@ def test_cuda_with_workers_matches_cpu_and_reports_gpu_memory(tmp_path):
     # TF32 may be on for the GPU's matmuls: 10 significant bits
     np.testing.assert_allclose(_embeddings(tmp_path / 'gpu', paths), _embeddings(tmp_path / 'cpu', paths),
                                rtol=0, atol=8 * 2**-10 * np.abs(_embeddings(tmp_path / 'cpu', paths)).max())
+
+
+def test_torchcompile_matches_eager_also_at_native_sizes(tmp_path):
+    """torchcompile='inductor' (the CLI's --torchcompile): the same embeddings and maps as eager, at native sizes
+    (two batches of another size each, so the second compile has dynamic shapes); a mode without a backend is
+    refused before any work."""
+    from torch._dynamo.utils import counters
+
+    from .common import make_images
+    paths = list(make_images(tmp_path / 'imgs').values())
+    outs = {}
+    for name, backend in (('eager', None), ('compiled', 'inductor')):
+        torch.compiler.reset()
+        counters.clear()
+        Extractor('test_vim', pretrained=False, native=True, max_size=48, layers=[1], device='cpu', batch_size=2,
+                  progress=False, torchcompile=backend).run([tmp_path / 'imgs'], tmp_path / name)
+        assert (counters['stats']['unique_graphs'] > 0) == (backend is not None)
+        store = FeatureStore(tmp_path / name)
+        outs[name] = [store.load(p) for p in paths]
+    compared = set()
+    for eager, compiled in zip(outs['eager'], outs['compiled'], strict=True):
+        assert eager.keys() == compiled.keys()
+        for k in eager:
+            if isinstance(eager[k], np.ndarray) and eager[k].dtype.kind == 'f':
+                compared.add(k)
+                # fp32 rounding (2^-24 a step) over the fused reductions of 4 blocks
+                np.testing.assert_allclose(compiled[k], eager[k], rtol=0, atol=2**-16 * np.abs(eager[k]).max(),
+                                           err_msg=k)
+    assert compared == {'embedding', 'layer_1'}
+    with pytest.raises(FeatureError, match='needs --torchcompile'):
+        Extractor('test_vim', pretrained=False, device='cpu', progress=False, torchcompile_mode='max-autotune')

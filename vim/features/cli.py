@@ -4,6 +4,7 @@
     vim-extract-features photos/ --img-size 1248 832 --layers 5 11 17 23 --vis
     vim-extract-features list.txt --native --max-size 1024 --checkpoint vim_t_midclstok_76p1acc.pth
     vim-extract-features 'shards/*.tar' --dtype bf16 --batch-size 64          # WebDataset-style tars, streamed
+    vim-extract-features photos/ --img-size 224 --dtype bf16 --batch-size 64 --torchcompile   # torch.compile
     torchrun --nproc_per_node 8 -m vim.features.cli photos/ --output out     # one rank per GPU (or nodes)
 
 Output folder (--output, default outputs/features/<model>), readable without this package:
@@ -25,7 +26,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ..utils import retain_freed_memory
+from ..utils import add_compile_arguments, retain_freed_memory
 from .extractor import DTYPES, Extractor
 from .layout import FeatureError
 
@@ -74,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     p.add_argument('--fsync', action=argparse.BooleanOptionalAction, default=True,
                    help='fsync every batch commit, to survive a power cut too (default: on)')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
+    add_compile_arguments(p)
     args = p.parse_args(argv)
     if args.img_size is not None and len(args.img_size) not in (1, 2):
         p.error('--img-size takes one (square) or two (H W) numbers')
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> dict:
         args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, img_size=args.img_size,
         native=args.native, max_size=args.max_size, layers=args.layers, device=args.device, dtype=args.dtype,
         batch_size=args.batch_size, num_workers=args.num_workers, vis=args.vis, shard_images=args.shard_images,
-        shard_bytes=args.shard_bytes, window=args.window, durable=args.fsync, progress=not args.quiet)
+        shard_bytes=args.shard_bytes, window=args.window, durable=args.fsync, progress=not args.quiet,
+        torchcompile=args.torchcompile, torchcompile_mode=args.torchcompile_mode)
     if extractor.device.type == 'cpu':
         retain_freed_memory()  # this process is ours: reuse freed activations instead of faulting in new pages
     return extractor.run(args.inputs or [ASSETS], args.output)

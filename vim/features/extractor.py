@@ -25,7 +25,7 @@ import torch
 from timm.data import resolve_model_data_config
 from tqdm import tqdm
 
-from vim.utils import atomic_write
+from vim.utils import atomic_write, maybe_compile
 
 from .layout import EMBEDDING, FeatureError, check_meta
 from .model import create_model, peak_memory
@@ -79,6 +79,8 @@ class Extractor:
         vis: also write vis/<image>.png, the input beside a PCA picture of the last requested layer.
         shard_images / shard_bytes: a shard is sealed at this many images or bytes of features.
         window: the steady-state rate is measured over the last ``window`` batches.
+        torchcompile, torchcompile_mode: torch.compile the forward with this backend and mode (the CLI's
+            ``--torchcompile [BACKEND]``); native sizes make its shapes dynamic after the second size.
         durable: fsync every batch commit (survives a power cut; without it, still survives a killed process).
         progress: show a progress bar and notes (rank 0 only).
     """
@@ -88,7 +90,8 @@ class Extractor:
                  native: bool = False, max_size: int = 1248, layers: Sequence[int] = (), device: str | None = None,
                  dtype: str = 'fp32', batch_size: int | None = None, num_workers: int | None = None,
                  vis: bool = False, shard_images: int = 1000, shard_bytes: int = 2**30, window: int = 20,
-                 durable: bool = True, progress: bool = True) -> None:
+                 durable: bool = True, progress: bool = True, torchcompile: str | None = None,
+                 torchcompile_mode: str | None = None) -> None:
         if not timm.is_model(model):
             close = difflib.get_close_matches(model, timm.list_models(), n=6, cutoff=0.5)
             close += [m for m in timm.list_models(f'*{model}*') if m not in close][:6]
@@ -140,6 +143,10 @@ class Extractor:
         self.shard_images, self.shard_bytes, self.window = shard_images, shard_bytes, window
         self.durable, self.progress = durable, progress
         self.data_cfg = resolve_model_data_config(self.model)
+        try:
+            self._forward = maybe_compile(self._features, torchcompile, torchcompile_mode)
+        except (ValueError, RuntimeError) as e:  # a mode without a backend, an unknown backend or mode
+            raise FeatureError(str(e)) from None
 
     # ---- distributed -------------------------------------------------------------------------------------------
     def _init_distributed(self) -> tuple[int, int, bool]:
@@ -260,13 +267,7 @@ class Extractor:
         autocast = torch.autocast(self.device.type, dtype=DTYPES[self.dtype], enabled=self.dtype != 'fp32')
         with torch.inference_mode(), autocast:
             x = batch['x'].to(self.device, non_blocking=True)
-            if self.take:  # one pass: the final tokens (for the embedding) and the requested blocks' maps
-                final, maps = self.model.forward_intermediates(x, indices=self.take, output_fmt='NCHW')
-            else:
-                final, maps = self.model.forward_features(x), []
-            maps = dict(zip(self.take, maps, strict=True))
-            arrays = {EMBEDDING: self.model.forward_head(final, pre_logits=True)}
-            arrays.update({f'layer_{i}': maps[i] for i in self.layers})
+            arrays, maps = self._forward(x)
         arrays = {k: v.float().cpu() for k, v in arrays.items()}
         finite = torch.stack([v.flatten(1).isfinite().all(1) for v in arrays.values()]).all(0).tolist()
         bad = [k for k, ok in zip(batch['keys'], finite, strict=True) if not ok]
@@ -286,6 +287,18 @@ class Extractor:
             rows.append([key, h, w, gh, gw, vis])
         writer.add(rows, {k: v[keep].numpy() for k, v in arrays.items()})
         return bad
+
+    def _features(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+        """x (B, 3, H, W) -> ({'img_emb': (B, C), 'layer_I': (B, C, h, w) ...}, {block: its map} for every block
+        taken, the vis layer's included)."""
+        if self.take:  # one pass: the final tokens (for the embedding) and the requested blocks' maps
+            final, maps = self.model.forward_intermediates(x, indices=self.take, output_fmt='NCHW')
+        else:
+            final, maps = self.model.forward_features(x), []
+        maps = dict(zip(self.take, maps, strict=True))
+        arrays = {EMBEDDING: self.model.forward_head(final, pre_logits=True)}
+        arrays.update({f'layer_{i}': maps[i] for i in self.layers})
+        return arrays, maps
 
     def _summary(self, s: dict, rank: int, world: int) -> dict:
         """Per-run figures, summed over ranks: done, skipped, failed {key: reason}, interrupted, seconds (of the
