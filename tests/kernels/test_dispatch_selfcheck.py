@@ -435,3 +435,17 @@ def test_warmup_then_cuda_graph_capture_matches_eager(monkeypatch):
         torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_maybe_compile_settles_auto_before_tracing(guarded_cpu, fake_check, monkeypatch):
+    """Every tool's --torchcompile (vim.utils.maybe_compile): the check runs when the model is wrapped, so the first
+    trace already sees its result: the Triton op, no warning, no retrace."""
+    from vim.utils import maybe_compile
+    monkeypatch.setitem(interface._BIDIRECTIONAL, 'triton', lambda *a, **k: bidirectional_scan_ref(*a, **k) + 100.0)
+    args = _scan_args()
+    compiled = maybe_compile(lambda *a: bidirectional_scan(*a), 'eager', device='cpu', dtype=torch.float32)
+    assert len(fake_check.calls) == 1
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        torch.testing.assert_close(compiled(*args), bidirectional_scan_ref(*args) + 100.0)
+    assert _scan_warnings(record) == []

@@ -195,3 +195,54 @@ def test_eager_calls_match_the_custom_ops_on_cuda(recompute, grad, monkeypatch):
 def test_recompute_states_on_cuda():
     from tests.kernels.test_triton_recompute import check_recompute
     check_recompute(torch.bfloat16, 'mixer')
+
+
+@pytest.mark.parametrize('mode', [None, 'reduce-overhead'], ids=['inductor', 'inductor-cudagraphs'])
+def test_torch_compile_matches_eager_on_cuda(mode, monkeypatch):
+    """What ``--torchcompile [--torchcompile-mode reduce-overhead]`` runs: Vim-Ti under Inductor (and its CUDA graph
+    trees) in bf16 autocast, logits and every parameter gradient against the same model in eager mode."""
+    monkeypatch.setenv('VIM_SCAN_BACKEND', 'triton')
+    torch.manual_seed(0)
+    model = timm.create_model('vim_tiny_patch16_224').cuda().eval()
+    x = torch.randn(2, 3, 224, 224, device='cuda')
+    w = torch.randn(2, model.num_classes, device='cuda')
+
+    def run(forward):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            logits = forward(x)
+        (logits.float() * w).sum().backward()
+        grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+        return logits.detach().float().clone(), grads
+
+    logits_ref, grads_ref = run(model)
+    torch.compiler.reset()
+    compiled = torch.compile(model, mode=mode)
+    for _ in range(3):  # the CUDA graph trees record on the second call and replay from the third
+        logits, grads = run(compiled)
+    tol = 3e-2  # bf16: Inductor fuses the elementwise ops around the scan and rounds in other places
+    assert (logits - logits_ref).norm() <= tol * logits_ref.norm()
+    floor = 1e-3 * max(g.norm() for g in grads_ref.values())
+    for name, g_ref in grads_ref.items():
+        err = (grads[name] - g_ref).norm()
+        assert err <= 10 * tol * (g_ref.norm() + floor), f'{name}: gradient error {err:.2e}, norm {g_ref.norm():.2e}'
+
+
+def test_compiled_model_under_auto_runs_the_kernels(monkeypatch, recwarn):
+    """``maybe_compile`` (every tool's --torchcompile) on a process whose 'auto' has not yet checked the device: the
+    self-check runs before tracing, so the compiled model gets the Triton ops, not the reference with a warning."""
+    from vim.kernels import interface
+
+    from vim.utils import maybe_compile
+    monkeypatch.delenv('VIM_SCAN_BACKEND', raising=False)
+    monkeypatch.setattr(interface, '_AUTO_CHOICE', {})  # as in a fresh process
+    monkeypatch.setattr(interface, '_WARNED', set())
+    model = timm.create_model('test_vim').cuda().eval()
+    compiled = maybe_compile(model, 'inductor', device='cuda', dtype=torch.bfloat16)
+    torch.compiler.reset()
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        compiled(torch.randn(2, 3, 64, 64, device='cuda'))
+    assert not [w for w in recwarn if issubclass(w.category, interface.ScanBackendWarning)], \
+        [str(w.message) for w in recwarn]
+    index = torch.cuda.current_device()
+    assert interface._AUTO_CHOICE[('cuda', index, torch.bfloat16, 'scan')] == 'triton'

@@ -53,8 +53,8 @@ def test_scan_recompute_reaches_vim_in_training(tmp_path, monkeypatch):
 def test_torchcompile_compiles_both_models_of_every_case(tmp_path, monkeypatch, capsys):
     compiled = []
     real = benchmark.maybe_compile
-    monkeypatch.setattr(benchmark, 'maybe_compile', lambda module, backend, mode=None: compiled.append(
-        (type(module).__name__, module.training, backend, mode)) or real(module, backend, mode))
+    monkeypatch.setattr(benchmark, 'maybe_compile', lambda module, backend, mode=None, **kw: compiled.append(
+        (type(module).__name__, module.training, backend, mode)) or real(module, backend, mode, **kw))
     _record_malloc_calls(monkeypatch)
     out = tmp_path / 'bench.json'
     assert benchmark.main(['--device', 'cpu', '--img-sizes', '32', '--rounds', '1', '--min-time', '0.01', '--train',

@@ -88,13 +88,14 @@ def count_gflops(name: str, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def _compiled(model: torch.nn.Module, torchcompile: tuple[str | None, str | None]) -> torch.nn.Module:
+def _compiled(model: torch.nn.Module, torchcompile: tuple[str | None, str | None], device: torch.device,
+              dtype: torch.dtype) -> torch.nn.Module:
     """``maybe_compile`` for one case, with torch.compile's caches reset first: each case then compiles for its own
     static shapes. Without the reset a second image size would make the compiled shapes dynamic (torch's automatic
     dynamic shapes) and every new case would count toward dynamo's recompile limit."""
     if torchcompile[0]:
         torch.compiler.reset()
-    return maybe_compile(model, *torchcompile)
+    return maybe_compile(model, *torchcompile, device=device, dtype=dtype)
 
 
 def inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device,
@@ -102,7 +103,7 @@ def inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device:
     """A function running one forward of ``name`` on a fixed (batch, 3, size, size) input; ``cast_cache``:
     autocast's (default: torch's setting); ``torchcompile``: (backend, mode) of torch.compile, or (None, None)."""
     model = timm.create_model(name, dynamic_img_size=True, img_size=size).to(device).eval()
-    model = _compiled(model, torchcompile)
+    model = _compiled(model, torchcompile, device, dtype)
     x = torch.randn(batch, 3, size, size, device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=cast_cache)
 
@@ -159,7 +160,7 @@ def training_case(name: str, size: int, batch: int, dtype: torch.dtype, device: 
     if scan_recompute and hasattr(module, 'set_scan_recompute'):
         module.set_scan_recompute(True)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    model = _compiled(module, torchcompile)
+    model = _compiled(module, torchcompile, device, dtype)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

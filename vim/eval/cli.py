@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    forward = maybe_compile(model, args.torchcompile, args.torchcompile_mode)
+    amp_dtype = AMP_DTYPES[args.amp_dtype] if args.amp and device.type == 'cuda' else None
+    forward = maybe_compile(model, args.torchcompile, args.torchcompile_mode, device=device, dtype=amp_dtype)
     data_config = resolve_data_config(
         dict(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation), model=model)
     loader = create_eval_loader(args.data, args.split, data_config, args.batch_size, args.workers,
@@ -80,7 +81,6 @@ def main(argv: list[str] | None = None) -> dict:
     if num_dataset_classes and num_dataset_classes > model.num_classes:
         raise ValueError(f'the dataset has {num_dataset_classes} classes but the model predicts '
                          f'{model.num_classes}; pass --num-classes or a matching checkpoint')
-    amp_dtype = AMP_DTYPES[args.amp_dtype] if args.amp and device.type == 'cuda' else None
     _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, '
                  f'{len(dataset)} images, data config {data_config}, '
                  f'{"autocast " + args.amp_dtype if amp_dtype else "fp32"}')

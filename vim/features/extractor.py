@@ -144,7 +144,8 @@ class Extractor:
         self.durable, self.progress = durable, progress
         self.data_cfg = resolve_model_data_config(self.model)
         try:
-            self._forward = maybe_compile(self._features, torchcompile, torchcompile_mode)
+            self._forward = maybe_compile(self._features, torchcompile, torchcompile_mode, device=self.device,
+                                          dtype=DTYPES[dtype])
         except (ValueError, RuntimeError) as e:  # a mode without a backend, an unknown backend or mode
             raise FeatureError(str(e)) from None
 

@@ -83,7 +83,8 @@ class Trainer:
         self.ddp = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == 'cuda' else None)
                     if args.distributed else self.model)
         # compiled after DDP wrapping, as timm's train.py does; saves and evaluation use self.model
-        self.ddp = maybe_compile(self.ddp, args.torchcompile, args.torchcompile_mode)
+        self.ddp = maybe_compile(self.ddp, args.torchcompile, args.torchcompile_mode, device=device,
+                                 dtype=self.amp_dtype)
 
         pin = args.pin_mem if args.pin_mem is not None else device.type == 'cuda'
         self.train_loader = create_train_loader(args, train_set, data_config, pin)

@@ -7,9 +7,9 @@ backend.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
 __all__ = ['add_compile_arguments', 'maybe_compile']
 
@@ -21,12 +21,21 @@ def add_compile_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) 
                    help="torch.compile's mode (default, reduce-overhead, max-autotune, ...); needs --torchcompile")
 
 
-def maybe_compile(module: nn.Module, backend: str | None, mode: str | None = None) -> nn.Module:
-    """``torch.compile(module, backend=backend, mode=mode)``, or ``module`` itself when ``backend`` is None. The
-    compiled wrapper shares the module's parameters; save and load the module, not the wrapper (its state dict's
-    keys carry an ``_orig_mod.`` prefix)."""
+def maybe_compile(fn: Callable, backend: str | None, mode: str | None = None, *,
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Callable:
+    """``torch.compile(fn, backend=backend, mode=mode)``, or ``fn`` itself when ``backend`` is None.
+
+    ``device``, ``dtype``: where and in which dtype the scans will run (the autocast dtype, else fp32). The scan
+    backend is settled there first (``vim.kernels.warmup``: on CUDA 'auto''s self-check for that device and dtype),
+    because torch.compile traces before the first eager call, and 'auto' would otherwise have to choose during
+    tracing, where it takes the reference (exact, slow) with a warning. A compiled module shares the module's
+    parameters; save and load the module, not the wrapper (its state dict's keys carry an ``_orig_mod.`` prefix).
+    """
     if not backend:
         if mode:
             raise ValueError(f'--torchcompile-mode {mode} needs --torchcompile')
-        return module
-    return torch.compile(module, backend=backend, mode=mode)
+        return fn
+    if device is not None:
+        from vim.kernels import warmup
+        warmup(device, dtype or torch.float32)
+    return torch.compile(fn, backend=backend, mode=mode)
