@@ -449,3 +449,21 @@ def test_maybe_compile_settles_auto_before_tracing(guarded_cpu, fake_check, monk
         warnings.simplefilter('always')
         torch.testing.assert_close(compiled(*args), bidirectional_scan_ref(*args) + 100.0)
     assert _scan_warnings(record) == []
+
+
+@pytest.mark.parametrize('slow', [True, False])
+def test_a_slow_check_says_so_while_it_runs(guarded_cpu, fake_check, monkeypatch, caplog, slow):
+    """The first check on a machine compiles for minutes: past SLOW_CHECK_NOTICE_S it is announced (stderr, through
+    logging's last-resort handler when the application set none) and timed; a quick one says nothing."""
+    import time
+    monkeypatch.setattr(interface, 'SLOW_CHECK_NOTICE_S', 0.05 if slow else 60.0)
+    seen = []
+    monkeypatch.setattr(selfcheck, 'run_triton_self_check', lambda device, dtype, ops=selfcheck.OPS: (
+        time.sleep(0.3), seen.append(list(caplog.messages)), SelfCheckResult(True))[-1])
+    with caplog.at_level('WARNING', logger='vim.kernels'):
+        assert interface.run_self_check('cpu', torch.float32) == 'triton'
+    if slow:
+        assert any('compiling and checking the Triton kernels for cpu in float32' in m for m in seen[0])
+        assert 'the Triton self-check for cpu in float32 took' in caplog.messages[-1]
+    else:
+        assert caplog.messages == []
