@@ -37,9 +37,9 @@
 #            our own Python is ~37 us a call (stubbed launches, CPU), so the rest is in the launches
 #   recompute  the training step of Vim-Ti and Vim-S at 224² b128 with --scan-recompute (the scans' chunk states
 #            written again in the backward instead of saved): compare its time and peak with the bench step's train rows
-#   compile  the bench's inference and training cases with --torchcompile (inductor) for both models: the seventh
-#            run (2026-11-27) found the eager training step bound by the host (Vim-S's step shorter than Vim-Ti's);
-#            compare with the bench step's eager rows. Inductor compiles each case for a minute or more on first use
+#   compile  Vim against DeiT with --torchcompile (inductor): eager and compiled rows of both models in one run,
+#            inference and training; the seventh run (2026-11-27) found the eager training step bound by the host
+#            (Vim-S's step shorter than Vim-Ti's). Inductor compiles each case for a minute or more on first use
 #   chunk    the scan with chunk size 4 instead of 8 (bf16, 8x6085 and 128x197; compiles its own backward): the
 #            static report predicted the backward 16-19% faster at 140 registers instead of 244-255, for twice the
 #            saved states' memory; the fourth run measured it 1.43x slower at 8x6085 and 9% faster at 128x197

@@ -50,7 +50,7 @@ def test_scan_recompute_reaches_vim_in_training(tmp_path, monkeypatch):
     assert json.loads(out.read_text())['scan_recompute'] is True
 
 
-def test_torchcompile_compiles_both_models_of_every_case(tmp_path, monkeypatch, capsys):
+def test_torchcompile_adds_compiled_rows_for_both_models(tmp_path, monkeypatch, capsys):
     compiled = []
     real = benchmark.maybe_compile
     monkeypatch.setattr(benchmark, 'maybe_compile', lambda module, backend, mode=None, **kw: compiled.append(
@@ -60,11 +60,18 @@ def test_torchcompile_compiles_both_models_of_every_case(tmp_path, monkeypatch, 
     assert benchmark.main(['--device', 'cpu', '--img-sizes', '32', '--rounds', '1', '--min-time', '0.01', '--train',
                            '--train-batch-size', '2', '--train-img-size', '32', '--torchcompile', 'aot_eager',
                            '--out', str(out)]) == 0
-    assert sorted(compiled) == sorted((cls, training, 'aot_eager', None) for cls in ('VisionMamba', 'VisionTransformer')
-                                      for training in (False, True))
+    models = ('VisionMamba', 'VisionTransformer')
+    # the eager rows' models stay eager, the compiled rows' are compiled: both models, inference and training
+    assert sorted(compiled, key=str) == sorted(((cls, training, backend, None) for cls in models
+                                                for training in (False, True) for backend in (None, 'aot_eager')),
+                                               key=str)
     report = json.loads(out.read_text())
     assert (report['torchcompile'], report['torchcompile_mode']) == ('aot_eager', None)
-    assert all(r['img_per_s'] > 0 for r in report['results']) and len(report['results']) == 4
+    rows = {(r['mode'], r['model']): r for r in report['results']}
+    assert set(rows) == {(m, n) for m in ('inference', 'inference-compiled', 'train', 'train-compiled')
+                         for n in ('vim_tiny_patch16_224', 'deit_tiny_patch16_224')}
+    assert all(r['img_per_s'] > 0 for r in rows.values())
+    assert rows[('train-compiled', 'vim_tiny_patch16_224')]['ratio_to_deit'] > 0
     with pytest.raises(SystemExit):
         benchmark.main(['--device', 'cpu', '--torchcompile-mode', 'max-autotune'])
     assert '--torchcompile-mode needs --torchcompile' in capsys.readouterr().err
@@ -104,19 +111,17 @@ def test_cuda_graph_needs_cuda(capsys):
 
 
 def test_a_failed_capture_is_recorded_per_case(monkeypatch):
-    def capture_fails(name, size, batch, dtype, device, **kwargs):
+    def capture_fails(name, size, batch, dtype, device):
         raise RuntimeError('operation not permitted when stream is capturing\nmore detail')
 
-    monkeypatch.setattr(benchmark, 'graph_inference_case', capture_fails)
-    res = benchmark._graph_pair(['vim_tiny_patch16_224', 'deit_tiny_patch16_224'], 32, 1, benchmark.torch.float32,
-                                benchmark.torch.device('cpu'), 1, 0.01)
+    res = benchmark._guarded_pair(['vim_tiny_patch16_224', 'deit_tiny_patch16_224'], capture_fails, 32, 1,
+                                  benchmark.torch.float32, benchmark.torch.device('cpu'), 1, 0.01)
     assert res == {n: dict(error='RuntimeError: operation not permitted when stream is capturing', img_per_s=None)
                    for n in ('vim_tiny_patch16_224', 'deit_tiny_patch16_224')}
     assert benchmark._speed(res['vim_tiny_patch16_224']).startswith('failed (RuntimeError')
     # a capture that works is measured like an eager case
-    monkeypatch.setattr(benchmark, 'graph_inference_case', benchmark.inference_case)
-    res = benchmark._graph_pair(['vim_tiny_patch16_224'], 32, 1, benchmark.torch.float32,
-                                benchmark.torch.device('cpu'), 1, 0.01)
+    res = benchmark._guarded_pair(['vim_tiny_patch16_224'], benchmark.inference_case, 32, 1, benchmark.torch.float32,
+                                  benchmark.torch.device('cpu'), 1, 0.01)
     assert res['vim_tiny_patch16_224']['img_per_s'] > 0
 
 

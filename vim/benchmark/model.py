@@ -9,7 +9,8 @@ same machine state; the median round counts. Inference: images/s, latency, peak 
 one AdamW step with bf16 autocast on CUDA (fp32 on CPU), images/s and peak memory. ``--cuda-graph`` (CUDA) also
 times each inference case captured once in a CUDA graph and replayed, for both models: the GPU's own time, without
 the host's work per kernel launch that an eager forward pays. ``--torchcompile [BACKEND]`` (timm's flag; inductor
-by default) compiles both models of every case, inference and training, each for its own static shapes.
+by default) adds rows of both models compiled ("inference-compiled", "train-compiled"), each case for its own static
+shapes, beside the eager rows of the same run.
 ``--vim-only-sizes``: Vim alone
 at batch 1 (e.g. 4096 px, 65k tokens, where DeiT's quadratic attention is out of the comparison). A case that runs
 out of GPU memory is recorded as such and the run goes on. The JSON report is rewritten (atomically) after every
@@ -114,8 +115,7 @@ def inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device:
     return run
 
 
-def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device,
-                         torchcompile: tuple[str | None, str | None] = (None, None)):
+def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device):
     """``inference_case`` captured once in a CUDA graph and replayed: the GPU's time alone, without the host's work
     per launch (Python, the custom ops' dispatch, Triton's launcher), which an eager forward pays for every kernel.
     Two eager calls on a side stream come first: they run the scan's self-check, compile and autotune, so that the
@@ -127,7 +127,7 @@ def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, d
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     # no cast cache: weights cast during the warm-up, outside the graph, would be freed under it
-    forward = inference_case(name, size, batch, dtype, device, cast_cache=False, torchcompile=torchcompile)
+    forward = inference_case(name, size, batch, dtype, device, cast_cache=False)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -215,13 +215,12 @@ def measure_pair(names: list[str], make_case, size: int, batch: int, dtype: torc
     return out
 
 
-def _graph_pair(names: list[str], size: int, batch: int, dtype: torch.dtype, device: torch.device, rounds: int,
-                min_time: float, torchcompile: tuple[str | None, str | None] = (None, None)) -> dict[str, dict]:
-    """``measure_pair`` of ``graph_inference_case``; a capture that fails is recorded (``error``) and the run goes
-    on with the next case."""
+def _guarded_pair(names: list[str], make_case, size: int, batch: int, dtype: torch.dtype, device: torch.device,
+                  rounds: int, min_time: float) -> dict[str, dict]:
+    """``measure_pair`` for the optional modes (a CUDA-graph capture, a compiled model): a case that fails is
+    recorded (``error``) and the run goes on with the next case."""
     try:
-        return measure_pair(names, partial(graph_inference_case, torchcompile=torchcompile), size, batch, dtype,
-                            device, rounds, min_time)
+        return measure_pair(names, make_case, size, batch, dtype, device, rounds, min_time)
     except Exception as e:  # noqa: BLE001  (reported per case; the eager figures stand)
         message = (str(e).strip().splitlines() or [''])[0][:300]
         return {n: dict(error=f'{type(e).__name__}: {message}', img_per_s=None) for n in names}
@@ -314,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.torchcompile_mode and not args.torchcompile:
         p.error('--torchcompile-mode needs --torchcompile')
     compiled = (args.torchcompile, args.torchcompile_mode)
-    infer = partial(inference_case, torchcompile=compiled)
     started = dt.datetime.now(dt.timezone.utc)
     out = args.out or Path('benchmarks') / f'{device.type}-{started:%Y%m%d-%H%M}.json'
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -331,12 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         atomic_write(out, json.dumps(report, indent=1).encode())
 
+    # the optional inference modes, each timed after the eager case of the same size: (mode, label, case maker)
+    optional = []
+    if args.cuda_graph:
+        optional.append(('inference-cuda-graph', 'CUDA graph', graph_inference_case))
+    if args.torchcompile:
+        optional.append(('inference-compiled', 'compiled', partial(inference_case, torchcompile=compiled)))
+
     for size_name in args.pairs:
         names = [f'vim_{size_name}_patch16_224', f'deit_{size_name}_patch16_224']
         for dtype_name in args.dtypes:
             for size in args.img_sizes:
                 batch = args.batch_size or ((64 if size <= 512 else 8) if on_cuda else 1)
-                res = measure_pair(names, infer, size, batch, DTYPES[dtype_name], device, args.rounds,
+                res = measure_pair(names, inference_case, size, batch, DTYPES[dtype_name], device, args.rounds,
                                    args.min_time)
                 for n, r in res.items():
                     if args.flops:
@@ -345,16 +350,16 @@ def main(argv: list[str] | None = None) -> int:
                 save()
                 print(f'{size_name:5s} {dtype_name} {size:5d}px b{batch:<3d} ' + '  '.join(
                     f'{n}: {_speed(r)}' for n, r in res.items()), flush=True)
-                if args.cuda_graph:
-                    res = _graph_pair(names, size, batch, DTYPES[dtype_name], device, args.rounds, args.min_time,
-                                      compiled)
-                    results.extend(dict(mode='inference-cuda-graph', model=n, img_size=size, batch=batch,
-                                        dtype=dtype_name, **r) for n, r in res.items())
+                for mode, label, make_case in optional:
+                    res = _guarded_pair(names, make_case, size, batch, DTYPES[dtype_name], device, args.rounds,
+                                        args.min_time)
+                    results.extend(dict(mode=mode, model=n, img_size=size, batch=batch, dtype=dtype_name, **r)
+                                   for n, r in res.items())
                     save()
-                    print(f'{size_name:5s} {dtype_name} {size:5d}px b{batch:<3d} CUDA graph ' + '  '.join(
+                    print(f'{size_name:5s} {dtype_name} {size:5d}px b{batch:<3d} {label} ' + '  '.join(
                         f'{n}: {_speed(r)}' for n, r in res.items()), flush=True)
             for size in args.vim_only_sizes:
-                res = measure_pair(names[:1], infer, size, 1, DTYPES[dtype_name], device, args.rounds,
+                res = measure_pair(names[:1], inference_case, size, 1, DTYPES[dtype_name], device, args.rounds,
                                    args.min_time)
                 results.append(dict(mode='inference', model=names[0], img_size=size, batch=1, dtype=dtype_name,
                                     **res[names[0]]))
@@ -364,17 +369,21 @@ def main(argv: list[str] | None = None) -> int:
             batch = args.train_batch_size or (128 if on_cuda else 8)
             dtype = torch.bfloat16 if on_cuda else torch.float32
             size = args.train_img_size
-            case = partial(training_case, scan_recompute=args.scan_recompute, torchcompile=compiled)
-            res = measure_pair(names, case, size, batch, dtype, device, args.rounds, args.min_time)
-            for n, r in res.items():
-                results.append(dict(mode='train', model=n, img_size=size, batch=batch,
-                                    dtype='bf16' if on_cuda else 'fp32', **r))
-            save()
-            print(f'{size_name:5s} train {size}px b{batch} ' + '  '.join(
-                f'{n}: {_speed(r)}' for n, r in res.items()), flush=True)
+            case = partial(training_case, scan_recompute=args.scan_recompute)
+            modes = [('train', '', case)]
+            if args.torchcompile:
+                modes.append(('train-compiled', 'compiled ', partial(case, torchcompile=compiled)))
+            for mode, label, make_case in modes:
+                measure = measure_pair if mode == 'train' else _guarded_pair
+                res = measure(names, make_case, size, batch, dtype, device, args.rounds, args.min_time)
+                results.extend(dict(mode=mode, model=n, img_size=size, batch=batch,
+                                    dtype='bf16' if on_cuda else 'fp32', **r) for n, r in res.items())
+                save()
+                print(f'{size_name:5s} train {label}{size}px b{batch} ' + '  '.join(
+                    f'{n}: {_speed(r)}' for n, r in res.items()), flush=True)
 
     print('\nVim / DeiT images-per-second ratio (same run):')
-    print(f'{"pair":6s} {"mode":9s} {"dtype":5s} {"size":>5s} {"vim img/s":>10s} {"deit img/s":>10s} {"ratio":>6s}')
+    print(f'{"pair":6s} {"mode":20s} {"dtype":5s} {"size":>5s} {"vim img/s":>10s} {"deit img/s":>10s} {"ratio":>6s}')
     by_key = {(r['mode'], r['model'], r['dtype'], r['img_size']): r for r in results}
     for r in results:
         deit = by_key.get((r['mode'], r['model'].replace('vim_', 'deit_'), r['dtype'], r['img_size']))
@@ -386,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             r['ratio_to_deit'] = r['img_per_s'] / deit['img_per_s']
         ratio = f'{r["ratio_to_deit"]:6.2f}' if 'ratio_to_deit' in r else f'{"-":>6s}'
         pair = r['model'].split('_')[1]
-        print(f'{pair:6s} {r["mode"]:9s} {r["dtype"]:5s} {r["img_size"]:5d} {fmt(r)} {fmt(deit)} {ratio}')
+        print(f'{pair:6s} {r["mode"]:20s} {r["dtype"]:5s} {r["img_size"]:5d} {fmt(r)} {fmt(deit)} {ratio}')
 
     if args.scan:
         shapes = [(8, 6085), (128, 197), (1, 16385)] if on_cuda else [(1, 197)]
