@@ -35,8 +35,9 @@
 #            goes (cProfile's top functions). The fifth run measured the scan's forward at 0.63 ms wall against
 #            0.28 ms of kernels at 128 x 197, and Vim-Ti's eager forward at 224^2 b64 at 30 ms, most of it host work;
 #            our own Python is ~37 us a call (stubbed launches, CPU), so the rest is in the launches
-#   recompute  the training step of Vim-Ti and Vim-S at 224² b128 with --scan-recompute (the scans' chunk states
-#            written again in the backward instead of saved): compare its time and peak with the bench step's train rows
+#   recompute  the training step of Vim-Ti and Vim-S at 224² b128 with --scan-recompute (each mixer's conv,
+#            projections and scan run again in the backward; the seventh run measured an earlier form that
+#            recomputed the chunk states alone: 8.44 -> 4.59 GiB): compare time and peak with the bench step's rows
 #   compile  Vim against DeiT with --torchcompile (inductor): eager and compiled rows of both models in one run,
 #            inference and training; the seventh run (2026-11-27) found the eager training step bound by the host
 #            (Vim-S's step shorter than Vim-Ti's). Inductor compiles each case for a minute or more on first use

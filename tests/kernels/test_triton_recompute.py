@@ -71,23 +71,6 @@ def test_the_interface_passes_it_to_triton_only(monkeypatch):
     torch.testing.assert_close(ref, bidirectional_scan(*args, backend='reference'), rtol=0, atol=0)
 
 
-def test_vim_set_scan_recompute_reaches_every_mixer(monkeypatch):
-    import timm
-
-    import vim  # noqa: F401  (registers the models)
-    seen = []
-    import vim.layers.mixer as mixer_module
-    real = mixer_module.bidirectional_scan
-    monkeypatch.setattr(mixer_module, 'bidirectional_scan',
-                        lambda *a, recompute_states, **k: seen.append(recompute_states) or real(*a, **k))
-    model = timm.create_model('test_vim', img_size=16, embed_dim=8, depth=2, d_state=2, scan_recompute=True)
-    model(torch.randn(1, 3, 16, 16))
-    assert seen == [True, True]
-    model.set_scan_recompute(False)
-    model(torch.randn(1, 3, 16, 16))
-    assert seen[2:] == [False, False]
-
-
 def test_recompute_traces_under_torch_compile():
     """The recomputing backward is a custom op with a fake implementation: aot_eager traces forward and backward."""
     x = make_inputs(1, 3, 9, 2, torch.float32)

@@ -153,9 +153,9 @@ def graph_inference_case(name: str, size: int, batch: int, dtype: torch.dtype, d
 
 def training_case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.device,
                   scan_recompute: bool = False, torchcompile: tuple[str | None, str | None] = (None, None)):
-    """One AdamW step of ``name`` on a fixed batch; ``scan_recompute``: Vim's scans write their chunk states again in
-    the backward (``VisionMamba.set_scan_recompute``); ``torchcompile``: (backend, mode) for the model (the optimizer
-    step stays eager)."""
+    """One AdamW step of ``name`` on a fixed batch; ``scan_recompute``: Vim's mixers run their conv, projections
+    and scan again in the backward (``VisionMamba.set_scan_recompute``); ``torchcompile``: (backend, mode) for the
+    model (the optimizer step stays eager)."""
     module = timm.create_model(name, img_size=size).to(device).train()
     if scan_recompute and hasattr(module, 'set_scan_recompute'):
         module.set_scan_recompute(True)
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--train-batch-size', type=int, default=None, help='default: 8 on CPU, 128 on CUDA')
     p.add_argument('--train-img-size', type=int, default=224)
     p.add_argument('--scan-recompute', action='store_true',
-                   help="training: Vim's scans write their chunk states again in the backward instead of saving "
-                        'them (less memory, one more forward scan a layer; the Triton backend)')
+                   help="training: Vim's mixers run their conv, projections and scan again in the backward instead "
+                        'of keeping their outputs (less memory, one more forward scan a layer)')
     add_compile_arguments(p)
     p.add_argument('--flops', action='store_true', help='also count forward GFLOPs per image (on CPU)')
     p.add_argument('--scan', action='store_true', help='also time the scan alone against its floor '

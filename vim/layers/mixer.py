@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
+from torch.utils.checkpoint import checkpoint
 
 from vim.kernels import bidirectional_conv_silu, bidirectional_scan
 from vim.kernels.eager import plain_eager
@@ -60,8 +61,10 @@ class BidirectionalMamba(nn.Module):
         dim: model width. d_state: SSM state size N. d_conv: conv kernel size. expand: d_inner = expand * dim.
         dt_rank: rank of the dt projection, ``ceil(dim / 16)`` by default.
         dt_min, dt_max, dt_init_floor: range of the initial step sizes (Mamba's initialisation).
-        scan_recompute: under autograd, the scan's backward writes its chunk states again instead of
-            saving them from the forward (the ``triton`` backend; :func:`vim.kernels.bidirectional_scan`).
+        scan_recompute: under autograd, keep only in_proj's output for the backward and run the conv, x_proj,
+            dt_proj and the scan's forward again there (``torch.utils.checkpoint``, non-reentrant): the conv's
+            output u, the step sizes and the scan's chunk states are not held between forward and backward. Any
+            backend; the same gradients bit for bit.
         device, dtype: factory arguments of the parameters.
     """
 
@@ -129,13 +132,20 @@ class BidirectionalMamba(nn.Module):
         # unpacked: torch.fx cannot unpack the tuple a split returns.
         xz = self.in_proj(hidden).split(self.d_inner, dim=-1)
         x, z = xz[0].transpose(1, 2), xz[1].transpose(1, 2)  # (batch, d_inner, seqlen) each
+        if self.scan_recompute and torch.is_grad_enabled():
+            y = checkpoint(self._ssm, x, z, use_reentrant=False)
+        else:
+            y = self._ssm(x, z)
+        return self.out_proj(y.transpose(1, 2))
+
+    def _ssm(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x, z (batch, d_inner, seqlen) -> y (batch, d_inner, seqlen): both branches' conv, projections and scan,
+        gated by silu(z) and averaged."""
         # both branches' causal conv + silu, in natural token order: (batch, 2, d_inner, seqlen)
         u = bidirectional_conv_silu(x, self.conv_weight, self.conv_bias)
         dt, B, C = ssm_projections(u, self.x_proj_weight.to(u.dtype), self.dt_rank, self.d_state)
         ssm_dtype = widened_dtype(u)  # A, D and dt bias stay fp32 (or wider)
         # dt_proj (delta = dt_proj_weight @ dt) is the scan's: the CPU kernel computes it per token at inference
-        y = bidirectional_scan(
+        return bidirectional_scan(
             u, dt, -torch.exp(self.A_log.to(ssm_dtype)), B, C, self.D.to(ssm_dtype), z,
-            self.dt_proj_bias.to(ssm_dtype), delta_softplus=True, delta_proj_weight=self.dt_proj_weight.to(u.dtype),
-            recompute_states=self.scan_recompute)
-        return self.out_proj(y.transpose(1, 2))
+            self.dt_proj_bias.to(ssm_dtype), delta_softplus=True, delta_proj_weight=self.dt_proj_weight.to(u.dtype))

@@ -52,8 +52,8 @@ class VimBackbone(VisionMamba, BaseModule):
         out_indices: blocks whose outputs are returned (negative from the end).
         final_norm: apply the model's final RMSNorm to the returned features; without it the norm is removed.
         drop_path_rate: stochastic depth over the blocks. with_cp: gradient checkpointing per block.
-        scan_recompute: each scan's backward writes its chunk states again instead of saving them from the forward
-            (``VisionMamba.set_scan_recompute``; the Triton backend): less training memory for one more forward scan
+        scan_recompute: each mixer runs its conv, projections and scan again in the backward instead of keeping
+            their outputs (``VisionMamba.set_scan_recompute``): less training memory for one more forward scan
             a layer, a finer knob than ``with_cp``.
         autocast_dtype: run the backbone under ``torch.autocast`` in this dtype ('bfloat16' or 'float16') and
             return fp32 maps, so that mixed precision covers the backbone without reaching the heads (mmdet's RoI

@@ -63,8 +63,8 @@ class VisionMamba(nn.Module):
         drop_path_rate: stochastic depth, linear over the blocks.
         norm_eps: RMSNorm epsilon. dynamic_img_size: accept any input size that tiles with the patch stride,
             resampling the position embedding per input.
-        scan_recompute: in training, let each scan's backward write its chunk states again instead of
-            saving them from the forward (Triton backend; :meth:`set_scan_recompute`).
+        scan_recompute: in training, each mixer keeps only in_proj's output and runs its conv, projections and
+            scan again in the backward (:meth:`set_scan_recompute`).
         device, dtype: factory arguments of every parameter (e.g. ``device='meta'`` to build without memory,
             then ``to_empty`` and :meth:`init_weights`).
     """
@@ -148,10 +148,12 @@ class VisionMamba(nn.Module):
 
     @torch.jit.ignore
     def set_scan_recompute(self, enable: bool = True) -> None:
-        """Trade memory for time in training, a finer knob than :meth:`set_grad_checkpointing`: each scan's backward
-        runs its forward again to write the chunk states (fp32, 16 bytes per token and channel) instead of keeping
-        them from the forward, so that the peak holds one layer's states instead of every layer's. Same gradients;
-        the Triton backend only (the others save what they always save)."""
+        """Trade memory for time in training, a finer knob than :meth:`set_grad_checkpointing`: each mixer keeps
+        only in_proj's output for the backward and runs its conv, x_proj, dt_proj and scan forward again there
+        (non-reentrant ``torch.utils.checkpoint``), so that the conv's output, the step sizes and the scan's chunk
+        states (fp32, 16 bytes per token and channel on the Triton backend) are held for one layer at a time
+        instead of all. The norms, in_proj and out_proj are not recomputed. Same gradients bit for bit; any
+        backend."""
         for block in self.layers:
             block.mixer.scan_recompute = enable
 

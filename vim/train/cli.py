@@ -89,9 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--grad-checkpointing', action='store_true')
     g.add_argument('--scan-recompute', action='store_true',
-                   help="each scan's backward writes its chunk states again instead of the forward saving them: "
-                        'less memory for one more forward scan a layer (Triton backend; '
-                        'VisionMamba.set_scan_recompute)')
+                   help="each mixer runs its conv, projections and scan again in the backward instead of keeping "
+                        'their outputs: less memory for one more forward scan a layer (VisionMamba.set_scan_recompute)')
     add_compile_arguments(g)
     g = p.add_argument_group('optimizer')
     g.add_argument('--opt', default='adamw')
