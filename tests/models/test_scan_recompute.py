@@ -19,23 +19,25 @@ BACKENDS = ['reference',
                                                             reason='triton not installed'))]
 
 
-def _held_bytes_and_grads(model, x):
+def _held_bytes_and_grads(model, x, amp: bool = False):
     """Bytes of the distinct storages autograd holds for the backward (counted once each, as memory is), the
-    output and every parameter's gradient."""
+    output and every parameter's gradient; ``amp``: under bf16 autocast."""
     storages = {}
 
     def pack(t):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(x)
     out.square().sum().backward()
     return sum(storages.values()), out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize('amp', [False, True], ids=['fp32', 'bf16-autocast'])  # the recompute runs under autocast too
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_same_gradients_and_less_held(backend, monkeypatch):
+def test_same_gradients_and_less_held(backend, amp, monkeypatch):
     monkeypatch.setenv('VIM_SCAN_BACKEND', backend)
     # the interpreter runs a Triton tile in ~0.1 ms an element: a narrow model there; with CUDA, the GPU
     size = dict(img_size=16, embed_dim=8, depth=2, d_state=2) if backend == 'triton' else dict(img_size=32)
@@ -43,18 +45,19 @@ def test_same_gradients_and_less_held(backend, monkeypatch):
     torch.manual_seed(0)
     model = timm.create_model('test_vim', num_classes=3, drop_path_rate=0.0, **size).to(device)
     x = torch.randn(2, 3, size['img_size'], size['img_size'], device=device)
-    held, out, grads = _held_bytes_and_grads(model, x)
+    held, out, grads = _held_bytes_and_grads(model, x, amp)
     model.set_scan_recompute(True)
     assert all(block.mixer.scan_recompute for block in model.layers)
-    held_recompute, out_recompute, grads_recompute = _held_bytes_and_grads(model, x)
+    held_recompute, out_recompute, grads_recompute = _held_bytes_and_grads(model, x, amp)
     assert torch.equal(out, out_recompute)
     for name, g in grads.items():
         assert torch.equal(g, grads_recompute[name]), name  # the same ops on the same values: bit for bit
-    # not held any more, per layer: u (both branches' conv output) and x_proj's product (4 bytes an element here),
-    # and what the scan saves of its own beyond u, z and the projections (chunk states, its ysum)
+    # not held any more, per layer: at least u (both branches' conv output) and the step sizes delta, each
+    # 2 d_inner values a token (2 bytes an element under bf16 autocast, 4 without), besides what the scan saves of
+    # its own (chunk states, its ysum)
     mixer = model.layers[0].mixer
     tokens = model.patch_embed.num_patches + 1
-    u_bytes = x.shape[0] * 2 * mixer.d_inner * tokens * 4
+    u_bytes = 2 * x.shape[0] * 2 * mixer.d_inner * tokens * (2 if amp else 4)
     assert held - held_recompute >= len(model.layers) * u_bytes, (held, held_recompute)
 
 
