@@ -31,3 +31,17 @@ def test_the_scan_backend_is_settled_before_tracing(device, dtype, expected, mon
     compiled = maybe_compile(module, 'aot_eager', device=device, dtype=dtype)
     assert compiled is not module and compiled._orig_mod is module
     assert calls == expected
+
+
+def test_the_flag_names_a_backend_or_says_what_went_wrong(capsys):
+    import argparse
+
+    from vim.utils import add_compile_arguments
+    p = argparse.ArgumentParser()
+    p.add_argument('inputs', nargs='*')
+    add_compile_arguments(p)
+    assert p.parse_args(['photos/', '--torchcompile']).torchcompile == 'inductor'
+    assert p.parse_args(['--torchcompile', 'aot_eager', 'photos/']).torchcompile == 'aot_eager'
+    with pytest.raises(SystemExit):
+        p.parse_args(['--torchcompile', 'photos/'])
+    assert "'photos/' is not a torch.compile backend" in capsys.readouterr().err

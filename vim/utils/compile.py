@@ -14,8 +14,18 @@ import torch
 __all__ = ['add_compile_arguments', 'maybe_compile']
 
 
+def _backend_name(text: str) -> str:
+    """A registered torch.compile backend, or an error that says how a positional argument got taken for one."""
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if text not in known:
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is not a torch.compile backend ({", ".join(sorted(known))}). Without a backend name, '
+            f'--torchcompile takes the next word as one: write --torchcompile=inductor or put it after the inputs')
+    return text
+
+
 def add_compile_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    p.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+    p.add_argument('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND', type=_backend_name,
                    help='torch.compile the model with this backend (no value: inductor)')
     p.add_argument('--torchcompile-mode', default=None, metavar='MODE',
                    help="torch.compile's mode (default, reduce-overhead, max-autotune, ...); needs --torchcompile")
