@@ -85,3 +85,28 @@ def test_inference_and_torch_compile(monkeypatch):
     torch.compile(model, backend='aot_eager')(x).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_block_checkpointing_covers_it(monkeypatch):
+    """With timm's set_grad_checkpointing the whole block runs again in the backward; the mixers' own recompute
+    would add a third forward scan a layer, so it pauses while block checkpointing is on and comes back after."""
+    import vim.layers.mixer as mixer_module
+    monkeypatch.setenv('VIM_SCAN_BACKEND', 'reference')
+    scans = []
+    real = mixer_module.bidirectional_scan
+    monkeypatch.setattr(mixer_module, 'bidirectional_scan', lambda *a, **k: scans.append(1) or real(*a, **k))
+    model = timm.create_model('test_vim', num_classes=3, scan_recompute=True)
+    x = torch.randn(1, 3, 64, 64)
+
+    def scans_per_layer_in_a_step():
+        scans.clear()
+        model(x).sum().backward()
+        return len(scans) / len(model.layers)
+    assert scans_per_layer_in_a_step() == 2  # the forward, and the mixer's recompute
+    model.set_grad_checkpointing(True)
+    assert not any(b.mixer.scan_recompute for b in model.layers)
+    assert scans_per_layer_in_a_step() == 2  # the forward, and the block's recompute
+    model.set_grad_checkpointing(False)
+    assert all(b.mixer.scan_recompute for b in model.layers)
+    model.set_scan_recompute(False)
+    assert scans_per_layer_in_a_step() == 1

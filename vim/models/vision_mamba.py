@@ -103,6 +103,7 @@ class VisionMamba(nn.Module):
         self.num_prefix_tokens = 1
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
+        self.scan_recompute = scan_recompute
 
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, stride=stride, in_chans=in_chans, embed_dim=embed_dim,
@@ -144,7 +145,14 @@ class VisionMamba(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each whole block in the backward (timm's knob). It covers what :meth:`set_scan_recompute` would
+        recompute, so the mixers' own recompute pauses while it is on (a third forward scan a layer otherwise)."""
         self.grad_checkpointing = enable
+        self._update_mixers()
+
+    def _update_mixers(self) -> None:
+        for block in self.layers:
+            block.mixer.scan_recompute = self.scan_recompute and not self.grad_checkpointing
 
     @torch.jit.ignore
     def set_scan_recompute(self, enable: bool = True) -> None:
@@ -154,8 +162,8 @@ class VisionMamba(nn.Module):
         states (fp32, 16 bytes per token and channel on the Triton backend) are held for one layer at a time
         instead of all. The norms, in_proj and out_proj are not recomputed. Same gradients bit for bit; any
         backend."""
-        for block in self.layers:
-            block.mixer.scan_recompute = enable
+        self.scan_recompute = enable
+        self._update_mixers()
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
