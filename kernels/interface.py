@@ -19,10 +19,7 @@ explicit ``backend=`` argument overrides both; an explicit backend skips the sel
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
-import threading
-import time
 import warnings
 from collections.abc import Callable
 
@@ -37,6 +34,7 @@ from .mamba_ssm import (
     mamba_ssm_installed,
     selective_scan_mamba,
 )
+from .notice import announce_if_slow
 from .reference import bidirectional_conv_silu_ref, bidirectional_scan_ref, delta_from_low_rank, selective_scan_ref
 from .selfcheck import OPS
 
@@ -55,7 +53,6 @@ FALLBACK = 'reference'
 # The first self-check on a machine compiles every config of every kernel (minutes on an H100 host, then cached on
 # disk): a check still running after this many seconds says so on stderr, and says how long it took when it ends.
 SLOW_CHECK_NOTICE_S = 10.0
-_logger = logging.getLogger('vim.kernels')
 
 _Key = tuple[str, int | None, torch.dtype]
 # 'auto''s choice per (device type, device index, dtype, op), filled by the self-check: 'triton' or FALLBACK. Read
@@ -167,22 +164,13 @@ def _checked(device: torch.device, dtype: torch.dtype, **kwargs):
     """``run_triton_self_check``, with a check that cannot run reported as a failed one (no op blamed). A check
     slower than SLOW_CHECK_NOTICE_S (a first run on the machine, compiling) is announced while it runs, and timed."""
     from .selfcheck import SelfCheckResult, run_triton_self_check
-    where = _describe(device.type, device.index, dtype)
-    notice = threading.Timer(SLOW_CHECK_NOTICE_S, _logger.warning, args=(
-        f'vim.kernels: compiling and checking the Triton kernels for {where} (the first use on this machine takes '
-        f'minutes; Triton caches the compiled kernels on disk for later processes)...',))
-    notice.daemon = True
-    start = time.perf_counter()
-    notice.start()
+    what = (f'compiling and checking the Triton kernels for {_describe(device.type, device.index, dtype)} (the '
+            f'first use on this machine takes minutes; Triton caches the compiled kernels on disk for later processes)')
     try:
-        return run_triton_self_check(device, dtype, **kwargs)
+        with announce_if_slow(what, SLOW_CHECK_NOTICE_S):
+            return run_triton_self_check(device, dtype, **kwargs)
     except Exception as e:  # noqa: BLE001  (a check that cannot run is a failed check)
         return SelfCheckResult(False, f'the check itself failed: {type(e).__name__}: {e}')
-    finally:
-        notice.cancel()
-        elapsed = time.perf_counter() - start
-        if elapsed >= SLOW_CHECK_NOTICE_S:
-            _logger.warning(f'vim.kernels: the Triton self-check for {where} took {elapsed:.0f} s')
 
 
 def run_self_check(device: torch.device | str, dtype: torch.dtype) -> str:

@@ -18,6 +18,8 @@ from types import ModuleType
 
 import torch
 
+from ..notice import announce_if_slow
+
 __all__ = ['load_extension', 'cpu_backend_status', 'SOURCES']
 
 CSRC = Path(__file__).resolve().parent / 'csrc'
@@ -29,6 +31,8 @@ _CAPABILITY_FLAGS = {
     'DEFAULT': [],
 }
 
+# the first build takes ~30 s on two cores: past this many seconds it says so (kernels/notice.py)
+SLOW_BUILD_NOTICE_S = 5.0
 _lock = threading.Lock()
 _result: tuple[ModuleType | None, str] | None = None
 
@@ -63,7 +67,9 @@ def _load() -> tuple[ModuleType | None, str]:
     with _lock:
         if _result is None:
             try:
-                module = _build()
+                with announce_if_slow('compiling the C++ CPU kernels (the first use on this machine, about half a '
+                                      'minute; cached for later processes)', SLOW_BUILD_NOTICE_S):
+                    module = _build()
                 _result = (module, f'C++ kernels built for {module.capability()}')
             except Exception as e:  # no compiler, unsupported CPU, unwritable cache: the reference remains
                 reason = f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}'

@@ -91,3 +91,26 @@ def test_compiles_without_graph_break_and_counts_flops():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         bidirectional_scan_cpu(u, delta, A, B, C, D, z[:, 0], bias)
     assert counter.get_flop_counts()['Global'][torch.ops.vim.cpu_bidirectional_scan] == 9 * 2 * dim * seqlen * N
+
+
+@pytest.mark.parametrize('slow', [True, False])
+def test_a_slow_first_build_says_so(monkeypatch, caplog, slow):
+    """The first build of the C++ kernels takes ~30 s: past SLOW_BUILD_NOTICE_S it is announced while it runs and
+    timed; a cached load (well under a second) says nothing."""
+    import time
+    monkeypatch.setattr(build, '_result', None)  # as in a fresh process
+    monkeypatch.setattr(build, 'SLOW_BUILD_NOTICE_S', 0.05 if slow else 60.0)
+    seen = []
+
+    class Module:
+        @staticmethod
+        def capability():
+            return 'AVX2'
+    monkeypatch.setattr(build, '_build', lambda: (time.sleep(0.3), seen.append(list(caplog.messages)), Module)[-1])
+    with caplog.at_level('WARNING', logger='vim.kernels'):
+        assert build.cpu_backend_status() == (True, 'C++ kernels built for AVX2')
+    if slow:
+        assert any('compiling the C++ CPU kernels' in m for m in seen[0])
+        assert caplog.messages[-1].startswith('vim.kernels: done in ')
+    else:
+        assert caplog.messages == []
