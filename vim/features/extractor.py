@@ -25,6 +25,7 @@ import torch
 from timm.data import resolve_model_data_config
 from tqdm import tqdm
 
+from vim.kernels import warmup
 from vim.utils import atomic_write, maybe_compile
 
 from .layout import EMBEDDING, FeatureError, check_meta
@@ -143,6 +144,9 @@ class Extractor:
         self.shard_images, self.shard_bytes, self.window = shard_images, shard_bytes, window
         self.durable, self.progress = durable, progress
         self.data_cfg = resolve_model_data_config(self.model)
+        # the scan backend settled now, not inside the timed loop: on CPU the first use builds the C++ kernels
+        # (~30 s), on CUDA 'auto' runs its self-check (minutes on a fresh machine)
+        warmup(self.device, DTYPES[dtype])
         try:
             self._forward = maybe_compile(self._features, torchcompile, torchcompile_mode, device=self.device,
                                           dtype=DTYPES[dtype])
