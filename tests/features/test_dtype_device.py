@@ -89,3 +89,13 @@ def test_the_scan_backend_is_ready_before_the_timed_loop(tmp_path, monkeypatch):
     assert builds == [1]
     summary = extractor.run([tmp_path / 'imgs'], tmp_path / 'out')
     assert builds == [1] and summary['done'] == len(paths)
+
+
+def test_other_timm_models_do_not_wait_for_the_scan_kernels(tmp_path, monkeypatch):
+    import vim.features.extractor as extractor_module
+    calls = []
+    monkeypatch.setattr(extractor_module, 'warmup', lambda *a: calls.append(a))
+    Extractor('test_vit', pretrained=False, img_size=32, device='cpu', progress=False)
+    assert calls == []
+    Extractor('test_vim', pretrained=False, img_size=24, device='cpu', progress=False)
+    assert calls == [(torch.device('cpu'), torch.float32)]

@@ -26,6 +26,7 @@ from timm.data import resolve_model_data_config
 from tqdm import tqdm
 
 from vim.kernels import warmup
+from vim.layers.mixer import BidirectionalMamba
 from vim.utils import atomic_write, maybe_compile
 
 from .layout import EMBEDDING, FeatureError, check_meta
@@ -144,12 +145,14 @@ class Extractor:
         self.shard_images, self.shard_bytes, self.window = shard_images, shard_bytes, window
         self.durable, self.progress = durable, progress
         self.data_cfg = resolve_model_data_config(self.model)
-        # the scan backend settled now, not inside the timed loop: on CPU the first use builds the C++ kernels
-        # (~30 s), on CUDA 'auto' runs its self-check (minutes on a fresh machine)
-        warmup(self.device, DTYPES[dtype])
+        # a Vim's scan backend settled now, not inside the timed loop: on CPU the first use builds the C++ kernels
+        # (~30 s), on CUDA 'auto' runs its self-check (minutes on a fresh machine); other timm models need neither
+        scans = any(isinstance(m, BidirectionalMamba) for m in self.model.modules())
+        if scans:
+            warmup(self.device, DTYPES[dtype])
         try:
-            self._forward = maybe_compile(self._features, torchcompile, torchcompile_mode, device=self.device,
-                                          dtype=DTYPES[dtype])
+            self._forward = maybe_compile(self._features, torchcompile, torchcompile_mode,
+                                          device=self.device if scans else None, dtype=DTYPES[dtype])
         except (ValueError, RuntimeError) as e:  # a mode without a backend, an unknown backend or mode
             raise FeatureError(str(e)) from None
 
