@@ -26,7 +26,7 @@ from timm.data import resolve_model_data_config
 from tqdm import tqdm
 
 from vim.kernels import warmup
-from vim.layers.mixer import BidirectionalMamba
+from vim.layers import BidirectionalMamba
 from vim.utils import atomic_write, maybe_compile
 
 from .layout import EMBEDDING, FeatureError, check_meta
