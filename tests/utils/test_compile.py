@@ -45,3 +45,12 @@ def test_the_flag_names_a_backend_or_says_what_went_wrong(capsys):
     with pytest.raises(SystemExit):
         p.parse_args(['--torchcompile', 'photos/'])
     assert "'photos/' is not a torch.compile backend" in capsys.readouterr().err
+
+
+def test_uses_scan_tells_vim_from_other_models():
+    import timm
+
+    import vim  # noqa: F401  (registers the models)
+    from vim.layers import uses_scan
+    assert uses_scan(timm.create_model('test_vim'))
+    assert not uses_scan(timm.create_model('test_vit'))

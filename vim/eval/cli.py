@@ -27,6 +27,7 @@ from timm.data import resolve_data_config
 
 from vim.eval.loop import create_eval_loader, evaluate
 from vim.eval.model import create_model
+from vim.layers import uses_scan
 from vim.utils import add_compile_arguments, maybe_compile
 
 _logger = logging.getLogger('vim.validate')
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     amp_dtype = AMP_DTYPES[args.amp_dtype] if args.amp and device.type == 'cuda' else None
-    forward = maybe_compile(model, args.torchcompile, args.torchcompile_mode, device=device, dtype=amp_dtype)
+    forward = maybe_compile(model, args.torchcompile, args.torchcompile_mode,
+                            device=device if uses_scan(model) else None, dtype=amp_dtype)
     data_config = resolve_data_config(
         dict(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation), model=model)
     loader = create_eval_loader(args.data, args.split, data_config, args.batch_size, args.workers,

@@ -26,7 +26,7 @@ from timm.data import resolve_model_data_config
 from tqdm import tqdm
 
 from vim.kernels import warmup
-from vim.layers import BidirectionalMamba
+from vim.layers import uses_scan
 from vim.utils import atomic_write, maybe_compile
 
 from .layout import EMBEDDING, FeatureError, check_meta
@@ -147,7 +147,7 @@ class Extractor:
         self.data_cfg = resolve_model_data_config(self.model)
         # a Vim's scan backend settled now, not inside the timed loop: on CPU the first use builds the C++ kernels
         # (~30 s), on CUDA 'auto' runs its self-check (minutes on a fresh machine); other timm models need neither
-        scans = any(isinstance(m, BidirectionalMamba) for m in self.model.modules())
+        scans = uses_scan(self.model)
         if scans:
             warmup(self.device, DTYPES[dtype])
         try:

@@ -13,7 +13,7 @@ from vim.kernels import bidirectional_conv_silu, bidirectional_scan
 from vim.kernels.eager import plain_eager
 from vim.kernels.reference import per_direction_matmul
 
-__all__ = ['BidirectionalMamba', 'ssm_projections', 'widened_dtype']
+__all__ = ['BidirectionalMamba', 'ssm_projections', 'uses_scan', 'widened_dtype']
 
 # The ops choose their backend from the tensors' device in Python: torch.fx keeps them as calls (timm's and
 # torchvision's FX feature extractors trace through the mixer otherwise).
@@ -149,3 +149,9 @@ class BidirectionalMamba(nn.Module):
         return bidirectional_scan(
             u, dt, -torch.exp(self.A_log.to(ssm_dtype)), B, C, self.D.to(ssm_dtype), z,
             self.dt_proj_bias.to(ssm_dtype), delta_softplus=True, delta_proj_weight=self.dt_proj_weight.to(u.dtype))
+
+
+def uses_scan(module: nn.Module) -> bool:
+    """Whether ``module`` holds a Vim mixer, i.e. runs the scan ops (and so waits for their backend on first use:
+    the CPU kernels' build, CUDA's self-check). Other timm models do not."""
+    return any(isinstance(m, BidirectionalMamba) for m in module.modules())

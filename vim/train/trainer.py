@@ -20,6 +20,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from vim.eval.loop import evaluate
+from vim.layers import uses_scan
 from vim.train.data import create_train_loader, create_val_loader
 from vim.train.model import create_criterion, create_model
 from vim.train.state import (
@@ -83,8 +84,8 @@ class Trainer:
         self.ddp = (DistributedDataParallel(self.model, device_ids=[device.index] if device.type == 'cuda' else None)
                     if args.distributed else self.model)
         # compiled after DDP wrapping, as timm's train.py does; saves and evaluation use self.model
-        self.ddp = maybe_compile(self.ddp, args.torchcompile, args.torchcompile_mode, device=device,
-                                 dtype=self.amp_dtype)
+        self.ddp = maybe_compile(self.ddp, args.torchcompile, args.torchcompile_mode,
+                                 device=device if uses_scan(self.model) else None, dtype=self.amp_dtype)
 
         pin = args.pin_mem if args.pin_mem is not None else device.type == 'cuda'
         self.train_loader = create_train_loader(args, train_set, data_config, pin)

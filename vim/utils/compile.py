@@ -35,10 +35,11 @@ def maybe_compile(fn: Callable, backend: str | None, mode: str | None = None, *,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Callable:
     """``torch.compile(fn, backend=backend, mode=mode)``, or ``fn`` itself when ``backend`` is None.
 
-    ``device``, ``dtype``: where and in which dtype the scans will run (the autocast dtype, else fp32). The scan
-    backend is settled there first (``vim.kernels.warmup``: on CUDA 'auto''s self-check for that device and dtype),
-    because torch.compile traces before the first eager call, and 'auto' would otherwise have to choose during
-    tracing, where it takes the reference (exact, slow) with a warning. A compiled module shares the module's
+    ``device``, ``dtype``: where and in which dtype the scans will run (the autocast dtype, else fp32); None for a
+    model without Vim mixers (``vim.layers.uses_scan``). The scan backend is settled there first
+    (``vim.kernels.warmup``: on CUDA 'auto''s self-check for that device and dtype), because torch.compile traces
+    before the first eager call, and 'auto' would otherwise have to choose during tracing, where it takes the
+    reference (exact, slow) with a warning. A compiled module shares the module's
     parameters; save and load the module, not the wrapper (its state dict's keys carry an ``_orig_mod.`` prefix).
     """
     if not backend:
