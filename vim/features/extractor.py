@@ -145,15 +145,14 @@ class Extractor:
         self.shard_images, self.shard_bytes, self.window = shard_images, shard_bytes, window
         self.durable, self.progress = durable, progress
         self.data_cfg = resolve_model_data_config(self.model)
-        # a Vim's scan backend settled now, not inside the timed loop: on CPU the first use builds the C++ kernels
-        # (~30 s), on CUDA 'auto' runs its self-check (minutes on a fresh machine); other timm models need neither
-        scans = uses_scan(self.model)
-        if scans:
-            warmup(self.device, DTYPES[dtype])
         try:
-            self._forward = maybe_compile(self._features, torchcompile, torchcompile_mode,
-                                          device=self.device if scans else None, dtype=DTYPES[dtype])
-        except (ValueError, RuntimeError) as e:  # a mode without a backend, an unknown backend or mode
+            # a Vim's scan backend settled now, not inside the timed loop (and before any compiling traces it): on
+            # CPU the first use builds the C++ kernels (~30 s), on CUDA 'auto' runs its self-check (minutes on a
+            # fresh machine); other timm models need neither
+            if uses_scan(self.model):
+                warmup(self.device, DTYPES[dtype])
+            self._forward = maybe_compile(self._features, torchcompile, torchcompile_mode)
+        except (ValueError, RuntimeError) as e:  # a backend that cannot run here, a compile mode without a backend
             raise FeatureError(str(e)) from None
 
     # ---- distributed -------------------------------------------------------------------------------------------

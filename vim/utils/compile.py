@@ -39,8 +39,8 @@ def maybe_compile(fn: Callable, backend: str | None, mode: str | None = None, *,
     model without Vim mixers (``vim.layers.uses_scan``). The scan backend is settled there first
     (``vim.kernels.warmup``: on CUDA 'auto''s self-check for that device and dtype), because torch.compile traces
     before the first eager call, and 'auto' would otherwise have to choose during tracing, where it takes the
-    reference (exact, slow) with a warning. A compiled module shares the module's
-    parameters; save and load the module, not the wrapper (its state dict's keys carry an ``_orig_mod.`` prefix).
+    reference (exact, slow) with a warning. A compiled module shares the module's parameters; save and load the
+    module, not the wrapper (its state dict's keys carry an ``_orig_mod.`` prefix).
     """
     if not backend:
         if mode:
