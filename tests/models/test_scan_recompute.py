@@ -110,3 +110,19 @@ def test_block_checkpointing_covers_it(monkeypatch):
     assert all(b.mixer.scan_recompute for b in model.layers)
     model.set_scan_recompute(False)
     assert scans_per_layer_in_a_step() == 1
+
+
+def test_held_activations_benchmark_runs():
+    """benchmarks/held_activations.py (the README's held-activation figures): it runs, and its figures say less is
+    held with the knob."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / 'benchmarks' / 'held_activations.py'
+    run = subprocess.run([sys.executable, str(script), '--models', 'test_vim', 'test_vit', '--img-size', '32',
+                          '--backends', 'reference', '--batch-size', '1'], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    vim_row = re.search(r'test_vim +([\d.]+), with scan_recompute +([\d.]+) \(reference backend\)', run.stdout)
+    assert vim_row and float(vim_row[2]) < float(vim_row[1]), run.stdout
+    assert re.search(r'test_vit +[\d.]+\n', run.stdout), run.stdout
