@@ -14,7 +14,12 @@ One warp of these sequential loops issues only about once every ``fwd.ISSUE_INTE
 an H100, so a sub-partition holding ``live`` warps at once (its share, capped by the occupancy) issues
 ``min(1, live / 6.6)`` a clock. A launch takes ``ceil(warps / 528) x max(instructions / that rate, 8 x MUFU
 instructions)`` per warp, or its bytes at 3.0 TB/s if that is longer. Instructions outside the loops count once
-per warp. Cache misses and launch gaps are ignored: this is a proxy, a prediction; a GPU run decides.
+per warp. On top, the exp unit's pace: ptxas gathers a token's exp2 into a burst, which a warp issuing in order
+waits out (``sass.spaced_issue_clocks`` replays each loop; ``burst`` is its ratio to ``max(instructions, 8 x
+MUFU)``), and the launch is charged ``1 + (burst - 1) x rate``: in full where the scheduler would issue every clock,
+less where its warps wait on latency anyway. Calibrated on the fifth H100 run (benchmarks/README.md): per kernel
+within 0.94-1.07x of the measured times at 8 x 6,085. Cache misses and launch gaps are ignored: this is a proxy, a
+prediction; a GPU run decides.
 
 The compiled code depends on the Triton version: the installed one compiles (the report names it). Triton 3.6
 (torch 2.11's) and 3.8 laid out the same forward differently, with shuffles and barriers in its token loops on 3.6
@@ -35,6 +40,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .sass import MUFU_CLOCKS
+
 __all__ = ['build_report', 'format_report', 'main', 'CASES', 'PEAK_BYTES_PER_S', 'EXP_PER_S']
 
 SMS = 132
@@ -42,7 +49,6 @@ SLOTS = 4 * SMS  # warp schedulers (sub-partitions)
 CLOCK_HZ = 1.98e9
 PEAK_BYTES_PER_S = 3.0e12
 EXP_PER_S = 16 * SMS * CLOCK_HZ
-MUFU_CLOCKS = 8  # a warp's MUFU instruction occupies its sub-partition's 4 special-function lanes for 8 clocks
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 DSTATE, CHUNK, WIDTH, RANK = 16, 8, 4, 12  # CHUNK: op.DEFAULT_CHUNK
@@ -112,7 +118,7 @@ def _specs():
 
 def _analyse(spec, tokens_per_iteration: int, config, compiled: dict) -> dict:
     """Per-config numbers from the compiled code: registers, occupancy, token-loop counts per element."""
-    from .sass import enclosing_loops, parse_sass, straight_line, token_loops
+    from .sass import enclosing_loops, loop_body, parse_sass, spaced_issue_clocks, straight_line, token_loops
     instructions = parse_sass(compiled['sass'])
     loops = token_loops(instructions) if spec.loop != 'none' else []
     # 'state': the exp loop walks the states of one chunk (CHUNK tokens a thread), inside the chunk loop, whose own
@@ -150,8 +156,17 @@ def _analyse(spec, tokens_per_iteration: int, config, compiled: dict) -> dict:
         if outer is not None:
             executed = {c: outer.counts[c] + DSTATE * v for c, v in executed.items()}
         executed = {c: v / unroll for c, v in executed.items()}
+        # one warp's clocks for the main path at the exp unit's pace; the chunk loop's own body, straight-line code
+        # around the state loop, adds its clocks once a chunk
+        spaced = spaced_issue_clocks(loop_body(instructions, lp))
+        if outer is not None:
+            spaced = (spaced_issue_clocks([i for i in loop_body(instructions, outer, main_path=False)
+                                           if not lp.start <= i.address <= lp.end]) + DSTATE * spaced)
+        spaced /= unroll
+        paced = max(executed['all'], MUFU_CLOCKS * executed['mufu'])
         rows.append(dict(start=hex(lp.start), end=hex(lp.end), body=lp.instructions, unrolled=unroll,
-                         conditional=cond['all'],
+                         conditional=cond['all'], spaced_clocks=round(spaced, 2),
+                         burst=round(max(1.0, spaced / paced), 3),
                          per_iteration={c: round(v, 2) for c, v in executed.items()},
                          per_element={c: round(v / per_iteration, 3) for c, v in executed.items()},
                          shfl_in_loop=lp.counts['shfl'], bar_in_loop=lp.counts['bar'],
@@ -175,16 +190,29 @@ def _warp_clocks(row: dict, iterations_per_loop: float) -> tuple[float, float]:
     return issue, MUFU_CLOCKS * mufu
 
 
+def burst(row: dict) -> float:
+    """How much longer a warp of this config takes through its loops at the exp unit's pace (``spaced_clocks``)
+    than the model's ``max(instructions, 8 x MUFU)``: the loops' factors weighted by their instructions."""
+    loops = [lp for lp in row['loops'] if 'burst' in lp]
+    weight = sum(lp['per_iteration']['all'] for lp in loops)
+    return sum(lp['burst'] * lp['per_iteration']['all'] for lp in loops) / weight if weight else 1.0
+
+
 def _launch_time(row: dict, warps: int, iterations_per_loop: float, nbytes: float) -> float:
     """Seconds of one launch: each scheduler's warps issue their instructions at ``min(1, live / ISSUE_INTERVAL)``
     a clock, live = the warps it holds at once (its share of the launch, at most what the occupancy allows), or
     their MUFU work, or the bytes at the copy bandwidth, whichever is longest (bytes only for a launch of no
     warps of ours: a torch reduction)."""
-    from .fwd import _pass_time  # the same issue model the forward's segment planner minimises
+    from .fwd import ISSUE_INTERVAL, _pass_time  # the same issue model the forward's segment planner minimises
     issue, mufu = _warp_clocks(row, iterations_per_loop)
     # warps a sub-partition holds at once (the occupancy is rounded to 3 decimals: 0.312 for 20 warps an SM)
     resident = max(1, round(row['occupancy'] * MAX_WARPS_PER_SM) // 4)
     clocks = max(_pass_time(warps, issue, resident, SLOTS), _ceil(warps, SLOTS) * mufu) if warps else 0.0
+    # the exp bursts' wait, in full where the scheduler's warps keep it issuing every clock, less where they wait
+    # on latency anyway (rate < 1): the 5th GPU run measured 1.44-1.50x the issue model for the three loops whose
+    # bursts replay at 1.45-1.52x, and 1.00x for the backward's main kernel (3 warps, rate 0.45, burst 1.14)
+    rate = min(1.0, min(resident, _ceil(warps, SLOTS)) / ISSUE_INTERVAL) if warps else 0.0
+    clocks *= 1 + (burst(row) - 1) * rate
     return max(clocks / CLOCK_HZ, nbytes / PEAK_BYTES_PER_S)
 
 
@@ -368,7 +396,7 @@ def format_report(report: dict) -> str:
     """A readable table: kernels and configs, then predictions per case."""
     lines = [f"Static report ({report['kind']}), target {report['target']}, triton {report['triton']}", '',
              'kernel            config                        regs spill occ   loop instr/elem  ex2/elem  mufu/elem'
-             '  shfl  bar']
+             '  shfl  bar  burst']
     for r in report['kernels']:
         if r.get('dtype') != 'bf16':
             continue
@@ -383,7 +411,7 @@ def format_report(report: dict) -> str:
                     if i == 0 else ' ' * 62)
             if pe:
                 lines.append(f"{head}  {i:>3} {pe['all']:>11.2f} {pe['ex2']:>9.3f} {pe['mufu']:>10.3f}"
-                             f" {lp['shfl_in_loop']:>5} {lp['bar_in_loop']:>4}")
+                             f" {lp['shfl_in_loop']:>5} {lp['bar_in_loop']:>4} {lp.get('burst', 1.0):>6.2f}")
             else:
                 lines.append(f"{head}    - (no token loop: {r['total_instructions']} instructions a thread)")
     lines += ['', 'case                 op        predicted us   floor us   ratio   segments']

@@ -3,6 +3,11 @@
 A loop is the address range from a backward branch's target to the branch. The token loops are the innermost loops
 that issue MUFU.EX2 (the decays). Inside a loop, code that a branch jumps forward over is counted apart as
 conditional (in the scan's token loop: the store of a chunk state, once every CHUNK tokens).
+
+``spaced_issue_clocks`` replays a loop body as one warp issues it, in order, against the exp unit's pace: a
+sub-partition starts a warp-wide MUFU instruction at most every MUFU_CLOCKS (8) clocks. ptxas gathers a token's
+exp2 together (16 MUFU.EX2 within ~50 instructions), so a warp reaching them waits for the unit while it has
+nothing else to issue; the static report charges that wait (report.py).
 """
 from __future__ import annotations
 
@@ -10,10 +15,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ['Instruction', 'Loop', 'parse_sass', 'token_loops', 'enclosing_loops', 'straight_line']
+__all__ = ['Instruction', 'Loop', 'parse_sass', 'token_loops', 'enclosing_loops', 'straight_line', 'loop_body',
+           'spaced_issue_clocks', 'MUFU_CLOCKS']
 
 _LINE = re.compile(r'/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);')
 _TARGET = re.compile(r'0x([0-9a-f]+)')
+MUFU_CLOCKS = 8  # a warp's MUFU instruction holds its sub-partition's 4 special-function lanes for 8 clocks
 
 
 @dataclass
@@ -89,6 +96,41 @@ def _branches(instructions):
                 yield ins, int(m.group(1), 16)
 
 
+def _skipped(body: list[Instruction], end: int) -> set[int]:
+    """Addresses of ``body`` that a forward branch inside it jumps over (code that runs conditionally)."""
+    skipped = set()
+    for ins, target in _branches(body):
+        if ins.address < target <= end:
+            skipped.update(i.address for i in body if ins.address < i.address < target)
+    return skipped
+
+
+def loop_body(instructions: list[Instruction], loop: Loop, main_path: bool = True) -> list[Instruction]:
+    """The instructions of ``loop`` in address order; with ``main_path`` without the conditional code."""
+    body = [i for i in instructions if loop.start <= i.address <= loop.end]
+    if not main_path:
+        return body
+    skipped = _skipped(body, loop.end)
+    return [i for i in body if i.address not in skipped]
+
+
+def spaced_issue_clocks(body: list[Instruction], mufu_clocks: int = MUFU_CLOCKS) -> float:
+    """Clocks one warp takes to issue ``body`` once, run as a loop, in order, one instruction a clock, each MUFU
+    instruction starting ``mufu_clocks`` or more after the one before it (also across iterations): the steady state
+    of the third pass. Nothing else is modelled (no operand latency, no other warp). At least ``len(body)`` and
+    ``mufu_clocks x`` its MUFU instructions; more where they come in bursts."""
+    mufu = [ins.opcode.startswith('MUFU') for ins in body]
+    clock, free_at, start = 0, -mufu_clocks, 0
+    for _ in range(3):
+        start = clock
+        for is_mufu in mufu:
+            if is_mufu:
+                clock = max(clock, free_at + mufu_clocks)
+                free_at = clock
+            clock += 1
+    return float(clock - start)
+
+
 def token_loops(instructions: list[Instruction]) -> list[Loop]:
     """Innermost loops that issue MUFU.EX2, each with its instruction counts (see the module docstring)."""
     loops = [(target, ins.address) for ins, target in _branches(instructions) if target < ins.address]
@@ -99,10 +141,7 @@ def token_loops(instructions: list[Instruction]) -> list[Loop]:
     result = []
     for s, e in sorted(set(innermost)):
         body = [i for i in instructions if s <= i.address <= e]
-        skipped = set()
-        for ins, target in _branches(body):
-            if ins.address < target <= e:  # a forward branch inside the body: the code it jumps over
-                skipped.update(i.address for i in body if ins.address < i.address < target)
+        skipped = _skipped(body, e)  # the code a forward branch inside the body jumps over
         result.append(Loop(s, e, _count(body), _count([i for i in body if i.address in skipped])))
     return result
 

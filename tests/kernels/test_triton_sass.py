@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from vim.kernels.triton.report import occupancy
-from vim.kernels.triton.sass import parse_sass, straight_line, token_loops
+from vim.kernels.triton.sass import parse_sass, spaced_issue_clocks, straight_line, token_loops
 
 _SASS = """
         Function : kernel
@@ -41,3 +41,23 @@ def test_occupancy_by_registers():
     assert occupancy(32, 4, 0) == 1.0  # 64 warps fit
     assert occupancy(128, 4, 0) == 0.25  # 16 warps: 65,536 registers / (128 x 32)
     assert occupancy(225, 2, 0) == 0.125  # 232 allocated a thread: 8 warps of 2-warp blocks
+
+
+def _body(opcodes: str) -> list:
+    """Hand-made straight-line code: 'M' a MUFU.EX2, 'f' an FFMA."""
+    text = {'M': 'MUFU.EX2 R1, R2', 'f': 'FFMA R3, R4, R5, R6'}
+    return parse_sass('\n'.join(f'/*{16 * i:04x}*/    {text[c]} ;' for i, c in enumerate(opcodes)))
+
+
+def test_spaced_issue_clocks_charges_bursts_of_exps():
+    # 4 MUFU spread 8 apart issue at one a clock: 32 clocks, the body's length
+    spread = _body('Mfffffff' * 4)
+    assert spaced_issue_clocks(spread) == 32.0
+    # the same 4 MUFU and 28 FFMA with the MUFU together: each waits for the unit, 3 x 7 clocks, and the body's FFMA
+    # after them cannot fill the wait; the next pass's first MUFU is again 8 or more clocks after the last
+    burst = _body('MMMM' + 'f' * 28)
+    assert spaced_issue_clocks(burst) == 32.0 + 3 * 7
+    # bound below by the exp unit: 4 MUFU and 4 FFMA a pass still take 32 clocks
+    assert spaced_issue_clocks(_body('MfMfMfMf')) == 32.0
+    # a burst at the end of one pass and the start of the next waits across the loop's back edge
+    assert spaced_issue_clocks(_body('M' + 'f' * 14 + 'M')) == 16.0 + 7
