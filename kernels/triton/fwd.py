@@ -85,6 +85,12 @@ def _split_time(batch: int, dim: int, n_seg: int) -> float:
     return batch * 2 * (n_seg - 1) * dim * _SPLIT_BYTES / BYTES_PER_CLOCK / TOKEN_STEP_CLOCKS
 
 
+def issue_rate(live: int) -> float:
+    """Instructions a clock that a scheduler issues holding ``live`` warps of these loops: ``min(1, live /
+    ISSUE_INTERVAL)``."""
+    return min(1.0, live / ISSUE_INTERVAL)
+
+
 def _pass_time(warps: int, per_warp: float, resident: int, slots: int) -> float:
     """Issue time of ``warps`` warps of ``per_warp`` work each, spread over ``slots`` schedulers that hold at most
     ``resident`` at once and issue at ``min(1, live warps / ISSUE_INTERVAL)`` per cycle. Warps of equal work finish
@@ -94,7 +100,7 @@ def _pass_time(warps: int, per_warp: float, resident: int, slots: int) -> float:
     full, rest = divmod(triton.cdiv(warps, slots), resident)
 
     def wave(live: int) -> float:
-        return live * per_warp / min(1.0, live / ISSUE_INTERVAL)
+        return live * per_warp / issue_rate(live)
     return full * wave(resident) + (wave(rest) if rest else 0.0)
 
 

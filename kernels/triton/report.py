@@ -40,7 +40,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .sass import MUFU_CLOCKS
+from .sass import (
+    MUFU_CLOCKS,
+    enclosing_loops,
+    loop_body,
+    own_body,
+    parse_sass,
+    spaced_issue_clocks,
+    straight_line,
+    token_loops,
+)
 
 __all__ = ['build_report', 'format_report', 'main', 'CASES', 'PEAK_BYTES_PER_S', 'EXP_PER_S']
 
@@ -118,7 +127,6 @@ def _specs():
 
 def _analyse(spec, tokens_per_iteration: int, config, compiled: dict) -> dict:
     """Per-config numbers from the compiled code: registers, occupancy, token-loop counts per element."""
-    from .sass import enclosing_loops, loop_body, parse_sass, spaced_issue_clocks, straight_line, token_loops
     instructions = parse_sass(compiled['sass'])
     loops = token_loops(instructions) if spec.loop != 'none' else []
     # 'state': the exp loop walks the states of one chunk (CHUNK tokens a thread), inside the chunk loop, whose own
@@ -160,8 +168,7 @@ def _analyse(spec, tokens_per_iteration: int, config, compiled: dict) -> dict:
         # around the state loop, adds its clocks once a chunk
         spaced = spaced_issue_clocks(loop_body(instructions, lp))
         if outer is not None:
-            spaced = (spaced_issue_clocks([i for i in loop_body(instructions, outer, main_path=False)
-                                           if not lp.start <= i.address <= lp.end]) + DSTATE * spaced)
+            spaced = spaced_issue_clocks(own_body(instructions, outer, lp)) + DSTATE * spaced
         spaced /= unroll
         paced = max(executed['all'], MUFU_CLOCKS * executed['mufu'])
         rows.append(dict(start=hex(lp.start), end=hex(lp.end), body=lp.instructions, unrolled=unroll,
@@ -193,9 +200,8 @@ def _warp_clocks(row: dict, iterations_per_loop: float) -> tuple[float, float]:
 def burst(row: dict) -> float:
     """How much longer a warp of this config takes through its loops at the exp unit's pace (``spaced_clocks``)
     than the model's ``max(instructions, 8 x MUFU)``: the loops' factors weighted by their instructions."""
-    loops = [lp for lp in row['loops'] if 'burst' in lp]
-    weight = sum(lp['per_iteration']['all'] for lp in loops)
-    return sum(lp['burst'] * lp['per_iteration']['all'] for lp in loops) / weight if weight else 1.0
+    weight = sum(lp['per_iteration']['all'] for lp in row['loops'])
+    return sum(lp['burst'] * lp['per_iteration']['all'] for lp in row['loops']) / weight if weight else 1.0
 
 
 def _launch_time(row: dict, warps: int, iterations_per_loop: float, nbytes: float) -> float:
@@ -203,15 +209,15 @@ def _launch_time(row: dict, warps: int, iterations_per_loop: float, nbytes: floa
     a clock, live = the warps it holds at once (its share of the launch, at most what the occupancy allows), or
     their MUFU work, or the bytes at the copy bandwidth, whichever is longest (bytes only for a launch of no
     warps of ours: a torch reduction)."""
-    from .fwd import ISSUE_INTERVAL, _pass_time  # the same issue model the forward's segment planner minimises
+    from .fwd import _pass_time, issue_rate  # the same issue model the forward's segment planner minimises
     issue, mufu = _warp_clocks(row, iterations_per_loop)
     # warps a sub-partition holds at once (the occupancy is rounded to 3 decimals: 0.312 for 20 warps an SM)
     resident = max(1, round(row['occupancy'] * MAX_WARPS_PER_SM) // 4)
     clocks = max(_pass_time(warps, issue, resident, SLOTS), _ceil(warps, SLOTS) * mufu) if warps else 0.0
     # the exp bursts' wait, in full where the scheduler's warps keep it issuing every clock, less where they wait
     # on latency anyway (rate < 1): the 5th GPU run measured 1.44-1.50x the issue model for the three loops whose
-    # bursts replay at 1.45-1.52x, and 1.00x for the backward's main kernel (3 warps, rate 0.45, burst 1.14)
-    rate = min(1.0, min(resident, _ceil(warps, SLOTS)) / ISSUE_INTERVAL) if warps else 0.0
+    # bursts replay at 1.45-1.52x, and 1.00x for the backward's main kernel (3 warps, rate 0.45, burst 1.11-1.12)
+    rate = issue_rate(min(resident, _ceil(warps, SLOTS))) if warps else 0.0
     clocks *= 1 + (burst(row) - 1) * rate
     return max(clocks / CLOCK_HZ, nbytes / PEAK_BYTES_PER_S)
 

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 __all__ = ['Instruction', 'Loop', 'parse_sass', 'token_loops', 'enclosing_loops', 'straight_line', 'loop_body',
-           'spaced_issue_clocks', 'MUFU_CLOCKS']
+           'own_body', 'spaced_issue_clocks', 'MUFU_CLOCKS']
 
 _LINE = re.compile(r'/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);')
 _TARGET = re.compile(r'0x([0-9a-f]+)')
@@ -114,6 +114,12 @@ def loop_body(instructions: list[Instruction], loop: Loop, main_path: bool = Tru
     return [i for i in body if i.address not in skipped]
 
 
+def own_body(instructions: list[Instruction], outer: Loop, inner: Loop) -> list[Instruction]:
+    """The instructions of ``outer`` in address order without those of ``inner`` (a loop inside it)."""
+    return [i for i in instructions
+            if outer.start <= i.address <= outer.end and not inner.start <= i.address <= inner.end]
+
+
 def spaced_issue_clocks(body: list[Instruction], mufu_clocks: int = MUFU_CLOCKS) -> float:
     """Clocks one warp takes to issue ``body`` once, run as a loop, in order, one instruction a clock, each MUFU
     instruction starting ``mufu_clocks`` or more after the one before it (also across iterations): the steady state
@@ -157,8 +163,7 @@ def enclosing_loops(instructions: list[Instruction], loops: list[Loop]) -> list[
             result.append(Loop(lp.start, lp.end))
             continue
         s, e = min(around, key=lambda se: se[1] - se[0])
-        own = [i for i in instructions if s <= i.address <= e and not lp.start <= i.address <= lp.end]
-        result.append(Loop(s, e, _count(own)))
+        result.append(Loop(s, e, _count(own_body(instructions, Loop(s, e), lp))))
     return result
 
 
