@@ -19,7 +19,10 @@ waits out (``sass.spaced_issue_clocks`` replays each loop; ``burst`` is its rati
 MUFU)``), and the launch is charged ``1 + (burst - 1) x rate``: in full where the scheduler would issue every clock,
 less where its warps wait on latency anyway. Calibrated on the fifth H100 run (benchmarks/README.md): per kernel
 within 0.94-1.07x of the measured times at 8 x 6,085. Cache misses and launch gaps are ignored: this is a proxy, a
-prediction; a GPU run decides.
+prediction; a GPU run decides. Beside each prediction, ``exp_unit_ratio``: the time the exp units alone need for
+the MUFU instructions the launches issue, over the floor. That bound belongs to the design, not to the model: where
+the sequence is split, the segment-state pass computes its segments' decays once more, so no scheduling brings such
+an op below ``1 + (split tokens / all tokens)`` times the floor.
 
 The compiled code depends on the Triton version: the installed one compiles (the report names it). Triton 3.6
 (torch 2.11's) and 3.8 laid out the same forward differently, with shuffles and barriers in its token loops on 3.6
@@ -222,6 +225,12 @@ def _launch_time(row: dict, warps: int, iterations_per_loop: float, nbytes: floa
     return max(clocks / CLOCK_HZ, nbytes / PEAK_BYTES_PER_S)
 
 
+def _exp_unit_time(row: dict, warps: int, iterations_per_loop: float) -> float:
+    """Seconds the exp units alone need for the MUFU instructions of one launch, spread evenly over all 528
+    schedulers (one warp-wide MUFU each every 8 clocks): a lower bound for the launch whatever the scheduling."""
+    return warps * _warp_clocks(row, iterations_per_loop)[1] / SLOTS / CLOCK_HZ if warps else 0.0
+
+
 def _floors(dim: int, seqlen: int, batch: int) -> dict:
     """The floor of each op: compulsory bytes at 3.0 TB/s vs one exp per (token, channel, state, direction). The
     conv's bytes: x and both branches' outputs (forward); x, both branches' output gradients and x's (backward)."""
@@ -345,8 +354,12 @@ def _predict(rows: list[dict]) -> list[dict]:
                           bytes=int(la.bytes)) for r, la in launches]
             predicted = sum(p['predicted_us'] for p in parts)
             floor_us = 1e6 * floors[op]
+            # what the exp units need for the exps these kernels issue: the design's own lower bound (a split
+            # computes its decays twice, softplus and silu add theirs), which no scheduling can beat
+            exp_unit_us = 1e6 * sum(_exp_unit_time(r, la.warps, la.loop_iterations) for r, la in launches)
             case['ops'][op] = dict(predicted_us=round(predicted, 2), floor_us=round(floor_us, 2),
-                                   ratio=round(predicted / floor_us, 2), launches=parts)
+                                   ratio=round(predicted / floor_us, 2), exp_unit_us=round(exp_unit_us, 2),
+                                   exp_unit_ratio=round(exp_unit_us / floor_us, 2), launches=parts)
         results.append(case)
     return results
 
@@ -420,13 +433,13 @@ def format_report(report: dict) -> str:
                              f" {lp['shfl_in_loop']:>5} {lp['bar_in_loop']:>4} {lp.get('burst', 1.0):>6.2f}")
             else:
                 lines.append(f"{head}    - (no token loop: {r['total_instructions']} instructions a thread)")
-    lines += ['', 'case                 op        predicted us   floor us   ratio   segments']
+    lines += ['', 'case                 op        predicted us   floor us   ratio   exp unit   segments']
     for c in report['cases']:
         for op, v in c['ops'].items():
             segments = (c['backward_segments'] if op == 'scan_bwd' else
                         c['segments'] if op.startswith('scan_fwd') else '')
             lines.append(f"{c['case']:<20} {op:<9} {v['predicted_us']:>12.2f} {v['floor_us']:>10.2f} "
-                         f"{v['ratio']:>7.2f}   {segments}")
+                         f"{v['ratio']:>7.2f} {v['exp_unit_ratio']:>10.2f}   {segments}")
     return '\n'.join(lines)
 
 
