@@ -105,11 +105,9 @@ def _skipped(body: list[Instruction], end: int) -> set[int]:
     return skipped
 
 
-def loop_body(instructions: list[Instruction], loop: Loop, main_path: bool = True) -> list[Instruction]:
-    """The instructions of ``loop`` in address order; with ``main_path`` without the conditional code."""
+def loop_body(instructions: list[Instruction], loop: Loop) -> list[Instruction]:
+    """The main path of ``loop``: its instructions in address order without the conditional code."""
     body = [i for i in instructions if loop.start <= i.address <= loop.end]
-    if not main_path:
-        return body
     skipped = _skipped(body, loop.end)
     return [i for i in body if i.address not in skipped]
 
